@@ -1,0 +1,331 @@
+"""Settings: one frozen object built from an injected environment mapping, validated.
+
+Source of truth: built-in defaults, overridden by a `.env` file in the working
+directory, overridden by the process environment, overridden by CLI flags
+(`Settings.from_env(..., overrides=...)`). Every error names the variable and the bad
+value (secret values are never shown).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from yarl import URL
+
+DEFAULT_DATABASE_URL: Final = "sqlite:///./data/llm-proxy.db"
+MIN_MANAGEMENT_TOKEN_CHARS: Final = 16
+MIN_ADMIN_PASSWORD_CHARS: Final = 12
+LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "warn", "error", "critical"})
+LOG_FORMATS: Final = frozenset({"json", "text"})
+EVENT_BUSES: Final = frozenset({"memory", "in-memory", "redis"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a bad value; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """Where and how the proxy talks to the upstream API."""
+
+    base_url: URL
+    connect_timeout_s: float = 10.0
+    read_idle_timeout_s: float = 600.0
+    max_connections: int = 1000
+    retries: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """Circuit breaker thresholds for the upstream."""
+
+    failure_threshold: int = 5
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of one proxy process. Build with `Settings.from_env`."""
+
+    management_token: str = field(repr=False)
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    upstream: UpstreamSettings = field(
+        default_factory=lambda: UpstreamSettings(URL("https://api.openai.com"))
+    )
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    api_config_path: Path | None = None
+    encryption_key: bytes | None = field(default=None, repr=False)
+    admin_user: str | None = None
+    admin_password: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    event_bus: str = "memory"
+    log_level: str = "info"
+    log_format: str = "json"
+    max_request_bytes: int = 50 * 1024 * 1024
+    default_rate_limit_per_hour: int = 1000
+    token_refresh_interval_s: float = 5.0
+    usage_flush_interval_s: float = 1.0
+    shutdown_grace_s: float = 30.0
+    forward_client_ip: bool = False
+    metrics_token: str | None = field(default=None, repr=False)
+    file_event_log: Path | None = None
+    db_pool_max_size: int = 10
+
+    @property
+    def is_postgres(self) -> bool:
+        """True when the database is PostgreSQL (so ENCRYPTION_KEY is required)."""
+        return self.database_url.startswith(("postgres://", "postgresql://"))
+
+    @property
+    def admin_enabled(self) -> bool:
+        """The admin pages are served only when both credentials are set."""
+        return bool(self.admin_user and self.admin_password)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        overrides: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build settings from `environ` (default: os.environ) with CLI `overrides`."""
+        env = dict(os.environ if environ is None else environ)
+        env.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return _parse(_Env(env))
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional quotes, `export`."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        values[name.strip()] = _unquote(value.strip())
+    return values
+
+
+def environ_with_dotenv(
+    environ: Mapping[str, str], dotenv_path: Path = Path(".env")
+) -> dict[str, str]:
+    """The environment over the values of a `.env` file (the environment wins)."""
+    merged = read_dotenv(dotenv_path) if dotenv_path.is_file() else {}
+    merged.update(environ)
+    return merged
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value.split(" #", 1)[0].rstrip()
+
+
+class _Env:
+    """Typed readers over the raw mapping; each error names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or default
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw.removesuffix("s"))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be a number of seconds, got {raw!r}"
+            ) from None
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0 seconds, got {raw!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def choice(self, name: str, default: str, allowed: frozenset[str]) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in allowed:
+            options = ", ".join(sorted(allowed))
+            raise ConfigError(f"{name} must be one of {options}, got {value!r}")
+        return value
+
+
+def _parse(env: _Env) -> Settings:
+    host, port = parse_listen_addr(env.text("LISTEN_ADDR", ":8080") or ":8080")
+    database_url = _database_url(env.text("DATABASE_URL", DEFAULT_DATABASE_URL))
+    settings = Settings(
+        management_token=_management_token(env.text("MANAGEMENT_TOKEN")),
+        listen_host=host,
+        listen_port=port,
+        database_url=database_url,
+        upstream=_upstream(env),
+        breaker=BreakerSettings(
+            failure_threshold=env.integer("BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
+            cooldown_s=env.seconds("BREAKER_COOLDOWN", 30.0),
+        ),
+        api_config_path=_optional_path(env.text("API_CONFIG_PATH")),
+        encryption_key=parse_encryption_key(env.text("ENCRYPTION_KEY")),
+        admin_user=env.text("ADMIN_USER"),
+        admin_password=env.text("ADMIN_PASSWORD"),
+        redis_url=_redis_url(env.text("REDIS_URL")),
+        event_bus=env.choice("LLM_PROXY_EVENT_BUS", "memory", EVENT_BUSES).replace(
+            "in-memory", "memory"
+        ),
+        log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS).replace(
+            "warn", "warning"
+        ),
+        log_format=env.choice("LOG_FORMAT", "json", LOG_FORMATS),
+        max_request_bytes=env.integer("MAX_REQUEST_BYTES", 50 * 1024 * 1024, minimum=1),
+        default_rate_limit_per_hour=env.integer(
+            "DEFAULT_RATE_LIMIT_PER_HOUR", 1000, minimum=1
+        ),
+        token_refresh_interval_s=env.seconds("TOKEN_REFRESH_INTERVAL", 5.0),
+        usage_flush_interval_s=env.seconds("USAGE_FLUSH_INTERVAL", 1.0),
+        shutdown_grace_s=env.seconds("SHUTDOWN_GRACE_PERIOD", 30.0),
+        forward_client_ip=env.boolean("FORWARD_CLIENT_IP", False),
+        metrics_token=env.text("METRICS_TOKEN"),
+        file_event_log=_optional_path(env.text("FILE_EVENT_LOG")),
+        db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
+    )
+    _check_cross_field(settings)
+    return settings
+
+
+def _check_cross_field(settings: Settings) -> None:
+    if settings.is_postgres and settings.encryption_key is None:
+        raise ConfigError(
+            "ENCRYPTION_KEY is required with a PostgreSQL DATABASE_URL "
+            "(generate one with: python -c 'import os,base64;"
+            "print(base64.b64encode(os.urandom(32)).decode())')"
+        )
+    if bool(settings.admin_user) != bool(settings.admin_password):
+        missing = "ADMIN_PASSWORD" if settings.admin_user else "ADMIN_USER"
+        raise ConfigError(f"{missing} must be set too: the admin pages need both")
+    password = settings.admin_password
+    if password is not None and len(password) < MIN_ADMIN_PASSWORD_CHARS:
+        raise ConfigError(
+            f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_CHARS} characters, "
+            f"got {len(password)}"
+        )
+    if settings.event_bus == "redis" and not settings.redis_url:
+        raise ConfigError("REDIS_URL is required when LLM_PROXY_EVENT_BUS=redis")
+
+
+def _management_token(value: str | None) -> str:
+    if value is None:
+        raise ConfigError("MANAGEMENT_TOKEN is required (at least 16 characters)")
+    if len(value) < MIN_MANAGEMENT_TOKEN_CHARS:
+        raise ConfigError(
+            f"MANAGEMENT_TOKEN must be at least {MIN_MANAGEMENT_TOKEN_CHARS} "
+            f"characters, got {len(value)}"
+        )
+    return value
+
+
+def parse_listen_addr(value: str) -> tuple[str, int]:
+    """`host:port`, `:port` or `[v6]:port` → (host, port); no host = all interfaces."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(
+            f"LISTEN_ADDR must look like ':8080' or '127.0.0.1:8080', got {value!r}"
+        )
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def _database_url(value: str | None) -> str:
+    url = value or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    if url.startswith(("postgres://", "postgresql://")):
+        return url
+    shown = URL(url).with_password("***") if "@" in url else url
+    raise ConfigError(
+        "DATABASE_URL must be sqlite:///path/to.db or postgres://user@host/db, "
+        f"got {str(shown)!r}"
+    )
+
+
+def _upstream(env: _Env) -> UpstreamSettings:
+    raw = env.text("OPENAI_API_URL", "https://api.openai.com") or ""
+    url = URL(raw)
+    if url.scheme not in {"http", "https"} or not url.host or url.query_string:
+        raise ConfigError(
+            f"OPENAI_API_URL must be an http(s) URL without a query, got {raw!r}"
+        )
+    return UpstreamSettings(
+        base_url=url.with_path(url.path.rstrip("/")),
+        connect_timeout_s=env.seconds("UPSTREAM_CONNECT_TIMEOUT", 10.0),
+        read_idle_timeout_s=env.seconds("UPSTREAM_READ_TIMEOUT", 600.0),
+        max_connections=env.integer("UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
+        retries=env.integer("UPSTREAM_RETRIES", 2, minimum=0),
+    )
+
+
+def parse_encryption_key(value: str | None) -> bytes | None:
+    """ENCRYPTION_KEY is base64 (standard or URL-safe) of exactly 32 bytes."""
+    if value is None:
+        return None
+    padded = value + "=" * (-len(value) % 4)
+    key = b""
+    for altchars in (None, b"-_"):
+        try:
+            key = base64.b64decode(padded, altchars=altchars, validate=True)
+            break
+        except (binascii.Error, ValueError):
+            continue
+    if len(key) != 32:
+        raise ConfigError(
+            "ENCRYPTION_KEY must be base64 of 32 random bytes "
+            f"(decoded {len(key)} bytes); value not shown"
+        )
+    return key
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}"
+        )
+    return value
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None

@@ -1,0 +1,144 @@
+"""Errors the proxy generates, always as OpenAI-shaped JSON.
+
+Exception tree::
+
+    ProxyError
+    └── ApiError                   (an answer we generate; a web.HTTPException)
+        ├── InvalidTokenError      401
+        ├── NotAllowedError        403 / 404 / 405
+        ├── RateLimitedError       429
+        └── UpstreamError
+            ├── UpstreamUnavailableError  502
+            ├── UpstreamTimeoutError      504
+            └── CircuitOpenError          503
+
+Bad settings raise `config.ConfigError` at start (config.py stays free of aiohttp).
+Upstream 4xx/5xx answers are not ours: they pass through byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Base of every error raised on purpose by llm-proxy."""
+
+
+class ApiError(web.HTTPException, ProxyError):
+    """An error answer in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.status_code = status
+        self.message = message
+        self.error_type = type
+        self.code = code
+        self.param = param
+        super().__init__(
+            headers=headers,
+            text=error_body(message, type=type, code=code, param=param).decode(),
+            content_type="application/json",
+        )
+
+    def __str__(self) -> str:
+        return f"{self.status_code} {self.code}: {self.message}"
+
+
+class InvalidTokenError(ApiError):
+    """401: missing, malformed, unknown, expired or revoked token."""
+
+    def __init__(self, message: str, code: str = "invalid_api_key") -> None:
+        super().__init__(
+            401, message, code=code, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+class NotAllowedError(ApiError):
+    """403/404/405: the request is not allowed here."""
+
+
+class RateLimitedError(ApiError):
+    """429 with Retry-After."""
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, code: str, extra: Mapping[str, str]
+    ) -> None:
+        headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999))), **extra}
+        super().__init__(
+            429, message, type="rate_limit_error", code=code, headers=headers
+        )
+
+
+class UpstreamError(ApiError):
+    """The upstream could not give an answer."""
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """502: connection refused, reset, DNS failure, malformed answer."""
+
+    def __init__(self, message: str = "The upstream API could not be reached.") -> None:
+        super().__init__(502, message, type="api_error", code="upstream_unavailable")
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """504: the upstream did not answer in time."""
+
+    def __init__(
+        self, message: str = "The upstream API did not answer in time."
+    ) -> None:
+        super().__init__(504, message, type="api_error", code="upstream_timeout")
+
+
+class CircuitOpenError(UpstreamError):
+    """503 while the circuit breaker is open."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(
+            503,
+            "The upstream API is failing; requests are paused for a moment.",
+            type="api_error",
+            code="circuit_open",
+            headers={"Retry-After": str(max(1, int(retry_after_s + 0.999)))},
+        )
+
+
+def error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """The JSON bytes of an OpenAI-shaped error."""
+    error: dict[str, Any] = {
+        "message": message,
+        "type": type,
+        "param": param,
+        "code": code,
+    }
+    return orjson.dumps({"error": error})
+
+
+def bad_request(
+    message: str, *, param: str | None = None, code: str = "invalid_request"
+) -> ApiError:
+    """400 naming the offending field."""
+    return ApiError(400, message, param=param, code=code)
+
+
+def not_found(message: str = "Not found.", code: str = "not_found") -> ApiError:
+    """404 in OpenAI's shape."""
+    return NotAllowedError(404, message, code=code)

@@ -1,0 +1,50 @@
+"""Health endpoints: `/health` (who am I), `/live` (the loop runs), `/ready` (deps answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from . import __version__
+from .keys import READY_CHECKS_KEY, REPOSITORY_KEY
+from .manage import json_response
+
+READY_CHECK_TIMEOUT_S = 2.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    """GET /health: status, timestamp and version."""
+    return json_response({"status": "ok", "timestamp": _now(), "version": __version__})
+
+
+async def live_handler(request: web.Request) -> web.Response:
+    """GET /live: the process answers."""
+    return json_response({"status": "alive", "timestamp": _now()})
+
+
+async def ready_handler(request: web.Request) -> web.Response:
+    """GET /ready: 200 when the database answers, 503 naming what fails."""
+    checks: dict[str, str] = {}
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(request.app[REPOSITORY_KEY].ping(), READY_CHECK_TIMEOUT_S)
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means "not ready"; say which part
+        checks["database"] = f"failing: {type(exc).__name__}"
+    for name, check in request.app.get(READY_CHECKS_KEY, {}).items():
+        checks[name] = await check()
+    failing = [name for name, state in checks.items() if state != "ok" and not state.startswith("ok")]
+    body = {
+        "status": "ready" if not failing else "not_ready",
+        "failing": failing,
+        "checks": checks,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    return json_response(body, status=503 if failing else 200)

@@ -1,0 +1,24 @@
+"""Typed keys for application and request state. Definitions only."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .config import Settings
+from .repository import Repository
+from .services import ManagementService
+from .tokens import Principal, TokenStore, TokenSync
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+REPOSITORY_KEY = web.AppKey("repository", Repository)
+SERVICE_KEY = web.AppKey("service", ManagementService)
+TOKEN_STORE_KEY = web.AppKey("token_store", TokenStore)
+TOKEN_SYNC_KEY = web.AppKey("token_sync", TokenSync)
+
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+ReadyCheck = Callable[[], Awaitable[str]]
+READY_CHECKS_KEY = web.AppKey[dict[str, ReadyCheck]]("ready_checks")

@@ -1,0 +1,173 @@
+"""Storage records and the `Repository` protocol every database backend implements.
+
+Records are frozen dataclasses: driver rows (`sqlite3.Row`, `asyncpg.Record`) never
+leave the backend modules. Times are timezone-aware UTC `datetime`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+class RepositoryError(Exception):
+    """Base of every error a repository raises on purpose."""
+
+
+class DuplicateNameError(RepositoryError):
+    """A project with that name already exists."""
+
+
+class MigrationError(RepositoryError):
+    """A schema migration could not be applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    """One project: who owns tokens and whose upstream key they spend."""
+
+    id: str
+    name: str
+    description: str
+    metadata: Mapping[str, Any]
+    encrypted_api_key: str = field(repr=False)  # AES-GCM envelope, never plaintext
+    api_key_hint: str  # masked form for display, e.g. "sk-...abcd"
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectChanges:
+    """Fields of a project to change; None leaves a field as it is."""
+
+    name: str | None = None
+    description: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    encrypted_api_key: str | None = field(default=None, repr=False)
+    api_key_hint: str | None = None
+    is_active: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One withering token. Only the HMAC of its value is ever stored."""
+
+    id: str
+    token_hash: str = field(repr=False)  # hex HMAC-SHA256 of the token value
+    token_hint: str  # last 4 characters of the token value
+    project_id: str
+    expires_at: datetime
+    is_active: bool
+    request_count: int
+    max_requests: int | None
+    rate_limit_per_hour: int | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Requests a token made since the last flush, for `record_token_usage`."""
+
+    token_id: str
+    requests: int
+    last_used_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeCounts:
+    """Outcome of revoking all tokens of a project."""
+
+    revoked_count: int
+    already_revoked_count: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFilter:
+    """Which tokens `list_tokens`/`count_tokens` return."""
+
+    project_id: str | None = None
+    active: bool | None = None  # True: is_active and not expired; False: the rest
+
+
+class Repository(Protocol):
+    """Intent-named storage operations; no raw SQL crosses this boundary."""
+
+    async def connect(self) -> None:
+        """Open connections (pool, file); no schema work."""
+
+    async def close(self) -> None:
+        """Close connections; safe to call twice."""
+
+    async def migrate(self) -> list[int]:
+        """Apply pending `sql/<dialect>/NNN_*.sql` files; return versions applied."""
+
+    async def schema_version(self) -> int:
+        """Highest applied migration version (0 when none)."""
+
+    async def ping(self) -> None:
+        """Raise if the database does not answer a trivial query."""
+
+    async def get_meta(self, key: str) -> str | None:
+        """Read a server-wide value (e.g. the encryption key check)."""
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Write a server-wide value, replacing any previous one."""
+
+    async def create_project(self, project: Project) -> None:
+        """Insert a project; `DuplicateNameError` when the name is taken."""
+
+    async def get_project(self, project_id: str) -> Project | None:
+        """One project by id."""
+
+    async def list_projects(
+        self, *, limit: int, offset: int, search: str | None = None
+    ) -> list[Project]:
+        """Projects ordered by created_at then id; `search` matches name substrings."""
+
+    async def count_projects(self, *, search: str | None = None) -> int:
+        """How many projects `list_projects` would page through."""
+
+    async def update_project(
+        self, project_id: str, changes: ProjectChanges, *, now: datetime
+    ) -> Project | None:
+        """Apply changes and set updated_at; None when the project is unknown."""
+
+    async def delete_project(self, project_id: str) -> bool:
+        """Delete a project and (by cascade) its tokens; False when unknown."""
+
+    async def create_token(self, token: Token) -> None:
+        """Insert a token record."""
+
+    async def get_token(self, token_id: str) -> Token | None:
+        """One token by its public id."""
+
+    async def get_token_by_hash(self, token_hash: str) -> Token | None:
+        """One token by the HMAC of its value."""
+
+    async def list_tokens(
+        self, token_filter: TokenFilter, *, now: datetime, limit: int, offset: int
+    ) -> list[Token]:
+        """Tokens ordered by created_at descending then id."""
+
+    async def count_tokens(self, token_filter: TokenFilter, *, now: datetime) -> int:
+        """How many tokens `list_tokens` would page through."""
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Set is_active false; False when the token is unknown (idempotent)."""
+
+    async def revoke_project_tokens(self, project_id: str) -> RevokeCounts:
+        """Revoke every token of a project."""
+
+    async def record_token_usage(self, usage: Sequence[TokenUsage]) -> None:
+        """Add request counts and move last_used_at forward, in one transaction."""
+
+    async def load_live_tokens(self, *, now: datetime) -> list[Token]:
+        """Active, unexpired tokens: the proxy's in-memory auth snapshot."""
+
+    async def load_projects_for_auth(self) -> list[Project]:
+        """Every project (id, key envelope, active flag) for the auth snapshot."""

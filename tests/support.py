@@ -1,0 +1,33 @@
+"""Helpers shared by the test modules (constants and management API shortcuts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+MANAGEMENT_TOKEN = "test-management-token-0123456789"
+AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+UPSTREAM_KEY = "sk-proj-UPSTREAMSECRETKEY0123456789abcd"
+
+
+async def create_project(
+    client: TestClient[Any, Any], name: str = "demo", **fields: Any
+) -> dict[str, Any]:
+    """POST /manage/projects and return the JSON answer."""
+    body = {"name": name, "openai_api_key": UPSTREAM_KEY, **fields}
+    response = await client.post("/manage/projects", json=body, headers=AUTH)
+    assert response.status == 201, await response.text()
+    data: dict[str, Any] = await response.json()
+    return data
+
+
+async def create_token(
+    client: TestClient[Any, Any], project_id: str, **fields: Any
+) -> dict[str, Any]:
+    """POST /manage/tokens and return the JSON answer (with the token value)."""
+    body = {"project_id": project_id, "duration_minutes": 60, **fields}
+    response = await client.post("/manage/tokens", json=body, headers=AUTH)
+    assert response.status == 201, await response.text()
+    data: dict[str, Any] = await response.json()
+    return data

@@ -1,0 +1,179 @@
+"""Settings parsing and validation."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from llm_proxy.config import (
+    ConfigError,
+    Settings,
+    environ_with_dotenv,
+    parse_listen_addr,
+    read_dotenv,
+)
+
+TOKEN = "0123456789abcdef"
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def test_settings_defaults_match_the_go_version() -> None:
+    settings = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN})
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 8080)
+    assert settings.database_url == "sqlite:///./data/llm-proxy.db"
+    assert str(settings.upstream.base_url) == "https://api.openai.com"
+    assert settings.log_format == "json" and settings.log_level == "info"
+    assert settings.max_request_bytes == 50 * 1024 * 1024
+    assert settings.default_rate_limit_per_hour == 1000
+    assert not settings.admin_enabled
+
+
+def test_settings_require_management_token() -> None:
+    with pytest.raises(ConfigError, match="MANAGEMENT_TOKEN is required"):
+        Settings.from_env({})
+
+
+def test_settings_refuse_short_management_token() -> None:
+    with pytest.raises(ConfigError, match="MANAGEMENT_TOKEN must be at least 16"):
+        Settings.from_env({"MANAGEMENT_TOKEN": "short"})
+
+
+def test_settings_repr_hides_secrets() -> None:
+    settings = Settings.from_env(
+        {
+            "MANAGEMENT_TOKEN": TOKEN,
+            "ENCRYPTION_KEY": KEY,
+            "ADMIN_USER": "admin",
+            "ADMIN_PASSWORD": "a-long-admin-password",
+        }
+    )
+    shown = repr(settings)
+    assert TOKEN not in shown and KEY not in shown
+    assert "a-long-admin-password" not in shown
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (":8080", ("0.0.0.0", 8080)),
+        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+        ("[::1]:8081", ("::1", 8081)),
+    ],
+)
+def test_listen_addr_forms(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_addr(value) == expected
+
+
+@pytest.mark.parametrize("value", ["8080", ":0", ":99999", "host:", "host:http"])
+def test_listen_addr_errors_name_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="LISTEN_ADDR"):
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "LISTEN_ADDR": value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", "mysql://x"),
+        ("OPENAI_API_URL", "ftp://example.com"),
+        ("OPENAI_API_URL", "https://example.com/?a=1"),
+        ("LOG_LEVEL", "loud"),
+        ("LOG_FORMAT", "xml"),
+        ("MAX_REQUEST_BYTES", "lots"),
+        ("MAX_REQUEST_BYTES", "0"),
+        ("UPSTREAM_CONNECT_TIMEOUT", "-1"),
+        ("UPSTREAM_READ_TIMEOUT", "soon"),
+        ("FORWARD_CLIENT_IP", "maybe"),
+        ("REDIS_URL", "http://localhost"),
+        ("LLM_PROXY_EVENT_BUS", "kafka"),
+        ("ENCRYPTION_KEY", "dG9vIHNob3J0"),
+        ("ENCRYPTION_KEY", "not base64 at all!"),
+        ("ADMIN_PASSWORD", "short"),
+    ],
+)
+def test_bad_values_fail_naming_the_setting(name: str, value: str) -> None:
+    env = {"MANAGEMENT_TOKEN": TOKEN, name: value}
+    if name == "ADMIN_PASSWORD":
+        env["ADMIN_USER"] = "admin"
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env(env)
+
+
+def test_encryption_key_error_never_shows_the_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "ENCRYPTION_KEY": "c2VjcmV0"})
+    assert "c2VjcmV0" not in str(caught.value)
+
+
+def test_encryption_key_accepts_standard_and_urlsafe_base64() -> None:
+    raw = bytes([251] * 32)
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        env = {"MANAGEMENT_TOKEN": TOKEN, "ENCRYPTION_KEY": encoded.decode()}
+        assert Settings.from_env(env).encryption_key == raw
+
+
+def test_postgres_requires_encryption_key() -> None:
+    env = {"MANAGEMENT_TOKEN": TOKEN, "DATABASE_URL": "postgres://u@h/db"}
+    with pytest.raises(ConfigError, match="ENCRYPTION_KEY is required"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "ENCRYPTION_KEY": KEY}).is_postgres
+
+
+def test_database_url_error_hides_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(
+            {"MANAGEMENT_TOKEN": TOKEN, "DATABASE_URL": "mysql://u:pw@h/db"}
+        )
+    assert "pw@" not in str(caught.value)
+
+
+def test_admin_needs_both_user_and_password() -> None:
+    with pytest.raises(ConfigError, match="ADMIN_PASSWORD must be set"):
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "ADMIN_USER": "admin"})
+    with pytest.raises(ConfigError, match="ADMIN_USER must be set"):
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "ADMIN_PASSWORD": "x" * 12})
+
+
+def test_redis_bus_requires_redis_url() -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL is required"):
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "LLM_PROXY_EVENT_BUS": "redis"})
+
+
+def test_cli_overrides_win_over_environment() -> None:
+    settings = Settings.from_env(
+        {"MANAGEMENT_TOKEN": TOKEN, "LISTEN_ADDR": ":8080"},
+        overrides={"LISTEN_ADDR": "127.0.0.1:9999"},
+    )
+    assert settings.listen_port == 9999
+
+
+def test_upstream_base_url_keeps_path_prefix() -> None:
+    settings = Settings.from_env(
+        {"MANAGEMENT_TOKEN": TOKEN, "OPENAI_API_URL": "https://host/openai/"}
+    )
+    assert str(settings.upstream.base_url) == "https://host/openai"
+
+
+def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# comment\nexport MANAGEMENT_TOKEN='from-dotenv-0123456789'\n"
+        'LOG_LEVEL="debug"\nLISTEN_ADDR=:7000 # trailing comment\n\n'
+    )
+    merged = environ_with_dotenv({"LOG_LEVEL": "error"}, dotenv)
+    settings = Settings.from_env(merged)
+    assert settings.management_token == "from-dotenv-0123456789"
+    assert settings.log_level == "error"
+    assert settings.listen_port == 7000
+
+
+def test_dotenv_missing_file_is_fine(tmp_path: Path) -> None:
+    assert environ_with_dotenv({"A": "1"}, tmp_path / "absent") == {"A": "1"}
+
+
+def test_dotenv_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("GOOD=1\nthis is not an assignment\n")
+    with pytest.raises(ConfigError, match=r"\.env:2"):
+        read_dotenv(dotenv)
