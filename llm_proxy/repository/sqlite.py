@@ -1,0 +1,465 @@
+"""SQLite storage: one aiosqlite connection in WAL mode and every SQLite SQL string.
+
+Times are stored as ISO-8601 UTC text in one fixed-width format
+(`2025-01-31T12:00:00.000000Z`), so text comparison and ORDER BY are chronological.
+Booleans are 0/1 integers. One `asyncio.Lock` serialises writes: a single connection
+means a single writer, and multi-statement transactions must not interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+
+from ..resources import data_dir
+from ._common import check_page, dump_metadata, like_pattern, load_metadata
+from .base import (
+    DuplicateNameError,
+    MigrationError,
+    Project,
+    ProjectChanges,
+    RepositoryError,
+    RevokeCounts,
+    Token,
+    TokenFilter,
+    TokenUsage,
+)
+from .migrations import Migration, load_migrations
+
+log = logging.getLogger(__name__)
+
+DIALECT: Final = "sqlite"
+
+PRAGMAS: Final = (
+    "PRAGMA busy_timeout = 5000",  # first: switching to WAL may wait for other writers
+    "PRAGMA journal_mode = WAL",
+    # Safe with WAL: a power cut can lose the last commits, never corrupt the file.
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA foreign_keys = ON",
+)
+BEGIN: Final = "BEGIN IMMEDIATE"  # take the write lock now, not at the first write
+COMMIT: Final = "COMMIT"
+ROLLBACK: Final = "ROLLBACK"
+
+CREATE_SCHEMA_VERSION: Final = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY NOT NULL,
+    name TEXT NOT NULL,
+    applied_at TEXT NOT NULL
+)"""
+HAS_SCHEMA_VERSION: Final = (
+    "SELECT count(*) FROM sqlite_master"
+    " WHERE type = 'table' AND name = 'schema_version'"
+)
+SELECT_SCHEMA_VERSION: Final = "SELECT coalesce(max(version), 0) FROM schema_version"
+IS_APPLIED: Final = "SELECT count(*) FROM schema_version WHERE version = ?"
+INSERT_SCHEMA_VERSION: Final = (
+    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)"
+)
+
+PING: Final = "SELECT 1"
+SELECT_META: Final = "SELECT value FROM meta WHERE key = ?"
+UPSERT_META: Final = (
+    "INSERT INTO meta (key, value) VALUES (?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+PROJECT_COLUMNS: Final = (
+    "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
+    " created_at, updated_at"
+)
+INSERT_PROJECT: Final = (
+    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ?"
+SEARCH_PROJECTS: Final = "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\')"
+LIST_PROJECTS: Final = (
+    f"SELECT {PROJECT_COLUMNS} FROM projects WHERE {SEARCH_PROJECTS}"
+    " ORDER BY created_at, id LIMIT ?2 OFFSET ?3"
+)
+COUNT_PROJECTS: Final = f"SELECT count(*) FROM projects WHERE {SEARCH_PROJECTS}"
+UPDATE_PROJECT: Final = f"""
+UPDATE projects SET
+    name = coalesce(?, name),
+    description = coalesce(?, description),
+    metadata = coalesce(?, metadata),
+    openai_api_key = coalesce(?, openai_api_key),
+    api_key_hint = coalesce(?, api_key_hint),
+    is_active = coalesce(?, is_active),
+    updated_at = ?
+WHERE id = ?
+RETURNING {PROJECT_COLUMNS}"""
+DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = ?"
+SELECT_ALL_PROJECTS: Final = (
+    f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY created_at, id"
+)
+
+TOKEN_COLUMNS: Final = (
+    "id, token, token_hint, project_id, expires_at, is_active, request_count,"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at"
+)
+INSERT_TOKEN: Final = (
+    f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_TOKEN: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?"
+SELECT_TOKEN_BY_HASH: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token = ?"
+# ?1 project id or NULL; ?2 wanted liveness (1/0) or NULL; ?3 now.
+FILTER_TOKENS: Final = (
+    "(?1 IS NULL OR project_id = ?1)"
+    " AND (?2 IS NULL OR ?2 = (is_active = 1 AND expires_at > ?3))"
+)
+LIST_TOKENS: Final = (
+    f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE {FILTER_TOKENS}"
+    " ORDER BY created_at DESC, id LIMIT ?4 OFFSET ?5"
+)
+COUNT_TOKENS: Final = f"SELECT count(*) FROM tokens WHERE {FILTER_TOKENS}"
+REVOKE_TOKEN: Final = "UPDATE tokens SET is_active = 0 WHERE id = ?"
+COUNT_PROJECT_TOKENS: Final = (
+    "SELECT count(*), coalesce(sum(is_active = 0), 0) FROM tokens WHERE project_id = ?"
+)
+REVOKE_PROJECT_TOKENS: Final = (
+    "UPDATE tokens SET is_active = 0 WHERE project_id = ? AND is_active = 1"
+)
+RECORD_TOKEN_USAGE: Final = (
+    "UPDATE tokens SET request_count = request_count + ?1,"
+    " last_used_at = max(coalesce(last_used_at, ?2), ?2) WHERE id = ?3"
+)
+SELECT_LIVE_TOKENS: Final = (
+    f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE is_active = 1 AND expires_at > ?"
+    " ORDER BY created_at, id"
+)
+
+Params = Sequence[Any]
+
+
+class SqliteRepository:
+    """`Repository` on one aiosqlite connection to a database file."""
+
+    def __init__(self, path: Path | str, *, sql_dir: Path | None = None) -> None:
+        self._path = Path(path)
+        self._sql_dir = sql_dir
+        self._conn: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        """Create the file's directory, open the connection and set the pragmas."""
+        if self._conn is not None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(self._path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        self._conn = conn
+        for pragma in PRAGMAS:
+            await self._run(pragma)
+
+    async def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply each pending migration in its own transaction."""
+        migrations = load_migrations(self._sql_dir or data_dir("sql"), DIALECT)
+        await self._write(CREATE_SCHEMA_VERSION)
+        return [m.version for m in migrations if await self._apply_if_pending(m)]
+
+    async def schema_version(self) -> int:
+        """Highest applied migration version (0 when none)."""
+        if not await self._scalar(HAS_SCHEMA_VERSION):
+            return 0
+        return int(await self._scalar(SELECT_SCHEMA_VERSION))
+
+    async def ping(self) -> None:
+        """Raise if the database does not answer."""
+        await self._scalar(PING)
+
+    async def get_meta(self, key: str) -> str | None:
+        """Read a server-wide value."""
+        row = await self._fetch_one(SELECT_META, (key,))
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Write a server-wide value, replacing any previous one."""
+        await self._write(UPSERT_META, (key, value))
+
+    async def create_project(self, project: Project) -> None:
+        """Insert a project; `DuplicateNameError` when the name is taken."""
+        try:
+            await self._write(INSERT_PROJECT, _project_params(project))
+        except sqlite3.IntegrityError as exc:
+            _raise_if_duplicate_name(exc, project.name)
+            raise
+
+    async def get_project(self, project_id: str) -> Project | None:
+        """One project by id."""
+        row = await self._fetch_one(SELECT_PROJECT, (project_id,))
+        return None if row is None else _project(row)
+
+    async def list_projects(
+        self, *, limit: int, offset: int, search: str | None = None
+    ) -> list[Project]:
+        """Projects ordered by created_at then id; `search` matches name substrings."""
+        check_page(limit, offset)
+        params = (like_pattern(search), limit, offset)
+        rows = await self._fetch_all(LIST_PROJECTS, params)
+        return [_project(row) for row in rows]
+
+    async def count_projects(self, *, search: str | None = None) -> int:
+        """How many projects `list_projects` would page through."""
+        return int(await self._scalar(COUNT_PROJECTS, (like_pattern(search),)))
+
+    async def update_project(
+        self, project_id: str, changes: ProjectChanges, *, now: datetime
+    ) -> Project | None:
+        """Apply changes and set updated_at; None when the project is unknown."""
+        params = (*_changes_params(changes), _to_text(now), project_id)
+        try:
+            async with self._write_lock:
+                rows = await self._fetch_all(UPDATE_PROJECT, params)
+        except sqlite3.IntegrityError as exc:
+            _raise_if_duplicate_name(exc, changes.name)
+            raise
+        return _project(rows[0]) if rows else None
+
+    async def delete_project(self, project_id: str) -> bool:
+        """Delete a project and (by cascade) its tokens; False when unknown."""
+        return await self._write(DELETE_PROJECT, (project_id,)) > 0
+
+    async def create_token(self, token: Token) -> None:
+        """Insert a token record; `RepositoryError` when its project is unknown."""
+        try:
+            await self._write(INSERT_TOKEN, _token_params(token))
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" in str(exc):
+                raise RepositoryError(f"unknown project {token.project_id}") from exc
+            raise
+
+    async def get_token(self, token_id: str) -> Token | None:
+        """One token by its public id."""
+        row = await self._fetch_one(SELECT_TOKEN, (token_id,))
+        return None if row is None else _token(row)
+
+    async def get_token_by_hash(self, token_hash: str) -> Token | None:
+        """One token by the HMAC of its value."""
+        row = await self._fetch_one(SELECT_TOKEN_BY_HASH, (token_hash,))
+        return None if row is None else _token(row)
+
+    async def list_tokens(
+        self, token_filter: TokenFilter, *, now: datetime, limit: int, offset: int
+    ) -> list[Token]:
+        """Tokens ordered by created_at descending then id."""
+        check_page(limit, offset)
+        params = (*_filter_params(token_filter, now), limit, offset)
+        return [_token(row) for row in await self._fetch_all(LIST_TOKENS, params)]
+
+    async def count_tokens(self, token_filter: TokenFilter, *, now: datetime) -> int:
+        """How many tokens `list_tokens` would page through."""
+        params = _filter_params(token_filter, now)
+        return int(await self._scalar(COUNT_TOKENS, params))
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Set is_active false; False when the token is unknown (idempotent)."""
+        return await self._write(REVOKE_TOKEN, (token_id,)) > 0
+
+    async def revoke_project_tokens(self, project_id: str) -> RevokeCounts:
+        """Revoke every token of a project."""
+        async with self._transaction():
+            row = await self._fetch_one(COUNT_PROJECT_TOKENS, (project_id,))
+            revoked = await self._run(REVOKE_PROJECT_TOKENS, (project_id,))
+        assert row is not None  # an aggregate always returns one row
+        return RevokeCounts(
+            revoked_count=revoked,
+            already_revoked_count=int(row[1]),
+            total_tokens=int(row[0]),
+        )
+
+    async def record_token_usage(self, usage: Sequence[TokenUsage]) -> None:
+        """Add request counts and move last_used_at forward, in one transaction."""
+        if not usage:
+            return
+        params = [(u.requests, _to_text(u.last_used_at), u.token_id) for u in usage]
+        async with self._transaction():
+            await self._connection.executemany(RECORD_TOKEN_USAGE, params)
+
+    async def load_live_tokens(self, *, now: datetime) -> list[Token]:
+        """Active, unexpired tokens: the proxy's in-memory auth snapshot."""
+        rows = await self._fetch_all(SELECT_LIVE_TOKENS, (_to_text(now),))
+        return [_token(row) for row in rows]
+
+    async def load_projects_for_auth(self) -> list[Project]:
+        """Every project, for the auth snapshot."""
+        return [_project(row) for row in await self._fetch_all(SELECT_ALL_PROJECTS)]
+
+    @property
+    def _connection(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RepositoryError("SqliteRepository is not connected; call connect()")
+        return self._conn
+
+    async def _apply_if_pending(self, migration: Migration) -> bool:
+        """Apply one migration unless applied (re-checked under the write lock)."""
+        try:
+            async with self._transaction():
+                if await self._scalar(IS_APPLIED, (migration.version,)):
+                    return False
+                for statement in _statements(migration.sql):
+                    await self._run(statement)
+                applied_at = _to_text(datetime.now(UTC))
+                version_row = (migration.version, migration.name, applied_at)
+                await self._run(INSERT_SCHEMA_VERSION, version_row)
+        except sqlite3.Error as exc:
+            raise MigrationError(
+                f"migration {migration.version:03d}_{migration.name} failed: {exc}"
+            ) from exc
+        log.info("applied migration %03d_%s", migration.version, migration.name)
+        return True
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """Hold the write lock around BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
+        async with self._write_lock:
+            await self._run(BEGIN)
+            try:
+                yield
+                await self._run(COMMIT)
+            except BaseException:
+                if self._connection.in_transaction:  # also when COMMIT itself failed
+                    await self._run(ROLLBACK)
+                raise
+
+    async def _write(self, sql: str, params: Params = ()) -> int:
+        async with self._write_lock:
+            return await self._run(sql, params)
+
+    async def _run(self, sql: str, params: Params = ()) -> int:
+        async with self._connection.execute(sql, params) as cursor:
+            return cursor.rowcount
+
+    async def _fetch_all(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        return list(await self._connection.execute_fetchall(sql, params))
+
+    async def _fetch_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        async with self._connection.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def _scalar(self, sql: str, params: Params = ()) -> Any:
+        row = await self._fetch_one(sql, params)
+        return None if row is None else row[0]
+
+
+def _statements(script: str) -> Iterable[str]:
+    """Split a migration script into single statements (triggers and quotes aware)."""
+    buffer = ""
+    *pieces, tail = script.split(";")
+    for piece in pieces:
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if (buffer + tail).strip():
+        yield buffer + tail
+
+
+def _raise_if_duplicate_name(exc: sqlite3.IntegrityError, name: str | None) -> None:
+    if "projects.name" in str(exc):
+        raise DuplicateNameError(f"a project named {name!r} already exists") from exc
+
+
+def _to_text(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError("repository times must be timezone-aware")
+    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return naive_utc.isoformat(timespec="microseconds") + "Z"
+
+
+def _from_text(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _optional_time(text: str | None) -> datetime | None:
+    return None if text is None else _from_text(text)
+
+
+def _project_params(project: Project) -> Params:
+    return (
+        project.id,
+        project.name,
+        project.description,
+        dump_metadata(project.metadata),
+        project.encrypted_api_key,
+        project.api_key_hint,
+        project.is_active,
+        _to_text(project.created_at),
+        _to_text(project.updated_at),
+    )
+
+
+def _changes_params(changes: ProjectChanges) -> Params:
+    metadata = changes.metadata
+    return (
+        changes.name,
+        changes.description,
+        None if metadata is None else dump_metadata(metadata),
+        changes.encrypted_api_key,
+        changes.api_key_hint,
+        changes.is_active,
+    )
+
+
+def _project(row: sqlite3.Row) -> Project:
+    return Project(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        metadata=load_metadata(row["metadata"]),
+        encrypted_api_key=row["openai_api_key"],
+        api_key_hint=row["api_key_hint"],
+        is_active=bool(row["is_active"]),
+        created_at=_from_text(row["created_at"]),
+        updated_at=_from_text(row["updated_at"]),
+    )
+
+
+def _token_params(token: Token) -> Params:
+    return (
+        token.id,
+        token.token_hash,
+        token.token_hint,
+        token.project_id,
+        _to_text(token.expires_at),
+        token.is_active,
+        token.request_count,
+        token.max_requests,
+        token.rate_limit_per_hour,
+        _to_text(token.created_at),
+        None if token.last_used_at is None else _to_text(token.last_used_at),
+    )
+
+
+def _filter_params(token_filter: TokenFilter, now: datetime) -> Params:
+    return (token_filter.project_id, token_filter.active, _to_text(now))
+
+
+def _token(row: sqlite3.Row) -> Token:
+    return Token(
+        id=row["id"],
+        token_hash=row["token"],
+        token_hint=row["token_hint"],
+        project_id=row["project_id"],
+        expires_at=_from_text(row["expires_at"]),
+        is_active=bool(row["is_active"]),
+        request_count=row["request_count"],
+        max_requests=row["max_requests"],
+        rate_limit_per_hour=row["rate_limit_per_hour"],
+        created_at=_from_text(row["created_at"]),
+        last_used_at=_optional_time(row["last_used_at"]),
+    )

@@ -1,0 +1,723 @@
+"""Repository behaviour, run against every backend through one parametrised fixture."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import llm_proxy
+from llm_proxy.repository import (
+    DuplicateNameError,
+    MigrationError,
+    PostgresRepository,
+    Project,
+    ProjectChanges,
+    Repository,
+    RepositoryError,
+    RevokeCounts,
+    SqliteRepository,
+    Token,
+    TokenFilter,
+    TokenUsage,
+    create_repository,
+    postgres,
+    sqlite,
+)
+from llm_proxy.repository.migrations import load_migrations
+from llm_proxy.resources import data_dir
+
+NOW = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+NewRepository = Callable[..., Repository]
+
+
+def _postgres_url() -> str:
+    return os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+async def _postgres_admin() -> Any:
+    """A direct connection to the test server; skip (fail in CI) when unreachable."""
+    try:
+        return await asyncpg.connect(_postgres_url(), timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL unreachable (set TEST_POSTGRES_URL): {exc!r}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must not skip PostgreSQL tests")
+        pytest.skip(reason)
+
+
+@asynccontextmanager
+async def _postgres_schema() -> AsyncIterator[str]:
+    """A freshly created schema, dropped with everything in it afterwards."""
+    admin = await _postgres_admin()
+    schema = f"test_{uuid.uuid4().hex}"  # generated identifier, not a value
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        yield schema
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def new_repository(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[NewRepository]:
+    """Unconnected repositories sharing one fresh database of the requested backend."""
+    created: list[Repository] = []
+
+    def remember(repository: Repository) -> Repository:
+        created.append(repository)
+        return repository
+
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "proxy.db"
+        yield lambda sql_dir=None: remember(SqliteRepository(path, sql_dir=sql_dir))
+    else:
+        async with _postgres_schema() as schema:
+            yield lambda sql_dir=None: remember(
+                PostgresRepository(
+                    _postgres_url(), schema=schema, sql_dir=sql_dir, pool_max_size=3
+                )
+            )
+            await asyncio.gather(*(repository.close() for repository in created))
+    await asyncio.gather(*(repository.close() for repository in created))
+
+
+@pytest.fixture
+async def repository(new_repository: NewRepository) -> Repository:
+    """A connected repository with the schema applied."""
+    repository = new_repository()
+    await repository.connect()
+    await repository.migrate()
+    return repository
+
+
+def make_project(
+    name: str = "alpha", *, created_at: datetime = NOW, **fields: Any
+) -> Project:
+    values: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "name": name,
+        "description": "",
+        "metadata": {},
+        "encrypted_api_key": "v1.nonce.ciphertext",
+        "api_key_hint": "sk-...abcd",
+        "is_active": True,
+        "created_at": created_at,
+        "updated_at": created_at,
+    }
+    return Project(**(values | fields))
+
+
+def make_token(project: Project, *, created_at: datetime = NOW, **fields: Any) -> Token:
+    values: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "token_hash": secrets.token_hex(32),
+        "token_hint": "wxyz",
+        "project_id": project.id,
+        "expires_at": NOW + HOUR,
+        "is_active": True,
+        "request_count": 0,
+        "max_requests": None,
+        "rate_limit_per_hour": None,
+        "created_at": created_at,
+        "last_used_at": None,
+    }
+    return Token(**(values | fields))
+
+
+async def add_project(
+    repository: Repository, name: str = "alpha", **fields: Any
+) -> Project:
+    project = make_project(name, **fields)
+    await repository.create_project(project)
+    return project
+
+
+async def add_token(repository: Repository, project: Project, **fields: Any) -> Token:
+    token = make_token(project, **fields)
+    await repository.create_token(token)
+    return token
+
+
+# -- lifecycle and migrations ---------------------------------------------------------
+
+
+async def test_repository_migrate_applies_schema_once(
+    new_repository: NewRepository,
+) -> None:
+    repository = new_repository()
+    await repository.connect()
+    assert await repository.schema_version() == 0
+    assert await repository.migrate() == [1]
+    assert await repository.migrate() == []
+    assert await repository.schema_version() == 1
+
+
+async def test_repository_concurrent_migrations_apply_schema_once(
+    new_repository: NewRepository,
+) -> None:
+    first, second = new_repository(), new_repository()
+    await asyncio.gather(first.connect(), second.connect())
+    results = await asyncio.gather(first.migrate(), second.migrate())
+    assert sorted(results) == [[], [1]]
+    assert await first.schema_version() == await second.schema_version() == 1
+    await add_project(second)  # the schema is usable from both
+    assert await first.count_projects() == 1
+
+
+def _write_migrations(sql_dir: Path, files: dict[str, str]) -> None:
+    for dialect in ("sqlite", "postgres"):
+        (sql_dir / dialect).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (sql_dir / dialect / name).write_text(text)
+
+
+async def test_repository_failed_migration_rolls_back_and_raises(
+    new_repository: NewRepository, tmp_path: Path
+) -> None:
+    sql_dir = tmp_path / "sql"
+    _write_migrations(
+        sql_dir,
+        {
+            "001_first.sql": "CREATE TABLE first_table (x INTEGER);",
+            "002_broken.sql": "CREATE TABLE half (x INTEGER);\nSELECT * FROM missing;",
+        },
+    )
+    repository = new_repository(sql_dir)
+    await repository.connect()
+    with pytest.raises(MigrationError, match="002_broken"):
+        await repository.migrate()
+    assert await repository.schema_version() == 1
+    # `half` was rolled back, so creating it again succeeds.
+    _write_migrations(sql_dir, {"002_broken.sql": "CREATE TABLE half (x INTEGER);"})
+    assert await repository.migrate() == [2]
+
+
+async def test_repository_methods_before_connect_raise(
+    new_repository: NewRepository,
+) -> None:
+    repository = new_repository()
+    with pytest.raises(RepositoryError, match="connect"):
+        await repository.ping()
+    await repository.close()  # closing an unconnected repository is harmless
+
+
+async def test_repository_connect_and_close_are_idempotent(
+    repository: Repository,
+) -> None:
+    await repository.connect()
+    await repository.ping()
+    await repository.close()
+    await repository.close()
+    with pytest.raises(RepositoryError):
+        await repository.ping()
+
+
+async def test_repository_meta_values_are_set_and_replaced(
+    repository: Repository,
+) -> None:
+    assert await repository.get_meta("key_check") is None
+    await repository.set_meta("key_check", "first")
+    await repository.set_meta("key_check", "second")
+    assert await repository.get_meta("key_check") == "second"
+
+
+# -- projects -------------------------------------------------------------------------
+
+
+async def test_repository_project_round_trips_with_metadata(
+    repository: Repository,
+) -> None:
+    metadata = {"team": "ünïcode", "limits": {"daily": 10, "tags": ["a", None, 1.5]}}
+    project = await add_project(
+        repository, "x'); DROP TABLE projects; --", description="d", metadata=metadata
+    )
+    assert await repository.get_project(project.id) == project
+    assert await repository.load_projects_for_auth() == [project]
+
+
+async def test_repository_get_project_unknown_returns_none(
+    repository: Repository,
+) -> None:
+    assert await repository.get_project(str(uuid.uuid4())) is None
+    assert await repository.get_project("not-a-uuid") is None
+
+
+async def test_repository_duplicate_project_name_raises(repository: Repository) -> None:
+    await add_project(repository, "alpha")
+    with pytest.raises(DuplicateNameError):
+        await add_project(repository, "alpha")
+
+
+async def test_repository_list_projects_orders_and_pages(
+    repository: Repository,
+) -> None:
+    late = await add_project(repository, "late", created_at=NOW + HOUR)
+    early = [await add_project(repository, f"early{i}") for i in range(3)]
+    early.sort(key=lambda project: project.id)  # same created_at: id breaks the tie
+    expected = [*early, late]
+    assert await repository.list_projects(limit=10, offset=0) == expected
+    assert await repository.list_projects(limit=2, offset=1) == expected[1:3]
+    assert await repository.list_projects(limit=10, offset=4) == []
+    assert await repository.count_projects() == 4
+
+
+async def test_repository_search_matches_name_substrings_literally(
+    repository: Repository,
+) -> None:
+    await add_project(repository, "Billing-API")
+    await add_project(repository, "100%_done")
+    await add_project(repository, "1000 done")
+    found = await repository.list_projects(limit=10, offset=0, search="billing")
+    assert [project.name for project in found] == ["Billing-API"]
+    found = await repository.list_projects(limit=10, offset=0, search="0%_")
+    assert [project.name for project in found] == ["100%_done"]
+    assert await repository.count_projects(search="done") == 2
+    assert await repository.count_projects(search="nothing") == 0
+
+
+async def test_repository_negative_paging_is_rejected(repository: Repository) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await repository.list_projects(limit=-1, offset=0)
+    with pytest.raises(ValueError, match="offset"):
+        await repository.list_tokens(TokenFilter(), now=NOW, limit=1, offset=-1)
+
+
+async def test_repository_update_project_changes_only_given_fields(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository, metadata={"a": 1})
+    later = NOW + HOUR
+    changes = ProjectChanges(description="new", metadata={}, is_active=False)
+    updated = await repository.update_project(project.id, changes, now=later)
+    expected = replace(
+        project, description="new", metadata={}, is_active=False, updated_at=later
+    )
+    assert updated == expected
+    assert await repository.get_project(project.id) == expected
+    changes = ProjectChanges(
+        name="beta", encrypted_api_key="v1.other", api_key_hint="h"
+    )
+    updated = await repository.update_project(project.id, changes, now=later)
+    assert updated is not None
+    assert (updated.name, updated.encrypted_api_key, updated.api_key_hint) == (
+        "beta",
+        "v1.other",
+        "h",
+    )
+    assert updated.description == "new"
+
+
+async def test_repository_update_unknown_project_returns_none(
+    repository: Repository,
+) -> None:
+    changes = ProjectChanges(name="x")
+    assert await repository.update_project(str(uuid.uuid4()), changes, now=NOW) is None
+    assert await repository.update_project("not-a-uuid", changes, now=NOW) is None
+
+
+async def test_repository_update_project_to_taken_name_raises(
+    repository: Repository,
+) -> None:
+    await add_project(repository, "alpha")
+    beta = await add_project(repository, "beta")
+    with pytest.raises(DuplicateNameError):
+        await repository.update_project(beta.id, ProjectChanges(name="alpha"), now=NOW)
+
+
+async def test_repository_delete_project_cascades_to_tokens(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    other = await add_project(repository, "other")
+    token = await add_token(repository, project)
+    kept = await add_token(repository, other)
+    assert await repository.delete_project(project.id) is True
+    assert await repository.get_project(project.id) is None
+    assert await repository.get_token(token.id) is None
+    assert await repository.get_token(kept.id) == kept
+    assert await repository.delete_project(project.id) is False
+    assert await repository.delete_project("not-a-uuid") is False
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+
+async def test_repository_token_round_trips_by_id_and_hash(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    token = await add_token(
+        repository,
+        project,
+        request_count=3,
+        max_requests=100,
+        rate_limit_per_hour=60,
+        last_used_at=NOW,
+    )
+    assert await repository.get_token(token.id) == token
+    assert await repository.get_token_by_hash(token.token_hash) == token
+    assert await repository.get_token(str(uuid.uuid4())) is None
+    assert await repository.get_token("not-a-uuid") is None
+    assert await repository.get_token_by_hash("0" * 64) is None
+
+
+async def test_repository_token_for_unknown_project_raises(
+    repository: Repository,
+) -> None:
+    with pytest.raises(RepositoryError, match="unknown project"):
+        await add_token(repository, make_project())
+
+
+async def test_repository_token_filters_separate_live_expired_and_revoked(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    other = await add_project(repository, "other")
+    live = await add_token(repository, project, created_at=NOW - 3 * HOUR)
+    expired = await add_token(
+        repository, project, created_at=NOW - 2 * HOUR, expires_at=NOW
+    )
+    revoked = await add_token(
+        repository, project, created_at=NOW - HOUR, is_active=False
+    )
+    foreign = await add_token(repository, other, created_at=NOW)
+
+    async def listed(token_filter: TokenFilter) -> list[Token]:
+        return await repository.list_tokens(token_filter, now=NOW, limit=10, offset=0)
+
+    assert await listed(TokenFilter()) == [foreign, revoked, expired, live]
+    assert await listed(TokenFilter(active=True)) == [foreign, live]
+    assert await listed(TokenFilter(active=False)) == [revoked, expired]
+    mine = TokenFilter(project_id=project.id)
+    assert await listed(mine) == [revoked, expired, live]
+    assert await listed(replace(mine, active=True)) == [live]
+    assert await listed(replace(mine, active=False)) == [revoked, expired]
+    assert await listed(TokenFilter(project_id="not-a-uuid")) == []
+    assert await repository.count_tokens(TokenFilter(), now=NOW) == 4
+    assert await repository.count_tokens(replace(mine, active=False), now=NOW) == 2
+    assert await repository.count_tokens(TokenFilter(project_id="bad"), now=NOW) == 0
+    assert await repository.load_live_tokens(now=NOW) == [live, foreign]
+
+
+async def test_repository_list_tokens_pages_newest_first(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    tokens = [
+        await add_token(repository, project, created_at=NOW + i * HOUR)
+        for i in range(5)
+    ]
+    page = await repository.list_tokens(TokenFilter(), now=NOW, limit=2, offset=1)
+    assert page == [tokens[3], tokens[2]]
+
+
+async def test_repository_revoke_token_is_idempotent(repository: Repository) -> None:
+    project = await add_project(repository)
+    token = await add_token(repository, project)
+    assert await repository.revoke_token(token.id) is True
+    assert await repository.revoke_token(token.id) is True
+    assert await repository.get_token(token.id) == replace(token, is_active=False)
+    assert await repository.revoke_token(str(uuid.uuid4())) is False
+    assert await repository.revoke_token("not-a-uuid") is False
+
+
+async def test_repository_revoke_project_tokens_counts(repository: Repository) -> None:
+    project = await add_project(repository)
+    other = await add_project(repository, "other")
+    for _ in range(3):
+        await add_token(repository, project)
+    await add_token(repository, project, is_active=False)
+    untouched = await add_token(repository, other)
+    first = await repository.revoke_project_tokens(project.id)
+    assert first == RevokeCounts(
+        revoked_count=3, already_revoked_count=1, total_tokens=4
+    )
+    again = await repository.revoke_project_tokens(project.id)
+    assert again == RevokeCounts(
+        revoked_count=0, already_revoked_count=4, total_tokens=4
+    )
+    assert await repository.get_token(untouched.id) == untouched
+    empty = RevokeCounts(revoked_count=0, already_revoked_count=0, total_tokens=0)
+    assert await repository.revoke_project_tokens(str(uuid.uuid4())) == empty
+    assert await repository.revoke_project_tokens("not-a-uuid") == empty
+
+
+async def test_repository_record_usage_adds_counts_and_keeps_latest_use(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    token = await add_token(repository, project, request_count=1)
+    unused = await add_token(repository, project)
+    await repository.record_token_usage(
+        [
+            TokenUsage(token.id, 2, NOW),
+            TokenUsage(token.id, 3, NOW - HOUR),  # older: last_used_at stays
+            TokenUsage(str(uuid.uuid4()), 5, NOW),  # unknown tokens are ignored
+            TokenUsage("not-a-uuid", 5, NOW),
+        ]
+    )
+    await repository.record_token_usage([])
+    stored = await repository.get_token(token.id)
+    assert stored == replace(token, request_count=6, last_used_at=NOW)
+    await repository.record_token_usage([TokenUsage(token.id, 1, NOW + HOUR)])
+    stored = await repository.get_token(token.id)
+    assert stored is not None and stored.last_used_at == NOW + HOUR
+    assert await repository.get_token(unused.id) == unused
+
+
+async def test_repository_concurrent_usage_writes_are_all_counted(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    token = await add_token(repository, project)
+    batches = [[TokenUsage(token.id, 1, NOW + i * HOUR)] for i in range(20)]
+    await asyncio.gather(
+        *(repository.record_token_usage(batch) for batch in batches),
+        repository.revoke_project_tokens(project.id),
+    )
+    stored = await repository.get_token(token.id)
+    assert stored is not None
+    assert (stored.request_count, stored.last_used_at) == (20, NOW + 19 * HOUR)
+    assert stored.is_active is False
+
+
+# -- SQLite specifics -----------------------------------------------------------------
+
+
+async def test_sqlite_repository_creates_directory_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "proxy.db"
+    repository = SqliteRepository(path)
+    await repository.connect()
+    try:
+        await repository.migrate()
+        assert path.is_file()
+        assert (tmp_path / "nested" / "dir" / "proxy.db-wal").exists()
+    finally:
+        await repository.close()
+
+
+async def test_sqlite_repository_rejects_naive_datetimes(
+    tmp_path: Path,
+) -> None:
+    repository = SqliteRepository(tmp_path / "proxy.db")
+    await repository.connect()
+    try:
+        await repository.migrate()
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await repository.load_live_tokens(now=NOW.replace(tzinfo=None))
+    finally:
+        await repository.close()
+
+
+async def test_sqlite_migration_splits_triggers_and_quoted_semicolons(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "sql" / "sqlite").mkdir(parents=True)
+    (tmp_path / "sql" / "sqlite" / "001_triggers.sql").write_text(
+        "CREATE TABLE t (x TEXT); -- comment; with semicolon\n"
+        "CREATE TRIGGER t_copy AFTER INSERT ON t BEGIN\n"
+        "  INSERT INTO t2 VALUES (new.x || ';');\n"
+        "END;\n"
+        "CREATE TABLE t2 (x TEXT); INSERT INTO t VALUES ('a;b')\n"
+        "-- trailing comment"
+    )
+    repository = SqliteRepository(tmp_path / "proxy.db", sql_dir=tmp_path / "sql")
+    await repository.connect()
+    try:
+        assert await repository.migrate() == [1]
+    finally:
+        await repository.close()
+
+
+async def test_sqlite_times_are_fixed_width_utc_text(tmp_path: Path) -> None:
+    repository = SqliteRepository(tmp_path / "proxy.db")
+    await repository.connect()
+    try:
+        await repository.migrate()
+        plus_two = NOW.astimezone(timezone(timedelta(hours=2)))
+        project = await add_project(repository, created_at=plus_two)
+        stored = await repository.get_project(project.id)
+        assert stored is not None and stored.created_at == NOW
+        assert stored.created_at.utcoffset() == timedelta(0)
+    finally:
+        await repository.close()
+
+
+# -- PostgreSQL specifics -------------------------------------------------------------
+
+
+class _HoldingRepository(PostgresRepository):
+    """Keeps one pooled connection checked out, like a request stuck mid-query."""
+
+    async def hold(self) -> Any:
+        return await self._connected.acquire()
+
+
+@pytest.mark.postgres
+async def test_postgres_close_terminates_pool_after_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    admin = await _postgres_admin()
+    await admin.close()
+    repository = _HoldingRepository(_postgres_url(), close_timeout_s=0.05)
+    await repository.connect()
+    connection = await repository.hold()
+    async with asyncio.timeout(5):  # without terminate() this would wait forever
+        await repository.close()
+    assert "terminating" in caplog.text
+    with pytest.raises(asyncpg.InterfaceError):
+        await connection.fetchval("SELECT 1")
+
+
+def test_postgres_repository_repr_hides_dsn() -> None:
+    repository = PostgresRepository("postgresql://user:s3cret@db/x", schema="s")
+    assert "s3cret" not in repr(repository)
+
+
+# -- create_repository, migrations files, resources --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("sqlite:///relative/proxy.db", SqliteRepository),
+        ("sqlite:////absolute/proxy.db", SqliteRepository),
+        ("postgres://user@host/db", PostgresRepository),
+        ("PostgreSQL://user@host/db", PostgresRepository),
+    ],
+)
+def test_create_repository_chooses_backend_by_scheme(url: str, kind: type) -> None:
+    assert isinstance(create_repository(url), kind)
+
+
+async def test_create_repository_resolves_sqlite_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = create_repository("sqlite:///rel/proxy.db")
+    absolute = create_repository(f"sqlite:///{tmp_path / 'abs' / 'proxy.db'}")
+    for repository in (relative, absolute):
+        await repository.connect()
+        await repository.close()
+    assert (tmp_path / "rel" / "proxy.db").is_file()
+    assert (tmp_path / "abs" / "proxy.db").is_file()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://root:s3cret@host/db", "sqlite://host/proxy.db", "sqlite:///", "proxy.db"],
+)
+def test_create_repository_rejects_unknown_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="DATABASE_URL") as caught:
+        create_repository(url)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_migrations_ship_for_both_dialects() -> None:
+    for dialect in ("sqlite", "postgres"):
+        versions = [m.version for m in load_migrations(data_dir("sql"), dialect)]
+        assert versions[0] == 1
+        assert versions == sorted(set(versions))
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["001_init.sql", "001_again.sql"], "share version"),
+        (["1_init.sql"], "001_name.sql"),
+        (["000_zero.sql"], "start at 001"),
+    ],
+)
+def test_migrations_reject_bad_files(
+    tmp_path: Path, names: list[str], message: str
+) -> None:
+    (tmp_path / "sqlite").mkdir()
+    for name in names:
+        (tmp_path / "sqlite" / name).write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=message):
+        load_migrations(tmp_path, "sqlite")
+
+
+def test_migrations_require_dialect_directory(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="no migrations directory"):
+        load_migrations(tmp_path, "sqlite")
+
+
+def test_data_dir_finds_checkout_directories() -> None:
+    package_dir = Path(llm_proxy.__file__).resolve().parent
+    assert data_dir("sql") in (package_dir / "sql", package_dir.parent / "sql")
+    assert (data_dir("sql") / "sqlite" / "001_init.sql").is_file()
+
+
+def test_data_dir_names_missing_directory() -> None:
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        data_dir("no-such-dir")
+
+
+# -- SQL hygiene ----------------------------------------------------------------------
+
+DB_CALLS = {
+    "execute",
+    "executemany",
+    "execute_fetchall",
+    "fetch",
+    "fetchrow",
+    "fetchval",
+    "_run",
+    "_write",
+    "_fetch_all",
+    "_fetch_one",
+    "_scalar",
+}
+LOCAL_SQL_NAMES = {"sql", "pragma", "statement"}  # parameters and loop variables
+
+
+@pytest.mark.parametrize("module", [sqlite, postgres], ids=["sqlite", "postgres"])
+def test_backend_sql_values_are_always_bound_parameters(module: Any) -> None:
+    """Every database call takes a module-level SQL constant, never a built string."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    constants = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id.isupper()
+    }
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in DB_CALLS
+    ]
+    assert calls
+    for call in calls:
+        sql = call.args[0]
+        allowed = (
+            isinstance(sql, ast.Name) and sql.id in constants | LOCAL_SQL_NAMES
+        ) or (isinstance(sql, ast.Attribute) and sql.attr == "sql")
+        assert allowed, f"line {call.lineno}: SQL must be a constant"
+    for node in tree.body:  # f-strings in constants may only splice other constants
+        if isinstance(node, ast.AnnAssign) and node.value is not None:
+            for part in ast.walk(node.value):
+                if isinstance(part, ast.FormattedValue):
+                    assert isinstance(part.value, ast.Name)
+                    assert part.value.id in constants
