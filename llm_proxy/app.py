@@ -8,6 +8,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .allowlist import Allowlist, default_allowlist, load_allowlist
+from .breaker import BreakerState, CircuitBreaker
 from .config import Settings
 from .crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .health import health_handler, live_handler, ready_handler
@@ -18,9 +20,19 @@ from .keys import (
     SETTINGS_KEY,
     TOKEN_STORE_KEY,
     TOKEN_SYNC_KEY,
+    ReadyCheck,
 )
 from .manage import create_management_app
-from .middlewares import json_errors_middleware
+from .middlewares import (
+    allowlist_middleware,
+    circuit_breaker_middleware,
+    exchange_middleware,
+    json_errors_middleware,
+    rate_limit_middleware,
+    token_auth_middleware,
+)
+from .proxy import proxy_handler, upstream_session_ctx
+from .ratelimit import GcraLimiter
 from .repository import create_repository
 from .services import ManagementService, check_encryption_key
 from .tokens import TokenStore, TokenSync
@@ -55,20 +67,70 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[REPOSITORY_KEY] = repository
     app[TOKEN_STORE_KEY] = store
-    app[SERVICE_KEY] = ManagementService(repository, KeyCipher(key), TokenHasher(key), store)
+    app[SERVICE_KEY] = ManagementService(
+        repository, KeyCipher(key), TokenHasher(key), store
+    )
     app[TOKEN_SYNC_KEY] = TokenSync(
         store,
         repository,
         reload_interval_s=settings.token_refresh_interval_s,
         flush_interval_s=settings.usage_flush_interval_s,
     )
-    app[READY_CHECKS_KEY] = {}
-    app.cleanup_ctx.extend([repository_ctx, token_sync_ctx])
+    breaker = new_breaker(settings)
+    app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
+    app.cleanup_ctx.extend([repository_ctx, token_sync_ctx, upstream_session_ctx])
     app.router.add_get("/health", health_handler)
     app.router.add_get("/live", live_handler)
     app.router.add_get("/ready", ready_handler)
     app.add_subapp("/manage", create_management_app(settings.management_token))
+    app.add_subapp("/v1", create_proxy_app(settings, store, breaker))
     return app
+
+
+def load_endpoint_allowlist(settings: Settings) -> Allowlist:
+    """The YAML allowlist from API_CONFIG_PATH, or the built-in OpenAI one."""
+    if settings.api_config_path is None:
+        return default_allowlist()
+    return load_allowlist(settings.api_config_path)
+
+
+def create_proxy_app(
+    settings: Settings, store: TokenStore, breaker: CircuitBreaker
+) -> web.Application:
+    """The `/v1` sub-app: every path goes through the proxy chain to the upstream."""
+    proxy_app = web.Application(
+        middlewares=[
+            exchange_middleware(),
+            allowlist_middleware(load_endpoint_allowlist(settings)),
+            token_auth_middleware(store),
+            rate_limit_middleware(GcraLimiter(), settings.default_rate_limit_per_hour),
+            circuit_breaker_middleware(breaker),
+        ]
+    )
+    proxy_app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    return proxy_app
+
+
+def new_breaker(settings: Settings) -> CircuitBreaker:
+    """The upstream's circuit breaker; each state change is logged."""
+
+    def log_change(old: BreakerState, new: BreakerState) -> None:
+        log.warning("upstream circuit breaker %s -> %s", old.value, new.value)
+
+    return CircuitBreaker(
+        settings.breaker.failure_threshold,
+        settings.breaker.cooldown_s,
+        on_change=log_change,
+    )
+
+
+def breaker_check(breaker: CircuitBreaker) -> ReadyCheck:
+    """A /ready entry showing the breaker state (an open breaker is not 'not ready')."""
+
+    async def check() -> str:
+        return f"ok ({breaker.state.value})"
+
+    return check
 
 
 async def repository_ctx(app: web.Application) -> AsyncIterator[None]:

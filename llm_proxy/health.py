@@ -34,13 +34,19 @@ async def ready_handler(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(request.app[REPOSITORY_KEY].ping(), READY_CHECK_TIMEOUT_S)
+        await asyncio.wait_for(
+            request.app[REPOSITORY_KEY].ping(), READY_CHECK_TIMEOUT_S
+        )
         checks["database"] = "ok"
     except Exception as exc:  # any failure means "not ready"; say which part
         checks["database"] = f"failing: {type(exc).__name__}"
     for name, check in request.app.get(READY_CHECKS_KEY, {}).items():
         checks[name] = await check()
-    failing = [name for name, state in checks.items() if state != "ok" and not state.startswith("ok")]
+    failing = [
+        name
+        for name, state in checks.items()
+        if state != "ok" and not state.startswith("ok")
+    ]
     body = {
         "status": "ready" if not failing else "not_ready",
         "failing": failing,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .exchange import Exchange
 from .repository import Repository
 from .services import ManagementService
 from .tokens import Principal, TokenStore, TokenSync
@@ -22,3 +24,6 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 ReadyCheck = Callable[[], Awaitable[str]]
 READY_CHECKS_KEY = web.AppKey[dict[str, ReadyCheck]]("ready_checks")
+
+UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
+EXCHANGE_KEY = web.RequestKey("exchange", Exchange)

@@ -78,7 +78,7 @@ class TokenStore:
     ):
         self._hasher = hasher
         self._cipher = cipher
-        self._clock = clock
+        self.clock = clock
         self._by_hash: dict[str, _TokenEntry] = {}
         self._hash_by_id: dict[str, str] = {}
         self._projects: dict[str, _ProjectEntry] = {}
@@ -175,7 +175,7 @@ class TokenStore:
         entry = self._by_hash.get(self._hasher.hash(token_value))
         if entry is None:
             raise AuthFailure(401, "invalid_api_key", "Invalid or revoked token.")
-        now = self._clock()
+        now = self.clock()
         if now >= entry.expires_at:
             raise AuthFailure(401, "token_expired", "This token has expired.")
         project = self._projects.get(entry.project_id)

@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from llm_proxy.app import create_app
 from llm_proxy.config import Settings
+from llm_proxy.fake_upstream import (
+    FAKE_STATE_KEY,
+    FakeUpstreamState,
+    create_fake_upstream,
+)
 
 from .support import MANAGEMENT_TOKEN
 
@@ -50,3 +55,43 @@ def make_client(
         return await aiohttp_client(create_app(Settings.from_env({**base_env, **env})))
 
     return start
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> TestServer:
+    """The fake OpenAI upstream on a real loopback port."""
+    return await aiohttp_server(create_fake_upstream())
+
+
+@pytest.fixture
+def fake(upstream: TestServer) -> FakeUpstreamState:
+    """What the fake upstream received; its gate releases stalled answers."""
+    return upstream.app[FAKE_STATE_KEY]
+
+
+@pytest.fixture
+def proxy_env(base_env: dict[str, str], upstream: TestServer) -> dict[str, str]:
+    """Environment of a proxy in front of the fake upstream."""
+    return {**base_env, "OPENAI_API_URL": str(upstream.make_url("")).rstrip("/")}
+
+
+@pytest.fixture
+def start_proxy(
+    aiohttp_client: AiohttpClient, proxy_env: dict[str, str]
+) -> Callable[..., Any]:
+    """Start a proxy in front of the fake upstream, with extra environment."""
+
+    async def start(**env: str) -> TestClient[Any, Any]:
+        settings = Settings.from_env({**proxy_env, **env})
+        return await aiohttp_client(
+            create_app(settings), server_kwargs={"handler_cancellation": True}
+        )
+
+    return start
+
+
+@pytest.fixture
+async def proxy(start_proxy: Callable[..., Any]) -> TestClient[Any, Any]:
+    """A proxy in front of the fake upstream, default settings."""
+    client: TestClient[Any, Any] = await start_proxy()
+    return client

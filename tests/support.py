@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -31,3 +32,16 @@ async def create_token(
     assert response.status == 201, await response.text()
     data: dict[str, Any] = await response.json()
     return data
+
+
+async def proxy_token(client: TestClient[Any, Any], **fields: Any) -> tuple[str, str]:
+    """A fresh project and a token for it: (project_id, token value)."""
+    project = await create_project(client, f"project-{uuid.uuid4().hex[:8]}")
+    project_id: str = project["project_id"]
+    token = await create_token(client, project_id, **fields)
+    return project_id, token["token"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header of a proxied call."""
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,314 @@
+"""Forwarding to the upstream: the pooled session, header rules, chunk-by-chunk relay.
+
+Owns `upstream_session_ctx`, `proxy_handler` and the one place where aiohttp client
+exceptions become our 502/504 errors. Knows nothing of tokens, limits or storage: what
+it needs (the upstream Authorization value, rate-limit headers) arrives in request keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Final
+
+import aiohttp
+import orjson
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .allowlist import model_allowed
+from .config import Settings
+from .errors import ApiError, UpstreamTimeoutError, UpstreamUnavailableError
+from .exchange import Exchange
+from .keys import (
+    EXCHANGE_KEY,
+    PRINCIPAL_KEY,
+    REQUEST_ID_KEY,
+    SETTINGS_KEY,
+    UPSTREAM_SESSION_KEY,
+)
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP: Final = frozenset(
+    name
+    for name in (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+# Never forwarded upstream: our own credentials replace the client's, a token must not
+# switch the project's OpenAI organisation or project, and client addresses stay here
+# unless FORWARD_CLIENT_IP is on.
+REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
+    name
+    for name in (
+        "host",
+        "authorization",
+        "openai-organization",
+        "openai-project",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "forwarded",
+        "cf-connecting-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "expect",
+    )
+)
+# Never passed back: the shared session must not hand one tenant's cookies to another.
+RESPONSE_DROP: Final = HOP_BY_HOP | frozenset(
+    name for name in ("set-cookie", "set-cookie2", "x-request-id")
+)
+OUR_RATE_HEADERS: Final = frozenset(
+    name
+    for name in (
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    )
+)
+SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+JSON_PEEK_LIMIT: Final = 1024 * 1024
+
+
+def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one pooled session: no total timeout, no cookies, no decompression."""
+    upstream = settings.upstream
+    connector = aiohttp.TCPConnector(
+        limit=upstream.max_connections,
+        limit_per_host=0,
+        keepalive_timeout=60,
+        enable_cleanup_closed=True,
+        ttl_dns_cache=300,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=upstream.connect_timeout_s,
+        sock_read=upstream.read_idle_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        raise_for_status=False,
+    )
+
+
+async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Create the pooled session on start, close it (and its sockets) on shutdown."""
+    session = new_upstream_session(app[SETTINGS_KEY])
+    app[UPSTREAM_SESSION_KEY] = session
+    yield
+    await session.close()
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-ID when it is sane, else a fresh one."""
+    given = headers.get("X-Request-ID")
+    if given and SANE_REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def upstream_headers(
+    headers: CIMultiDictProxy[str],
+    authorization: str,
+    request_id: str,
+    client_ip: str | None,
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and scope headers, with our Authorization."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in REQUEST_DROP:
+            out.add(name, value)
+    connection = headers.get(hdrs.CONNECTION)
+    if connection:
+        for listed in connection.split(","):
+            out.popall(listed.strip(), None)
+    out[hdrs.AUTHORIZATION] = authorization
+    out["X-Request-ID"] = request_id
+    if client_ip:
+        out[hdrs.X_FORWARDED_FOR] = client_ip
+    return out
+
+
+def downstream_headers(
+    headers: CIMultiDictProxy[str], exchange: Exchange, request_id: str
+) -> CIMultiDict[str]:
+    """Upstream headers minus hop-by-hop and cookies, plus ours."""
+    out: CIMultiDict[str] = CIMultiDict()
+    drop = RESPONSE_DROP | OUR_RATE_HEADERS if exchange.rate_headers else RESPONSE_DROP
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    connection = headers.get(hdrs.CONNECTION)
+    if connection:
+        for listed in connection.split(","):
+            out.popall(listed.strip(), None)
+    out.update(exchange.rate_headers)
+    out["X-Request-ID"] = request_id
+    if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+        out["X-Accel-Buffering"] = "no"
+        out.setdefault(hdrs.CACHE_CONTROL, "no-cache")
+    return out
+
+
+async def read_body(
+    request: web.Request, exchange: Exchange
+) -> bytes | aiohttp.StreamReader:
+    """Small JSON bodies are read once (to peek at model/stream); others stream through."""
+    length = request.content_length
+    if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
+        return b""
+    if (
+        request.content_type != "application/json"
+        or length is None
+        or length > JSON_PEEK_LIMIT
+    ):
+        return request.content
+    body = await request.read()
+    _peek_json(body, exchange)
+    return body
+
+
+def _peek_json(body: bytes, exchange: Exchange) -> None:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        model = data.get("model")
+        exchange.model = model if isinstance(model, str) else None
+        exchange.stream = data.get("stream") is True
+
+
+async def send_upstream(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes | aiohttp.StreamReader,
+    retries: int,
+) -> aiohttp.ClientResponse:
+    """Send once, retrying only connection failures that happened before any byte left."""
+    for attempt in range(retries + 1):
+        try:
+            return await session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError as exc:
+            if attempt == retries:
+                raise UpstreamUnavailableError() from exc
+            await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError() from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailableError() from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def upstream_url(base: URL, path: str, query_string: str) -> URL:
+    """The base URL's path prefix, then the checked path, then the query as sent."""
+    url = base.with_path(base.path.rstrip("/") + path, encoded=False)
+    return url.with_query(query_string) if query_string else url
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """Forward one request upstream and relay the response chunk by chunk."""
+    settings = request.config_dict[SETTINGS_KEY]
+    exchange = request[EXCHANGE_KEY]
+    request_id = request[REQUEST_ID_KEY]
+    body = await read_body(request, exchange)
+    if exchange.models is not None and not model_allowed(
+        exchange.models, exchange.model
+    ):
+        raise refuse_model(exchange.model)
+    client_ip = request.remote if settings.forward_client_ip else None
+    headers = upstream_headers(
+        request.headers,
+        request[PRINCIPAL_KEY].upstream_authorization,
+        request_id,
+        client_ip,
+    )
+    url = upstream_url(settings.upstream.base_url, exchange.path, request.query_string)
+    exchange.upstream_started = time.perf_counter()
+    exchange.reached_upstream = True
+    upstream = await send_upstream(
+        request.config_dict[UPSTREAM_SESSION_KEY],
+        request.method,
+        url,
+        headers,
+        body,
+        settings.upstream.retries,
+    )
+    async with upstream:
+        return await relay(request, upstream, exchange, request_id)
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    exchange: Exchange,
+    request_id: str,
+) -> web.StreamResponse:
+    """Send upstream's status and headers at once, then each chunk as it arrives."""
+    exchange.status = upstream.status
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=downstream_headers(upstream.headers, exchange, request_id),
+    )
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    exchange.ttfb_s = time.perf_counter() - exchange.upstream_started
+    sent = 0
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+            sent += len(chunk)
+    except (
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientConnectionError,
+        TimeoutError,
+    ) as exc:
+        exchange.error = type(exc).__name__
+        log.warning("stream from upstream ended early after %d bytes: %r", sent, exc)
+    except ConnectionResetError as exc:
+        exchange.error = "client_disconnected"
+        log.info("client went away after %d bytes: %r", sent, exc)
+    finally:
+        exchange.bytes_out = sent
+    if exchange.error is None:
+        await response.write_eof()
+    return response
+
+
+def refuse_model(model: str | None) -> ApiError:
+    """403 for a model this endpoint does not allow."""
+    return ApiError(
+        403,
+        f"The model {model!r} is not allowed through this proxy.",
+        param="model",
+        code="model_not_allowed",
+    )
