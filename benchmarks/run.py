@@ -1,0 +1,457 @@
+"""Benchmark: llm-proxy against a minimal pass-through forwarder, measured in one run.
+
+Starts, on loopback:
+- nginx as the upstream (static chat completion JSON, so the upstream is never the
+  bottleneck) and a 20-event SSE upstream behind it on /v1/responses;
+- the baseline forwarder (benchmarks/baseline.py) and the real proxy (token auth,
+  rate limit, allowlist, breaker, instrumentation with a JSONL event log), each
+  pinned to CPU 0 in turn, while nginx, wrk and this script run on the other CPU.
+
+Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk), added
+time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios.
+
+    python benchmarks/run.py [--duration 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGEMENT_TOKEN = "benchmark-management-token-0123456789"
+UPSTREAM_KEY = "sk-benchmark-upstream-key-0123456789"
+CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
+STREAM_BODY = '{"model":"gpt-4o-mini","input":"Say hi","stream":true}'
+TARGETS = {"throughput_ratio": 0.9, "throughput_floor": 0.8, "p50_added_ms": 0.1}
+TARGET_TTFB_MS = 1.0
+TARGET_RSS_MIB = 80.0
+
+
+@dataclass
+class Result:
+    """Numbers for one server under test."""
+
+    name: str
+    rps_c64: list[float] = field(default_factory=list)
+    p50_ms_c1: list[float] = field(default_factory=list)
+    p99_ms_c1: list[float] = field(default_factory=list)
+    ttfb_ms: list[float] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+
+
+def free_port() -> int:
+    """An unused loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    """Block until something accepts connections on the port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), 0.2),
+        ):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def nginx_config(prefix: Path, port: int, sse_port: int) -> str:
+    """nginx as a static OpenAI upstream plus a pass-through to the SSE upstream."""
+    chat = json.dumps(
+        json.loads((ROOT / "llm_proxy/fake_fixtures/chat_completion.json").read_text()),
+        separators=(",", ":"),
+    )
+    models = json.dumps(
+        json.loads((ROOT / "llm_proxy/fake_fixtures/models_list.json").read_text()),
+        separators=(",", ":"),
+    )
+    temp = "\n".join(
+        f"    {name}_temp_path {prefix}/{name};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+{temp}
+    upstream sse {{ server 127.0.0.1:{sse_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 '{chat}';
+        }}
+        location = /v1/models {{
+            default_type application/json;
+            return 200 '{models}';
+        }}
+        location = /v1/responses {{
+            proxy_pass http://sse;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class Stack:
+    """The processes of one benchmark run; stopped together."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, args: list[str], cpu: int, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process pinned to one CPU, its output in the work folder."""
+        log = (self.workdir / f"proc-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=self.workdir,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        """SIGTERM everything, then SIGKILL what lingers."""
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a running process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wrk_lua(path: Path, token: str, body: str) -> Path:
+    """A wrk script that POSTs the chat body with the token."""
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{body}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+    )
+    return path
+
+
+def run_wrk(
+    url: str, script: Path, connections: int, duration_s: float
+) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) from one wrk run on CPU 1."""
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration_s))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rps, _percentile(out, "50%"), _percentile(out, "99%")
+
+
+def _percentile(out: str, label: str) -> float:
+    match = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if match is None:
+        raise RuntimeError(f"no {label} in wrk output:\n{out}")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
+    """Time to the first body chunk of `count` sequential 20-event streams, in ms."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    samples: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, data=STREAM_BODY, headers=headers) as response:
+                await response.content.readany()
+                samples.append((time.perf_counter() - started) * 1000)
+                await response.read()
+    return samples
+
+
+def start_proxy(
+    stack: Stack, upstream_port: int
+) -> tuple[int, str, subprocess.Popen[bytes]]:
+    """The real proxy with events on, plus a project and a token for it."""
+    port = free_port()
+    env = {
+        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "DATABASE_URL": f"sqlite:///{stack.workdir / 'proxy.db'}",
+        "OPENAI_API_URL": f"http://127.0.0.1:{upstream_port}",
+        "FILE_EVENT_LOG": str(stack.workdir / "events.jsonl"),
+        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
+        "LOG_LEVEL": "warning",
+    }
+    process = stack.start([sys.executable, "-m", "llm_proxy", "serve"], cpu=0, env=env)
+    wait_port(port)
+    token = asyncio.run(_create_token(port))
+    return port, token, process
+
+
+async def _create_token(port: int) -> str:
+    auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    base = f"http://127.0.0.1:{port}/manage"
+    async with aiohttp.ClientSession(headers=auth) as session:
+        async with session.post(
+            f"{base}/projects", json={"name": "bench", "openai_api_key": UPSTREAM_KEY}
+        ) as response:
+            project = await response.json()
+        async with session.post(
+            f"{base}/tokens",
+            json={"project_id": project["project_id"], "duration_minutes": 600},
+        ) as response:
+            return str((await response.json())["token"])
+
+
+def measure(
+    result: Result,
+    base: str,
+    token: str,
+    workdir: Path,
+    duration_s: float,
+    stream_n: int,
+) -> None:
+    """One round of every measurement against one server."""
+    script = wrk_lua(workdir / f"{result.name}.lua", token, CHAT_BODY)
+    rps, _, _ = run_wrk(f"{base}/v1/chat/completions", script, 64, duration_s)
+    result.rps_c64.append(rps)
+    _, p50, p99 = run_wrk(f"{base}/v1/chat/completions", script, 1, duration_s / 2)
+    result.p50_ms_c1.append(p50)
+    result.p99_ms_c1.append(p99)
+    result.ttfb_ms.extend(
+        asyncio.run(ttfb_samples(f"{base}/v1/responses", token, stream_n))
+    )
+
+
+def run(duration_s: float, rounds: int, stream_n: int) -> dict[str, object]:
+    """Start everything, measure both servers in alternating rounds, stop everything."""
+    os.sched_setaffinity(0, {1})
+    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
+    stack = Stack(workdir)
+    try:
+        sse_port, upstream_port = free_port(), free_port()
+        stack.start(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks/sse_upstream.py"),
+                "--port",
+                str(sse_port),
+            ],
+            cpu=1,
+        )
+        conf = workdir / "nginx.conf"
+        conf.write_text(nginx_config(workdir, upstream_port, sse_port))
+        stack.start(
+            [
+                "nginx",
+                "-e",
+                str(workdir / "error.log"),
+                "-p",
+                str(workdir),
+                "-c",
+                str(conf),
+                "-g",
+                "daemon off;",
+            ],
+            cpu=1,
+        )
+        wait_port(sse_port)
+        wait_port(upstream_port)
+        baseline_port = free_port()
+        baseline = stack.start(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks/baseline.py"),
+                "--port",
+                str(baseline_port),
+                "--upstream",
+                f"http://127.0.0.1:{upstream_port}",
+                "--key",
+                UPSTREAM_KEY,
+            ],
+            cpu=0,
+        )
+        wait_port(baseline_port)
+        proxy_port, token, proxy = start_proxy(stack, upstream_port)
+        servers = [
+            (Result("baseline"), f"http://127.0.0.1:{baseline_port}", baseline),
+            (Result("proxy"), f"http://127.0.0.1:{proxy_port}", proxy),
+        ]
+        for (
+            result,
+            base,
+            _,
+        ) in servers:  # warm-up: connection pools, caches, JIT-free paths
+            run_wrk(
+                f"{base}/v1/chat/completions",
+                wrk_lua(workdir / "w.lua", token, CHAT_BODY),
+                64,
+                2,
+            )
+        for _ in range(rounds):
+            for result, base, _ in servers:
+                measure(result, base, token, workdir, duration_s, stream_n)
+        for result, _, process in servers:
+            result.peak_rss_mib = peak_rss_mib(process.pid)
+        events = workdir / "events.jsonl"
+        event_lines = sum(1 for _ in events.open()) if events.exists() else 0
+        return summarise(servers[0][0], servers[1][0], event_lines)
+    except Exception:
+        for log in sorted(workdir.glob("proc-*.log")):
+            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, object]:
+    """Medians per server and the proxy/baseline comparison against the targets."""
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    base = {
+        "rps_c64": med(baseline.rps_c64),
+        "p50_ms_c1": med(baseline.p50_ms_c1),
+        "p99_ms_c1": med(baseline.p99_ms_c1),
+        "ttfb_ms_p50": med(baseline.ttfb_ms),
+        "peak_rss_mib": round(baseline.peak_rss_mib, 1),
+    }
+    ours = {
+        "rps_c64": med(proxy.rps_c64),
+        "p50_ms_c1": med(proxy.p50_ms_c1),
+        "p99_ms_c1": med(proxy.p99_ms_c1),
+        "ttfb_ms_p50": med(proxy.ttfb_ms),
+        "peak_rss_mib": round(proxy.peak_rss_mib, 1),
+    }
+    comparison = {
+        "throughput_ratio": round(ours["rps_c64"] / base["rps_c64"], 3),
+        "p50_added_ms": round(ours["p50_ms_c1"] - base["p50_ms_c1"], 3),
+        "p99_added_ms": round(ours["p99_ms_c1"] - base["p99_ms_c1"], 3),
+        "ttfb_added_ms": round(ours["ttfb_ms_p50"] - base["ttfb_ms_p50"], 3),
+        "events_written": event_lines,
+    }
+    verdict = {
+        "throughput >= 0.9x baseline": comparison["throughput_ratio"] >= 0.9,
+        "throughput >= 0.8x (floor)": comparison["throughput_ratio"] >= 0.8,
+        "p50 c=1 <= baseline + 0.1 ms": comparison["p50_added_ms"] <= 0.1,
+        "added TTFB <= 1 ms": comparison["ttfb_added_ms"] <= TARGET_TTFB_MS,
+        "proxy RSS <= 80 MiB": ours["peak_rss_mib"] <= TARGET_RSS_MIB,
+    }
+    return {
+        "baseline": base,
+        "proxy": ours,
+        "comparison": comparison,
+        "targets_met": verdict,
+        "raw": {
+            "baseline": asdict(baseline) | {"ttfb_ms": []},
+            "proxy": asdict(proxy) | {"ttfb_ms": []},
+        },
+    }
+
+
+def print_report(report: dict[str, object]) -> None:
+    """A small human-readable table."""
+    base, ours = report["baseline"], report["proxy"]
+    assert isinstance(base, dict) and isinstance(ours, dict)
+    print(f"{'metric':<22}{'baseline':>12}{'llm-proxy':>12}{'ratio/delta':>14}")
+    for key, label in (
+        ("rps_c64", "req/s @64 conns"),
+        ("p50_ms_c1", "p50 ms @1 conn"),
+        ("p99_ms_c1", "p99 ms @1 conn"),
+        ("ttfb_ms_p50", "TTFB ms (20 ev)"),
+        ("peak_rss_mib", "peak RSS MiB"),
+    ):
+        b, o = base[key], ours[key]
+        delta = f"x{o / b:.3f}" if key == "rps_c64" else f"{o - b:+.3f}"
+        print(f"{label:<22}{b:>12.3f}{o:>12.3f}{delta:>14}")
+    print("events written:", report["comparison"]["events_written"])  # type: ignore[index]
+    for name, ok in report["targets_met"].items():  # type: ignore[union-attr]
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+
+
+def main() -> None:
+    """Parse flags, run, print."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="seconds per wrk run"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument(
+        "--streams", type=int, default=200, help="streams per TTFB sample"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(
+                f"benchmark needs {tool} (apt-get install {tool if tool != 'taskset' else 'util-linux'})"
+            )
+    report = run(args.duration, args.rounds, args.streams)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+if __name__ == "__main__":
+    main()
