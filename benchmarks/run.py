@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -335,11 +334,7 @@ def run(duration_s: float, rounds: int, stream_n: int) -> dict[str, object]:
             (Result("baseline"), f"http://127.0.0.1:{baseline_port}", baseline),
             (Result("proxy"), f"http://127.0.0.1:{proxy_port}", proxy),
         ]
-        for (
-            result,
-            base,
-            _,
-        ) in servers:  # warm-up: connection pools, caches, JIT-free paths
+        for _, base, _ in servers:  # warm-up: connection pools and caches
             run_wrk(
                 f"{base}/v1/chat/completions",
                 wrk_lua(workdir / "w.lua", token, CHAT_BODY),
