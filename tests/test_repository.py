@@ -31,6 +31,9 @@ from llm_proxy.repository import (
     Token,
     TokenFilter,
     TokenUsage,
+    UsageEvent,
+    UsageRow,
+    UsageTotals,
     create_repository,
     postgres,
     sqlite,
@@ -165,9 +168,9 @@ async def test_repository_migrate_applies_schema_once(
     repository = new_repository()
     await repository.connect()
     assert await repository.schema_version() == 0
-    assert await repository.migrate() == [1]
+    assert await repository.migrate() == [1, 2]
     assert await repository.migrate() == []
-    assert await repository.schema_version() == 1
+    assert await repository.schema_version() == 2
 
 
 async def test_repository_concurrent_migrations_apply_schema_once(
@@ -176,8 +179,8 @@ async def test_repository_concurrent_migrations_apply_schema_once(
     first, second = new_repository(), new_repository()
     await asyncio.gather(first.connect(), second.connect())
     results = await asyncio.gather(first.migrate(), second.migrate())
-    assert sorted(results) == [[], [1]]
-    assert await first.schema_version() == await second.schema_version() == 1
+    assert sorted(results) == [[], [1, 2]]
+    assert await first.schema_version() == await second.schema_version() == 2
     await add_project(second)  # the schema is usable from both
     assert await first.count_projects() == 1
 
@@ -721,3 +724,146 @@ def test_backend_sql_values_are_always_bound_parameters(module: Any) -> None:
                 if isinstance(part, ast.FormattedValue):
                     assert isinstance(part.value, ast.Name)
                     assert part.value.id in constants
+
+
+# -- usage events ---------------------------------------------------------------------
+
+
+def make_event(
+    project: Project | None = None,
+    token: Token | None = None,
+    *,
+    ts: datetime = NOW,
+    status_code: int = 200,
+    **fields: Any,
+) -> UsageEvent:
+    values: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "ts": ts,
+        "project_id": None if project is None else project.id,
+        "token_id": None if token is None else token.id,
+        "endpoint": "/v1/chat/completions",
+        "method": "POST",
+        "status_code": status_code,
+        "duration_ms": 12.5,
+        "model": "gpt-4o-mini",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "total_tokens": 15,
+        "usage_source": "response",
+    }
+    return UsageEvent(**(values | fields))
+
+
+async def test_repository_usage_insert_is_idempotent_on_event_id(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    first, second = make_event(project), make_event(project)
+    assert await repository.insert_usage_events([first, second]) == 2
+    assert await repository.insert_usage_events([first, make_event(project)]) == 1
+    assert await repository.insert_usage_events([]) == 0
+    totals = await repository.usage_totals(since=NOW - HOUR, until=NOW + HOUR)
+    assert totals.requests == 3
+
+
+async def test_repository_usage_totals_count_errors_and_tokens_in_window(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    token = await add_token(repository, project)
+    other = await add_project(repository, "beta")
+    await repository.insert_usage_events(
+        [
+            make_event(project, token),
+            make_event(project, token, status_code=429, total_tokens=None),
+            make_event(project, None, status_code=500, prompt_tokens=None),
+            make_event(other),
+            make_event(project, token, ts=NOW - 2 * HOUR),  # before the window
+            make_event(project, token, ts=NOW + HOUR),  # until is exclusive
+        ]
+    )
+    window = {"since": NOW - HOUR, "until": NOW + HOUR}
+    assert await repository.usage_totals(**window) == UsageTotals(4, 2, 30, 20, 45)
+    assert await repository.usage_totals(**window, project_id=project.id) == (
+        UsageTotals(3, 2, 20, 15, 30)
+    )
+    assert await repository.usage_totals(**window, token_id=token.id) == (
+        UsageTotals(2, 1, 20, 10, 15)
+    )
+    unknown = await repository.usage_totals(**window, project_id="not-a-uuid")
+    assert unknown == UsageTotals()
+
+
+async def test_repository_usage_by_day_groups_by_utc_date(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    local = timezone(timedelta(hours=5))
+    late = datetime(2025, 1, 31, 2, 0, tzinfo=local)  # 21:00 UTC on Jan 30
+    await repository.insert_usage_events(
+        [
+            make_event(project, ts=NOW - timedelta(days=1)),
+            make_event(project, ts=late),
+            make_event(project, ts=NOW, status_code=502),
+        ]
+    )
+    rows = await repository.usage_by_day(
+        since=NOW - timedelta(days=7), until=NOW + HOUR, project_id=project.id
+    )
+    assert rows == [
+        UsageRow("2025-01-30", UsageTotals(2, 0, 20, 10, 30)),
+        UsageRow("2025-01-31", UsageTotals(1, 1, 10, 5, 15)),
+    ]
+    assert (
+        await repository.usage_by_day(
+            since=NOW - HOUR, until=NOW + HOUR, token_id="not-a-uuid"
+        )
+        == []
+    )
+
+
+async def test_repository_usage_by_project_and_token_rank_busiest_first(
+    repository: Repository,
+) -> None:
+    alpha, beta = await add_project(repository), await add_project(repository, "beta")
+    quiet, busy = await add_token(repository, alpha), await add_token(repository, alpha)
+    beta_token = await add_token(repository, beta)
+    await repository.insert_usage_events(
+        [
+            make_event(alpha, quiet),
+            make_event(alpha, busy),
+            make_event(alpha, busy, status_code=401),
+            make_event(beta, beta_token),
+            make_event(None, None, status_code=401),  # no project: not grouped
+        ]
+    )
+    window = {"since": NOW - HOUR, "until": NOW + HOUR}
+    by_project = await repository.usage_by_project(**window)
+    assert [(row.key, row.totals.requests) for row in by_project] == [
+        (alpha.id, 3),
+        (beta.id, 1),
+    ]
+    assert len(await repository.usage_by_project(**window, limit=1)) == 1
+    by_token = await repository.usage_by_token(**window, project_id=alpha.id)
+    assert [(row.key, row.totals.errors) for row in by_token] == [
+        (busy.id, 1),
+        (quiet.id, 0),
+    ]
+    assert len(await repository.usage_by_token(**window)) == 3
+    assert await repository.usage_by_token(**window, project_id="nope") == []
+
+
+async def test_repository_recent_usage_events_newest_first_and_errors_only(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    token = await add_token(repository, project)
+    old = make_event(project, token, ts=NOW - HOUR)
+    new = make_event(project, token, ts=NOW, status_code=503, model=None)
+    anonymous = make_event(ts=NOW - 2 * HOUR, status_code=401, duration_ms=0.5)
+    await repository.insert_usage_events([old, new, anonymous])
+    assert await repository.recent_usage_events(10) == [new, old, anonymous]
+    assert await repository.recent_usage_events(2) == [new, old]
+    errors = await repository.recent_usage_events(10, errors_only=True)
+    assert errors == [new, anonymous]

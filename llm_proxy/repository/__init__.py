@@ -17,6 +17,9 @@ from .base import (
     Token,
     TokenFilter,
     TokenUsage,
+    UsageEvent,
+    UsageRow,
+    UsageTotals,
 )
 from .postgres import PostgresRepository
 from .sqlite import SqliteRepository
@@ -34,6 +37,9 @@ __all__ = [
     "Token",
     "TokenFilter",
     "TokenUsage",
+    "UsageEvent",
+    "UsageRow",
+    "UsageTotals",
     "create_repository",
 ]
 

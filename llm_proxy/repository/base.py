@@ -94,6 +94,44 @@ class TokenFilter:
     active: bool | None = None  # True: is_active and not expired; False: the rest
 
 
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One proxied request as the usage pages count it; `event_id` makes it unique."""
+
+    event_id: str
+    ts: datetime
+    project_id: str | None
+    token_id: str | None
+    endpoint: str
+    method: str
+    status_code: int
+    duration_ms: float
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    usage_source: str | None = None  # where the token counts came from
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Requests, errors (status >= 400) and tokens summed over some events."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """The totals of one group: a UTC day (`2025-01-31`), a project id or a token id."""
+
+    key: str
+    totals: UsageTotals
+
+
 class Repository(Protocol):
     """Intent-named storage operations; no raw SQL crosses this boundary."""
 
@@ -171,3 +209,46 @@ class Repository(Protocol):
 
     async def load_projects_for_auth(self) -> list[Project]:
         """Every project (id, key envelope, active flag) for the auth snapshot."""
+
+    async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
+        """Insert events, skipping event ids already stored; return rows inserted."""
+
+    async def usage_totals(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> UsageTotals:
+        """Totals of events with since <= ts < until, optionally of one project/token."""
+
+    async def usage_by_day(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals per UTC day that has events, oldest first."""
+
+    async def usage_by_project(
+        self, *, since: datetime, until: datetime, limit: int = 50
+    ) -> list[UsageRow]:
+        """Totals per project id, busiest first."""
+
+    async def usage_by_token(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        limit: int = 50,
+    ) -> list[UsageRow]:
+        """Totals per token id, busiest first, optionally of one project."""
+
+    async def recent_usage_events(
+        self, limit: int, *, errors_only: bool = False
+    ) -> list[UsageEvent]:
+        """The newest events (only status >= 400 when `errors_only`)."""

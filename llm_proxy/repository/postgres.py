@@ -29,6 +29,9 @@ from .base import (
     Token,
     TokenFilter,
     TokenUsage,
+    UsageEvent,
+    UsageRow,
+    UsageTotals,
 )
 from .migrations import Migration, load_migrations, pending
 
@@ -131,6 +134,49 @@ RECORD_TOKEN_USAGE: Final = (
 SELECT_LIVE_TOKENS: Final = (
     f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE is_active AND expires_at > $1"
     " ORDER BY created_at, id"
+)
+
+USAGE_COLUMNS: Final = (
+    "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
+    " duration_ms, prompt_tokens, completion_tokens, total_tokens, usage_source"
+)
+# One statement for the whole batch (its command tag counts the rows inserted).
+INSERT_USAGE_EVENTS: Final = f"""
+INSERT INTO usage_events ({USAGE_COLUMNS})
+SELECT * FROM unnest(
+    $1::text[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::text[], $6::text[],
+    $7::text[], $8::integer[], $9::double precision[], $10::integer[],
+    $11::integer[], $12::integer[], $13::text[]
+)
+ON CONFLICT (event_id) DO NOTHING"""
+# $1 since, $2 until, $3 project id or NULL, $4 token id or NULL.
+USAGE_WHERE: Final = (
+    "ts >= $1 AND ts < $2 AND ($3::uuid IS NULL OR project_id = $3)"
+    " AND ($4::uuid IS NULL OR token_id = $4)"
+)
+USAGE_SUMS: Final = (
+    "count(*), count(*) FILTER (WHERE status_code >= 400),"
+    " coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+    " coalesce(sum(total_tokens), 0)"
+)
+USAGE_TOTALS: Final = f"SELECT {USAGE_SUMS} FROM usage_events WHERE {USAGE_WHERE}"
+USAGE_BY_DAY: Final = (
+    "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,"
+    f" {USAGE_SUMS} FROM usage_events WHERE {USAGE_WHERE} GROUP BY day ORDER BY day"
+)
+USAGE_BY_PROJECT: Final = (
+    f"SELECT project_id, {USAGE_SUMS} FROM usage_events"
+    f" WHERE {USAGE_WHERE} AND project_id IS NOT NULL"
+    " GROUP BY project_id ORDER BY count(*) DESC, project_id LIMIT $5"
+)
+USAGE_BY_TOKEN: Final = (
+    f"SELECT token_id, {USAGE_SUMS} FROM usage_events"
+    f" WHERE {USAGE_WHERE} AND token_id IS NOT NULL"
+    " GROUP BY token_id ORDER BY count(*) DESC, token_id LIMIT $5"
+)
+RECENT_USAGE_EVENTS: Final = (
+    f"SELECT {USAGE_COLUMNS} FROM usage_events"
+    " WHERE (NOT $1 OR status_code >= 400) ORDER BY ts DESC, event_id LIMIT $2"
 )
 
 
@@ -348,6 +394,71 @@ class PostgresRepository:
             _project(row) for row in await self._connected.fetch(SELECT_ALL_PROJECTS)
         ]
 
+    async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
+        """Insert events, skipping event ids already stored; return rows inserted."""
+        if not events:
+            return 0
+        columns = list(zip(*(_usage_args(event) for event in events), strict=True))
+        status = await self._connected.execute(INSERT_USAGE_EVENTS, *columns)
+        return _affected(status)
+
+    async def usage_totals(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> UsageTotals:
+        """Totals of events with since <= ts < until, optionally of one project/token."""
+        args = _usage_where(since, until, project_id, token_id)
+        if args is None:
+            return UsageTotals()
+        row = await self._connected.fetchrow(USAGE_TOTALS, *args)
+        return _usage_totals(tuple(row))
+
+    async def usage_by_day(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals per UTC day that has events, oldest first."""
+        args = _usage_where(since, until, project_id, token_id)
+        if args is None:
+            return []
+        return _usage_rows(await self._connected.fetch(USAGE_BY_DAY, *args))
+
+    async def usage_by_project(
+        self, *, since: datetime, until: datetime, limit: int = 50
+    ) -> list[UsageRow]:
+        """Totals per project id, busiest first."""
+        args = (since, until, None, None, limit)
+        return _usage_rows(await self._connected.fetch(USAGE_BY_PROJECT, *args))
+
+    async def usage_by_token(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        limit: int = 50,
+    ) -> list[UsageRow]:
+        """Totals per token id, busiest first, optionally of one project."""
+        args = _usage_where(since, until, project_id, None)
+        if args is None:
+            return []
+        return _usage_rows(await self._connected.fetch(USAGE_BY_TOKEN, *args, limit))
+
+    async def recent_usage_events(
+        self, limit: int, *, errors_only: bool = False
+    ) -> list[UsageEvent]:
+        """The newest events (only status >= 400 when `errors_only`)."""
+        rows = await self._connected.fetch(RECENT_USAGE_EVENTS, errors_only, limit)
+        return [_usage_event(row) for row in rows]
+
     @property
     def _connected(self) -> Any:  # asyncpg ships no type information
         if self._pool is None:
@@ -478,4 +589,68 @@ def _token(row: Any) -> Token:
         rate_limit_per_hour=row["rate_limit_per_hour"],
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
+    )
+
+
+def _optional_uuid(text: str | None) -> uuid.UUID | None:
+    return None if text is None else _uuid(text)
+
+
+def _usage_args(event: UsageEvent) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.ts,
+        _optional_uuid(event.project_id),
+        _optional_uuid(event.token_id),
+        event.endpoint,
+        event.method,
+        event.model,
+        event.status_code,
+        event.duration_ms,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.total_tokens,
+        event.usage_source,
+    )
+
+
+def _usage_where(
+    since: datetime, until: datetime, project_id: str | None, token_id: str | None
+) -> tuple[Any, ...] | None:
+    """Arguments for USAGE_WHERE; None when an id cannot match anything."""
+    project_key, token_key = _optional_uuid(project_id), _optional_uuid(token_id)
+    if (project_key is None) != (project_id is None):
+        return None
+    if (token_key is None) != (token_id is None):
+        return None
+    return (since, until, project_key, token_key)
+
+
+def _usage_totals(sums: Sequence[Any]) -> UsageTotals:
+    return UsageTotals(*(int(value) for value in sums))
+
+
+def _usage_rows(rows: Sequence[Any]) -> list[UsageRow]:
+    return [UsageRow(str(row[0]), _usage_totals(tuple(row)[1:])) for row in rows]
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _usage_event(row: Any) -> UsageEvent:
+    return UsageEvent(
+        event_id=row["event_id"],
+        ts=row["ts"],
+        project_id=_optional_text(row["project_id"]),
+        token_id=_optional_text(row["token_id"]),
+        endpoint=row["endpoint"],
+        method=row["method"],
+        model=row["model"],
+        status_code=row["status_code"],
+        duration_ms=row["duration_ms"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+        usage_source=row["usage_source"],
     )

@@ -31,6 +31,9 @@ from .base import (
     Token,
     TokenFilter,
     TokenUsage,
+    UsageEvent,
+    UsageRow,
+    UsageTotals,
 )
 from .migrations import Migration, load_migrations
 
@@ -135,6 +138,43 @@ RECORD_TOKEN_USAGE: Final = (
 SELECT_LIVE_TOKENS: Final = (
     f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE is_active = 1 AND expires_at > ?"
     " ORDER BY created_at, id"
+)
+
+USAGE_COLUMNS: Final = (
+    "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
+    " duration_ms, prompt_tokens, completion_tokens, total_tokens, usage_source"
+)
+INSERT_USAGE_EVENT: Final = (
+    f"INSERT INTO usage_events ({USAGE_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+# ?1 since, ?2 until, ?3 project id or NULL, ?4 token id or NULL.
+USAGE_WHERE: Final = (
+    "ts >= ?1 AND ts < ?2 AND (?3 IS NULL OR project_id = ?3)"
+    " AND (?4 IS NULL OR token_id = ?4)"
+)
+USAGE_SUMS: Final = (
+    "count(*), coalesce(sum(status_code >= 400), 0), coalesce(sum(prompt_tokens), 0),"
+    " coalesce(sum(completion_tokens), 0), coalesce(sum(total_tokens), 0)"
+)
+USAGE_TOTALS: Final = f"SELECT {USAGE_SUMS} FROM usage_events WHERE {USAGE_WHERE}"
+USAGE_BY_DAY: Final = (
+    f"SELECT substr(ts, 1, 10) AS day, {USAGE_SUMS} FROM usage_events"
+    f" WHERE {USAGE_WHERE} GROUP BY day ORDER BY day"
+)
+USAGE_BY_PROJECT: Final = (
+    f"SELECT project_id, {USAGE_SUMS} FROM usage_events"
+    f" WHERE {USAGE_WHERE} AND project_id IS NOT NULL"
+    " GROUP BY project_id ORDER BY count(*) DESC, project_id LIMIT ?5"
+)
+USAGE_BY_TOKEN: Final = (
+    f"SELECT token_id, {USAGE_SUMS} FROM usage_events"
+    f" WHERE {USAGE_WHERE} AND token_id IS NOT NULL"
+    " GROUP BY token_id ORDER BY count(*) DESC, token_id LIMIT ?5"
+)
+RECENT_USAGE_EVENTS: Final = (
+    f"SELECT {USAGE_COLUMNS} FROM usage_events WHERE (?1 = 0 OR status_code >= 400)"
+    " ORDER BY ts DESC, event_id LIMIT ?2"
 )
 
 Params = Sequence[Any]
@@ -299,6 +339,67 @@ class SqliteRepository:
         """Every project, for the auth snapshot."""
         return [_project(row) for row in await self._fetch_all(SELECT_ALL_PROJECTS)]
 
+    async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
+        """Insert events, skipping event ids already stored; return rows inserted."""
+        if not events:
+            return 0
+        params = [_usage_params(event) for event in events]
+        async with self._transaction():
+            cursor = await self._connection.executemany(INSERT_USAGE_EVENT, params)
+            return cursor.rowcount
+
+    async def usage_totals(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> UsageTotals:
+        """Totals of events with since <= ts < until, optionally of one project/token."""
+        params = _usage_where(since, until, project_id, token_id)
+        row = await self._fetch_one(USAGE_TOTALS, params)
+        assert row is not None  # an aggregate always returns one row
+        return _usage_totals(tuple(row))
+
+    async def usage_by_day(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        token_id: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals per UTC day that has events, oldest first."""
+        params = _usage_where(since, until, project_id, token_id)
+        return _usage_rows(await self._fetch_all(USAGE_BY_DAY, params))
+
+    async def usage_by_project(
+        self, *, since: datetime, until: datetime, limit: int = 50
+    ) -> list[UsageRow]:
+        """Totals per project id, busiest first."""
+        params = (*_usage_where(since, until, None, None), limit)
+        return _usage_rows(await self._fetch_all(USAGE_BY_PROJECT, params))
+
+    async def usage_by_token(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        project_id: str | None = None,
+        limit: int = 50,
+    ) -> list[UsageRow]:
+        """Totals per token id, busiest first, optionally of one project."""
+        params = (*_usage_where(since, until, project_id, None), limit)
+        return _usage_rows(await self._fetch_all(USAGE_BY_TOKEN, params))
+
+    async def recent_usage_events(
+        self, limit: int, *, errors_only: bool = False
+    ) -> list[UsageEvent]:
+        """The newest events (only status >= 400 when `errors_only`)."""
+        rows = await self._fetch_all(RECENT_USAGE_EVENTS, (errors_only, limit))
+        return [_usage_event(row) for row in rows]
+
     @property
     def _connection(self) -> aiosqlite.Connection:
         if self._conn is None:
@@ -462,4 +563,54 @@ def _token(row: sqlite3.Row) -> Token:
         rate_limit_per_hour=row["rate_limit_per_hour"],
         created_at=_from_text(row["created_at"]),
         last_used_at=_optional_time(row["last_used_at"]),
+    )
+
+
+def _usage_params(event: UsageEvent) -> Params:
+    return (
+        event.event_id,
+        _to_text(event.ts),
+        event.project_id,
+        event.token_id,
+        event.endpoint,
+        event.method,
+        event.model,
+        event.status_code,
+        event.duration_ms,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.total_tokens,
+        event.usage_source,
+    )
+
+
+def _usage_where(
+    since: datetime, until: datetime, project_id: str | None, token_id: str | None
+) -> Params:
+    return (_to_text(since), _to_text(until), project_id, token_id)
+
+
+def _usage_totals(sums: Sequence[Any]) -> UsageTotals:
+    return UsageTotals(*(int(value) for value in sums))
+
+
+def _usage_rows(rows: Iterable[sqlite3.Row]) -> list[UsageRow]:
+    return [UsageRow(str(row[0]), _usage_totals(tuple(row)[1:])) for row in rows]
+
+
+def _usage_event(row: sqlite3.Row) -> UsageEvent:
+    return UsageEvent(
+        event_id=row["event_id"],
+        ts=_from_text(row["ts"]),
+        project_id=row["project_id"],
+        token_id=row["token_id"],
+        endpoint=row["endpoint"],
+        method=row["method"],
+        model=row["model"],
+        status_code=row["status_code"],
+        duration_ms=row["duration_ms"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+        usage_source=row["usage_source"],
     )

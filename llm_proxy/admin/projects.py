@@ -1,0 +1,177 @@
+"""Project pages: list and search, create, detail, edit, key rotation, activation,
+bulk token revocation and deletion. Writes go through `ManagementService`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..repository import Project, TokenFilter
+from ..services import ServiceError
+from .forms import PAGE_SIZE, Pager, page_number, text
+from .pages import bars
+from .render import render, repository, service, state
+
+USAGE_DAYS: Final = 7
+
+
+def project_url(project_id: str) -> str:
+    """The detail page of a project."""
+    return f"/admin/projects/{project_id}"
+
+
+async def projects_page(request: web.Request) -> web.Response:
+    """The project list, with name search and pagination."""
+    search = request.query.get("q", "").strip()
+    page = page_number(request.query)
+    found = await service(request).list_projects(
+        limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, search=search or None
+    )
+    context = {"projects": found.items, "pager": Pager(page, found.total), "q": search}
+    return render(request, "projects.html", context)
+
+
+async def new_project_page(request: web.Request) -> web.Response:
+    """The empty create-project form."""
+    return render(request, "project_new.html", {"form": {}, "error": None})
+
+
+async def create_project_action(request: web.Request) -> web.Response:
+    """Create a project from the form; the form again with the error if refused."""
+    form = await request.post()
+    fields = {"name": text(form, "name"), "description": text(form, "description")}
+    try:
+        project = await service(request).create_project(
+            name=fields["name"],
+            description=fields["description"],
+            api_key=text(form, "openai_api_key"),
+        )
+    except ServiceError as exc:
+        context = {"form": fields, "error": exc}
+        return render(request, "project_new.html", context, status=exc.status)
+    raise web.HTTPSeeOther(project_url(project.id))
+
+
+async def project_page(request: web.Request) -> web.Response:
+    """One project: its settings, actions, tokens and usage."""
+    project = await service(request).get_project(request.match_info["project_id"])
+    return render(request, "project.html", await _detail_context(request, project))
+
+
+async def _detail_context(
+    request: web.Request, project: Project, error: ServiceError | None = None
+) -> dict[str, Any]:
+    now = state(request).now()
+    tokens = await service(request).list_tokens(
+        TokenFilter(project_id=project.id), limit=PAGE_SIZE, offset=0
+    )
+    since = now - timedelta(days=USAGE_DAYS)
+    usage = repository(request)
+    days = await usage.usage_by_day(since=since, until=now, project_id=project.id)
+    return {
+        "project": project,
+        "tokens": tokens,
+        "totals": await usage.usage_totals(
+            since=since, until=now, project_id=project.id
+        ),
+        "days": bars(days),
+        "usage_days": USAGE_DAYS,
+        "error": error,
+    }
+
+
+async def _update(request: web.Request, **changes: Any) -> web.Response:
+    """Apply changes; back to the detail page, showing the error if refused."""
+    project_id = request.match_info["project_id"]
+    try:
+        await service(request).update_project(project_id, **changes)
+    except ServiceError as exc:
+        if exc.status == 404:
+            raise
+        project = await service(request).get_project(project_id)
+        context = await _detail_context(request, project, exc)
+        return render(request, "project.html", context, status=exc.status)
+    raise web.HTTPSeeOther(project_url(project_id))
+
+
+async def edit_project_action(request: web.Request) -> web.Response:
+    """Change the name and description."""
+    form = await request.post()
+    return await _update(
+        request, name=text(form, "name"), description=text(form, "description")
+    )
+
+
+async def rotate_key_action(request: web.Request) -> web.Response:
+    """Replace the upstream key (applies to the next proxied request)."""
+    form = await request.post()
+    return await _update(request, api_key=text(form, "openai_api_key"))
+
+
+async def activation_action(request: web.Request) -> web.Response:
+    """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
+    form = await request.post()
+    return await _update(request, is_active=text(form, "is_active") == "1")
+
+
+async def confirm_delete_page(request: web.Request) -> web.Response:
+    """Ask before deleting a project and all of its tokens."""
+    project = await service(request).get_project(request.match_info["project_id"])
+    return render(request, "confirm.html", _confirm_delete(project))
+
+
+def _confirm_delete(project: Project) -> dict[str, Any]:
+    return {
+        "title": f"Delete project {project.name}?",
+        "message": "The project and all of its tokens are deleted; its tokens stop "
+        "working at once. Usage history is kept. This cannot be undone.",
+        "action": f"{project_url(project.id)}/delete",
+        "button": "Delete project",
+        "cancel": project_url(project.id),
+    }
+
+
+async def delete_project_action(request: web.Request) -> web.Response:
+    """Delete the project, then back to the list."""
+    await service(request).delete_project(request.match_info["project_id"])
+    raise web.HTTPSeeOther("/admin/projects")
+
+
+async def confirm_revoke_all_page(request: web.Request) -> web.Response:
+    """Ask before revoking every token of a project."""
+    project = await service(request).get_project(request.match_info["project_id"])
+    context = {
+        "title": f"Revoke all tokens of {project.name}?",
+        "message": "Every token of this project stops working at once. The project "
+        "stays; new tokens can be generated afterwards.",
+        "action": f"{project_url(project.id)}/revoke-tokens",
+        "button": "Revoke all tokens",
+        "cancel": project_url(project.id),
+    }
+    return render(request, "confirm.html", context)
+
+
+async def revoke_all_action(request: web.Request) -> web.Response:
+    """Revoke every token of the project, then back to it."""
+    project_id = request.match_info["project_id"]
+    await service(request).revoke_project_tokens(project_id)
+    raise web.HTTPSeeOther(project_url(project_id))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the project pages."""
+    router = app.router
+    router.add_get("/projects", projects_page)
+    router.add_post("/projects", create_project_action)
+    router.add_get("/projects/new", new_project_page)
+    router.add_get("/projects/{project_id}", project_page)
+    router.add_post("/projects/{project_id}", edit_project_action)
+    router.add_post("/projects/{project_id}/key", rotate_key_action)
+    router.add_post("/projects/{project_id}/active", activation_action)
+    router.add_get("/projects/{project_id}/delete", confirm_delete_page)
+    router.add_post("/projects/{project_id}/delete", delete_project_action)
+    router.add_get("/projects/{project_id}/revoke-tokens", confirm_revoke_all_page)
+    router.add_post("/projects/{project_id}/revoke-tokens", revoke_all_action)

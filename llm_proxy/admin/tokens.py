@@ -1,0 +1,160 @@
+"""Token pages: list with filters, generate (the one-time value page), detail and
+revoke. Writes go through `ManagementService`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..repository import Project, TokenFilter
+from ..services import ServiceError
+from .forms import PAGE_SIZE, Pager, optional_int, page_number, required_int, text
+from .render import proxy_base_url, render, repository, service, state
+
+STATUS_FILTERS: Final[dict[str, bool | None]] = {
+    "": None,
+    "active": True,
+    "inactive": False,
+}
+DURATIONS: Final = (
+    (15, "15 minutes"),
+    (60, "1 hour"),
+    (240, "4 hours"),
+    (1440, "1 day"),
+    (10080, "7 days"),
+    (43200, "30 days"),
+)
+DEFAULT_DURATION: Final = 60
+ALL_PROJECTS: Final = 1000
+USAGE_DAYS: Final = 7
+
+
+def token_url(token_id: str) -> str:
+    """The detail page of a token."""
+    return f"/admin/tokens/{token_id}"
+
+
+async def _projects(request: web.Request) -> list[Project]:
+    found = await service(request).list_projects(limit=ALL_PROJECTS, offset=0)
+    return found.items
+
+
+async def tokens_page(request: web.Request) -> web.Response:
+    """The token list, filtered by project and status, newest first."""
+    project_id = request.query.get("project_id", "")
+    status = request.query.get("status", "")
+    status = status if status in STATUS_FILTERS else ""
+    page = page_number(request.query)
+    token_filter = TokenFilter(project_id or None, STATUS_FILTERS[status])
+    found = await service(request).list_tokens(
+        token_filter, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
+    )
+    projects = await _projects(request)
+    context = {
+        "tokens": found.items,
+        "pager": Pager(page, found.total),
+        "projects": projects,
+        "names": {project.id: project.name for project in projects},
+        "project_id": project_id,
+        "status": status,
+        "params": {"project_id": project_id, "status": status},
+    }
+    return render(request, "tokens.html", context)
+
+
+async def new_token_page(request: web.Request) -> web.Response:
+    """The generate-token form (a project may be preselected)."""
+    form = {"project_id": request.query.get("project_id", "")}
+    return render(request, "token_new.html", await _form_context(request, form))
+
+
+async def _form_context(
+    request: web.Request, form: dict[str, str], error: ServiceError | None = None
+) -> dict[str, Any]:
+    projects = [p for p in await _projects(request) if p.is_active]
+    form.setdefault("duration_minutes", str(DEFAULT_DURATION))
+    return {"projects": projects, "durations": DURATIONS, "form": form, "error": error}
+
+
+async def create_token_action(request: web.Request) -> web.Response:
+    """Generate a token and show its value once (never cached, never stored)."""
+    form = await request.post()
+    fields = {
+        name: text(form, name)
+        for name in (
+            "project_id",
+            "duration_minutes",
+            "max_requests",
+            "rate_limit_per_hour",
+        )
+    }
+    try:
+        created = await service(request).create_token(
+            project_id=fields["project_id"],
+            duration_minutes=required_int(form, "duration_minutes"),
+            max_requests=optional_int(form, "max_requests"),
+            rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
+        )
+    except ServiceError as exc:
+        context = await _form_context(request, fields, exc)
+        return render(request, "token_new.html", context, status=exc.status)
+    project = await service(request).get_project(created.token.project_id)
+    context = {
+        "token": created.token,
+        "value": created.value,
+        "project": project,
+        "base_url": proxy_base_url(request),
+    }
+    return render(request, "token_created.html", context)
+
+
+async def token_page(request: web.Request) -> web.Response:
+    """One token: limits, use, expiry and its recent usage."""
+    token = await service(request).get_token(request.match_info["token_id"])
+    project = await service(request).get_project(token.project_id)
+    now = state(request).now()
+    totals = await repository(request).usage_totals(
+        since=now - timedelta(days=USAGE_DAYS), until=now, token_id=token.id
+    )
+    context = {
+        "token": token,
+        "project": project,
+        "totals": totals,
+        "usage_days": USAGE_DAYS,
+    }
+    return render(request, "token.html", context)
+
+
+async def confirm_revoke_page(request: web.Request) -> web.Response:
+    """Ask before revoking a token."""
+    token = await service(request).get_token(request.match_info["token_id"])
+    context = {
+        "title": f"Revoke token …{token.token_hint}?",
+        "message": "The token stops working at once, for every client using it. "
+        "This cannot be undone.",
+        "action": f"{token_url(token.id)}/revoke",
+        "button": "Revoke token",
+        "cancel": token_url(token.id),
+    }
+    return render(request, "confirm.html", context)
+
+
+async def revoke_token_action(request: web.Request) -> web.Response:
+    """Revoke the token, then back to its page."""
+    token = await service(request).get_token(request.match_info["token_id"])
+    await service(request).revoke_token(token.id)
+    raise web.HTTPSeeOther(token_url(token.id))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the token pages."""
+    router = app.router
+    router.add_get("/tokens", tokens_page)
+    router.add_post("/tokens", create_token_action)
+    router.add_get("/tokens/new", new_token_page)
+    router.add_get("/tokens/{token_id}", token_page)
+    router.add_get("/tokens/{token_id}/revoke", confirm_revoke_page)
+    router.add_post("/tokens/{token_id}/revoke", revoke_token_action)
