@@ -1,11 +1,26 @@
-"""Running the app: uvloop, one start log line without secrets, graceful shutdown."""
+"""Running the app and its process: uvloop, graceful shutdown, PID files, daemonising.
+
+The app itself is built by `app.py`; this module owns how a process runs it: the start
+log line (no secrets), the PID file, re-spawning detached for `serve -d`, stopping by
+SIGTERM, waiting for `/health`, and the hidden fake-upstream runner used by `bench`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
-from typing import Any
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
 
+import aiohttp
 from aiohttp import web
 
 from . import __version__
@@ -13,6 +28,15 @@ from .app import create_app
 from .config import Settings
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PID_FILE: Final = Path("llm-proxy.pid")
+DEFAULT_LOG_FILE: Final = Path("llm-proxy.log")
+POLL_INTERVAL_S: Final = 0.05
+WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+class PidFileError(Exception):
+    """The PID file names a live process, or cannot be read or written."""
 
 
 def start_summary(settings: Settings) -> dict[str, Any]:
@@ -39,21 +63,188 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish."""
+def serve(settings: Settings, pid_file: Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish.
+
+    With `pid_file`, this process's PID is written there once it listens and the file
+    is removed on exit (only if it still names this process).
+    """
     app = create_app(settings)
 
     async def announce(_: web.Application) -> None:
+        if pid_file is not None:
+            write_pid_file(pid_file, os.getpid())
         log.info("llm-proxy started", extra=start_summary(settings))
 
     app.on_startup.append(announce)
+    try:
+        web.run_app(
+            app,
+            host=settings.listen_host,
+            port=settings.listen_port,
+            shutdown_timeout=settings.shutdown_grace_s,
+            access_log=None,
+            print=None,
+            loop=new_event_loop(),
+        )
+    finally:
+        if pid_file is not None:
+            remove_pid_file(pid_file, os.getpid())
+    log.info("llm-proxy stopped")
+
+
+def base_url_for(host: str, port: int) -> str:
+    """The URL a local client uses to reach a server listening on `host:port`."""
+    host = WILDCARD_HOSTS.get(host, host)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+# -- PID files and processes ---------------------------------------------------------
+
+
+def read_pid_file(path: Path) -> int | None:
+    """The PID written in `path`, or None when the file is missing or not a PID."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` names a running process (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - only when not running as root
+        return True  # alive, owned by someone else
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:  # pragma: no cover - no procfs (macOS): trust kill(0)
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def running_pid(path: Path) -> int | None:
+    """The PID in `path` when that process is alive, else None."""
+    pid = read_pid_file(path)
+    return pid if pid is not None and process_alive(pid) else None
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Write `pid`, refusing when the file already names another live process."""
+    current = running_pid(path)
+    if current is not None and current != pid:
+        raise PidFileError(f"{path} names running process {current}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{pid}\n", encoding="ascii")
+
+
+def remove_pid_file(path: Path, pid: int | None = None) -> None:
+    """Remove `path`; with `pid`, only when the file still names that process."""
+    if pid is not None and read_pid_file(path) != pid:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def stop_process(
+    pid: int,
+    timeout_s: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Send SIGTERM and wait up to `timeout_s` for the exit; True once it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = clock() + timeout_s
+    while process_alive(pid):
+        if clock() >= deadline:
+            return False
+        sleep(POLL_INTERVAL_S)
+    return True
+
+
+def spawn_detached(
+    argv: Sequence[str], log_file: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:  # pragma: no cover - exercised by real-process tests
+    """Start `argv` in a new session, stdin closed, stdout and stderr to `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+        )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host` (for child servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def fetch_health(
+    base_url: str, path: str = "/health", timeout_s: float = 2.0
+) -> tuple[int, Any]:
+    """GET `base_url + path`: (status, decoded JSON or text)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(base_url.rstrip("/") + path) as response,
+    ):
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+async def wait_until_healthy(
+    base_url: str, timeout_s: float, still_starting: Callable[[], bool]
+) -> bool:
+    """Poll `/health` until it answers 200 (True), or the time is up or the process
+    gave up (`still_starting()` returns False) (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and still_starting():
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            status, _ = await fetch_health(base_url, timeout_s=1.0)
+            if status == 200:
+                return True
+        await asyncio.sleep(POLL_INTERVAL_S)
+    return False
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file (for a start that failed)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"({path}: {os.strerror(exc.errno or errno.EIO)})"
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run_fake_upstream(
+    host: str, port: int, chunk_delay_s: float = 0.0
+) -> None:  # pragma: no cover - runs only as `bench --mock`'s child process
+    """Serve the fake OpenAI upstream until SIGTERM (for `bench --mock`)."""
+    from .fake_upstream import create_fake_upstream
+
     web.run_app(
-        app,
-        host=settings.listen_host,
-        port=settings.listen_port,
-        shutdown_timeout=settings.shutdown_grace_s,
+        create_fake_upstream(chunk_delay_s=chunk_delay_s, record=False),
+        host=host,
+        port=port,
         access_log=None,
         print=None,
+        handler_cancellation=True,
         loop=new_event_loop(),
     )
-    log.info("llm-proxy stopped")

@@ -1,0 +1,445 @@
+"""`llm-proxy bench`: a load generator that treats the proxy as a black box.
+
+One pooled `ClientSession` (connector limit = concurrency) drives `concurrency` workers;
+every time is `perf_counter_ns` taken on this client only. Headers, URL and body bytes
+are built once. With `compare_url`, requests alternate between the two base URLs so both
+see the same load at the same moment, and the report gives the added latency.
+
+`--mock` runs the fake upstream and the proxy as *child processes* on loopback ports
+(`python -m llm_proxy fake-upstream` and `python -m llm_proxy serve`, a throw-away SQLite
+database, a generated management token) and mints a token through the management API.
+Running them in this process would share one event loop (and one core) with the load
+generator, so the client's own work would be counted as proxy latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .bench_report import BenchReport, Samples, added_latency, target_report
+from .manage_client import ManageClient
+from .server import free_port, tail, wait_until_healthy
+
+DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
+DEFAULT_MODEL: Final = "gpt-4o-mini"
+CHILD_START_TIMEOUT_S: Final = 20.0
+CHILD_STOP_TIMEOUT_S: Final = 10.0
+PROGRESS_INTERVAL_S: Final = 0.25
+# Every variable `Settings` reads: a mock proxy must not inherit the caller's setup.
+PROXY_ENV_NAMES: Final = frozenset(
+    {
+        "ADMIN_PASSWORD",
+        "ADMIN_USER",
+        "API_CONFIG_PATH",
+        "BREAKER_COOLDOWN",
+        "BREAKER_FAILURE_THRESHOLD",
+        "DATABASE_POOL_SIZE",
+        "DATABASE_URL",
+        "DEFAULT_RATE_LIMIT_PER_HOUR",
+        "ENCRYPTION_KEY",
+        "FILE_EVENT_LOG",
+        "FORWARD_CLIENT_IP",
+        "LISTEN_ADDR",
+        "LLM_PROXY_EVENT_BUS",
+        "LOG_FORMAT",
+        "LOG_LEVEL",
+        "MANAGEMENT_TOKEN",
+        "MAX_REQUEST_BYTES",
+        "METRICS_TOKEN",
+        "OPENAI_API_URL",
+        "REDIS_URL",
+        "SHUTDOWN_GRACE_PERIOD",
+        "TOKEN_REFRESH_INTERVAL",
+        "UPSTREAM_CONNECT_TIMEOUT",
+        "UPSTREAM_MAX_CONNECTIONS",
+        "UPSTREAM_READ_TIMEOUT",
+        "UPSTREAM_RETRIES",
+        "USAGE_FLUSH_INTERVAL",
+    }
+)
+
+Progress = Callable[[int, int | None, float], None]
+
+
+class BenchError(Exception):
+    """The bench could not run (a child did not start, bad options)."""
+
+
+def default_body(stream: bool, model: str = DEFAULT_MODEL) -> bytes:
+    """A minimal chat completion request."""
+    stream_part = ', "stream": true' if stream else ""
+    return (
+        f'{{"model": "{model}", "messages": [{{"role": "user", '
+        f'"content": "Say hello."}}]{stream_part}}}'
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """The load to generate. `requests` is per target; `duration_s` replaces it."""
+
+    base_url: str
+    endpoint: str = DEFAULT_ENDPOINT
+    token: str | None = None
+    method: str = "POST"
+    body: bytes | None = None
+    requests: int = 1000
+    concurrency: int = 10
+    duration_s: float | None = None
+    stream: bool = False
+    warmup: int = 0
+    timeout_s: float = 30.0
+    compare_url: str | None = None
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.concurrency < 1 or self.warmup < 0:
+            raise BenchError("--requests and --concurrency must be >= 1, --warmup >= 0")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise BenchError("--duration must be > 0 seconds")
+
+
+@dataclass(slots=True)
+class _Target:
+    base_url: str
+    url: URL
+    samples: Samples = field(default_factory=Samples)
+
+
+class LoadRun:
+    """The shared state of one measured phase (no locks: one event loop)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        options: BenchOptions,
+        targets: list[_Target],
+        *,
+        total: int | None,
+        deadline_ns: int | None,
+    ) -> None:
+        self._session = session
+        self._method = options.method
+        self._stream = options.stream
+        self._body = options.body
+        self._headers = _headers(options)
+        self._targets = targets
+        self._total = total
+        self._deadline_ns = deadline_ns
+        self.issued = 0
+        self.done = 0
+
+    async def run(self, concurrency: int) -> None:
+        """Run `concurrency` workers until the count or the deadline is reached."""
+        async with asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(self._worker())
+
+    async def _worker(self) -> None:
+        targets = self._targets
+        count = len(targets)
+        clock = time.perf_counter_ns
+        while True:
+            index = self.issued
+            if self._total is not None and index >= self._total:
+                return
+            if self._deadline_ns is not None and clock() >= self._deadline_ns:
+                return
+            self.issued = index + 1
+            await self.one(targets[index % count])
+            self.done += 1
+
+    async def one(self, target: _Target) -> None:
+        """One request; its outcome goes into the target's samples."""
+        samples = target.samples
+        clock = time.perf_counter_ns
+        first = last = 0
+        started = clock()
+        try:
+            async with self._session.request(
+                self._method, target.url, data=self._body, headers=self._headers
+            ) as response:
+                if self._stream:
+                    gaps = samples.chunk_gaps_ns
+                    async for _ in response.content.iter_any():
+                        now = clock()
+                        if first:
+                            gaps.append(now - last)
+                        else:
+                            first = now
+                        last = now
+                else:
+                    await response.read()
+                ended = clock()
+                status = response.status
+        except aiohttp.ClientConnectorError:
+            samples.errors["connect"] += 1
+            return
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+            samples.errors["disconnected"] += 1
+            return
+        except TimeoutError:
+            samples.errors["timeout"] += 1
+            return
+        except aiohttp.ClientError as exc:
+            samples.errors[type(exc).__name__] += 1
+            return
+        samples.statuses[status] += 1
+        if 200 <= status < 300:
+            samples.ok += 1
+            samples.latencies_ns.append(ended - started)
+            if first:
+                samples.ttfb_ns.append(first - started)
+        else:
+            samples.failed += 1
+
+
+def _headers(options: BenchOptions) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(options.headers)
+    if options.token:
+        headers["Authorization"] = f"Bearer {options.token}"
+    if options.body is not None and "Content-Type" not in headers:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+def _target(base_url: str, endpoint: str) -> _Target:
+    url = URL(base_url.rstrip("/") + "/" + endpoint.lstrip("/"))
+    if not url.is_absolute():
+        raise BenchError(f"not an absolute URL: {base_url!r}")
+    return _Target(base_url, url)
+
+
+async def run_bench(
+    options: BenchOptions, progress: Progress | None = None
+) -> BenchReport:
+    """Warm up, run the measured phase, and summarise it."""
+    targets = [_target(options.base_url, options.endpoint)]
+    if options.compare_url:
+        targets.append(_target(options.compare_url, options.endpoint))
+    connector = aiohttp.TCPConnector(limit=options.concurrency, ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=options.timeout_s)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+    ) as session:
+        if options.warmup:
+            warm = [_target(t.base_url, options.endpoint) for t in targets]
+            warm_total = options.warmup * len(warm)
+            await LoadRun(
+                session, options, warm, total=warm_total, deadline_ns=None
+            ).run(min(options.concurrency, warm_total))
+        elapsed_s = await _measure(session, options, targets, progress)
+    reports = [
+        target_report(t.base_url, t.samples, elapsed_s, options.stream) for t in targets
+    ]
+    added = None
+    if len(reports) == 2:
+        added = added_latency(reports[0].latency, reports[1].latency)
+    return BenchReport(
+        method=options.method,
+        endpoint=options.endpoint,
+        concurrency=options.concurrency,
+        stream=options.stream,
+        elapsed_s=elapsed_s,
+        targets=reports,
+        added_latency_ms=added,
+    )
+
+
+async def _measure(
+    session: aiohttp.ClientSession,
+    options: BenchOptions,
+    targets: list[_Target],
+    progress: Progress | None,
+) -> float:
+    started = time.perf_counter_ns()
+    total = None if options.duration_s else options.requests * len(targets)
+    deadline = started + int(options.duration_s * 1e9) if options.duration_s else None
+    run = LoadRun(session, options, targets, total=total, deadline_ns=deadline)
+    reporter = None
+    if progress is not None:
+        reporter = asyncio.create_task(_report_progress(run, total, started, progress))
+    try:
+        await run.run(options.concurrency)
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+    elapsed_s = (time.perf_counter_ns() - started) / 1e9
+    if progress is not None:
+        progress(run.done, total, elapsed_s)
+    return elapsed_s
+
+
+async def _report_progress(
+    run: LoadRun, total: int | None, started_ns: int, progress: Progress
+) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL_S)
+        progress(run.done, total, (time.perf_counter_ns() - started_ns) / 1e9)
+
+
+def progress_printer(
+    duration_s: float | None, write: Callable[[str], None]
+) -> Progress:
+    """A one-line live progress bar (for a terminal)."""
+    width = 30
+
+    def show(done: int, total: int | None, elapsed_s: float) -> None:
+        if total:
+            fraction = done / total
+        else:
+            fraction = min(1.0, elapsed_s / duration_s) if duration_s else 0.0
+        filled = int(fraction * width)
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        bar = "#" * filled + "." * (width - filled)
+        count = f"{done}/{total}" if total else f"{done}"
+        write(f"\r[{bar}] {count} {rate:.0f} req/s {elapsed_s:.1f} s")
+
+    return show
+
+
+# -- --mock: the fake upstream and a proxy as child processes ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MockTargets:
+    """Where the mock proxy and fake upstream listen, and a token for the proxy."""
+
+    proxy_url: str
+    upstream_url: str
+    token: str
+
+
+@contextlib.asynccontextmanager
+async def mock_targets() -> AsyncIterator[MockTargets]:
+    """Start the fake upstream and a proxy on loopback; stop both on exit."""
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
+        workdir = Path(tmp)
+        children: list[asyncio.subprocess.Process] = []
+        try:
+            upstream_url = await _start_child(
+                children, workdir, "fake-upstream", ["fake-upstream"], None
+            )
+            management_token = secrets.token_urlsafe(32)
+            proxy_url = await _start_child(
+                children,
+                workdir,
+                "proxy",
+                ["serve"],
+                _proxy_env(workdir, upstream_url, management_token),
+            )
+            token = await _mint_token(proxy_url, management_token)
+            yield MockTargets(proxy_url, upstream_url, token)
+        finally:
+            await _stop_children(children)
+
+
+def _proxy_env(
+    workdir: Path, upstream_url: str, management_token: str
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV_NAMES}
+    env.update(
+        {
+            "MANAGEMENT_TOKEN": management_token,
+            "DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+            "OPENAI_API_URL": upstream_url,
+            "LOG_LEVEL": "warning",
+            "SHUTDOWN_GRACE_PERIOD": "5",
+        }
+    )
+    return env
+
+
+async def _start_child(
+    children: list[asyncio.subprocess.Process],
+    workdir: Path,
+    name: str,
+    command: list[str],
+    env: dict[str, str] | None,
+) -> str:
+    port = free_port()
+    if command[0] == "fake-upstream":
+        args = [*command, "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        args = command
+        env = {**(env or {}), "LISTEN_ADDR": f"127.0.0.1:{port}"}
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "llm_proxy",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+        )
+    children.append(process)
+    url = f"http://127.0.0.1:{port}"
+    if name == "proxy":
+        healthy = await wait_until_healthy(
+            url, CHILD_START_TIMEOUT_S, lambda: process.returncode is None
+        )
+    else:
+        healthy = await _wait_listening(port, process)
+    if not healthy:  # pragma: no cover - a broken installation
+        raise BenchError(f"the mock {name} did not start: {tail(log_path)}")
+    return url
+
+
+async def _wait_listening(port: int, process: asyncio.subprocess.Process) -> bool:
+    """Until `port` accepts a connection; False if the child died or time ran out."""
+    deadline = time.monotonic() + CHILD_START_TIMEOUT_S
+    while time.monotonic() < deadline and process.returncode is None:
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return True
+        await asyncio.sleep(0.05)  # pragma: no cover - a slow child start
+    return False  # pragma: no cover - a child that never listens
+
+
+async def _mint_token(proxy_url: str, management_token: str) -> str:
+    async with ManageClient(proxy_url, management_token) as api:
+        project = await api.create_project(
+            name="bench", api_key="sk-bench-" + secrets.token_hex(16)
+        )
+        token = await api.create_token(
+            project_id=project["project_id"],
+            duration_minutes=24 * 60,
+            rate_limit_per_hour=2**31 - 1,
+        )
+    return str(token["token"])
+
+
+async def _stop_children(children: list[asyncio.subprocess.Process]) -> None:
+    for process in reversed(children):
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), CHILD_STOP_TIMEOUT_S)
+            except TimeoutError:  # pragma: no cover - a child that ignores SIGTERM
+                process.kill()
+                await process.wait()

@@ -1,0 +1,199 @@
+"""Real processes: `serve -d`, `server health|status|stop`, and a newcomer's first run.
+
+Each command runs as its own process in a temporary working directory, the way a
+person types them; nothing is imported into the test's interpreter but the helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llm_proxy.bench import PROXY_ENV_NAMES
+from llm_proxy.chat import delta_content
+from llm_proxy.fake_upstream import load_fixture, split_sse_events
+from llm_proxy.server import free_port, process_alive, read_pid_file
+
+from .support import MANAGEMENT_TOKEN, UPSTREAM_KEY
+
+SCRIPT = Path(sys.executable).with_name("llm-proxy")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "llm_proxy"]
+EXTRA_ENV_NAMES = ("OPENAI_API_KEY", "MANAGE_API_BASE_URL", "LLM_PROXY_TOKEN")
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """The test's environment without any proxy setting, plus `extra`."""
+    drop = PROXY_ENV_NAMES | set(EXTRA_ENV_NAMES)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
+
+
+def cli(
+    cwd: Path, env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def daemon_cleanup(tmp_path: Path) -> Iterator[None]:
+    """Whatever happens, do not leave a daemon behind."""
+    yield
+    pid = read_pid_file(tmp_path / "llm-proxy.pid")
+    if pid is not None and process_alive(pid):
+        os.kill(pid, 9)
+
+
+def test_serve_daemon_health_status_stop_as_real_processes(
+    tmp_path: Path, daemon_cleanup: None
+) -> None:
+    port = free_port()
+    env = clean_environ(
+        MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+        OPENAI_API_URL=f"http://127.0.0.1:{free_port()}",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'data' / 'proxy.db'}",
+        LOG_FORMAT="text",
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    started = cli(tmp_path, env, "serve", "-d", "--listen-addr", f"127.0.0.1:{port}")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "running in the background" in started.stdout
+    pid = read_pid_file(tmp_path / "llm-proxy.pid")
+    assert pid is not None and process_alive(pid)
+
+    again = cli(tmp_path, env, "serve", "-d", "--listen-addr", f"127.0.0.1:{port}")
+    assert again.returncode == 1 and f"already running with PID {pid}" in again.stderr
+
+    health = cli(tmp_path, env, "server", "health", "--url", url)
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.stdout.startswith("health: 200")
+    status = cli(tmp_path, env, "server", "status")
+    assert (status.returncode, status.stdout.strip()) == (0, f"running (PID {pid})")
+
+    stopped = cli(tmp_path, env, "server", "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert stopped.stdout.strip() == f"stopped PID {pid}"
+    assert wait_gone(pid)
+    assert not (tmp_path / "llm-proxy.pid").exists()
+    log = (tmp_path / "llm-proxy.log").read_text()
+    assert "llm-proxy started" in log and "llm-proxy stopped" in log
+
+    assert cli(tmp_path, env, "server", "status").returncode == 3
+    down = cli(tmp_path, env, "server", "health", "--url", url)
+    assert down.returncode == 1 and "is down" in down.stderr
+
+
+def test_serve_daemon_that_cannot_start_reports_its_log(
+    tmp_path: Path, daemon_cleanup: None
+) -> None:
+    env = clean_environ(
+        MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'p.db'}",
+        API_CONFIG_PATH=str(tmp_path / "missing.yaml"),
+    )
+    result = cli(
+        tmp_path, env, "serve", "-d", "--listen-addr", f"127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 1
+    assert "the server exited at start" in result.stderr
+    assert not (tmp_path / "llm-proxy.pid").exists()
+
+
+def test_newcomer_setup_serve_generate_token_and_chat(
+    tmp_path: Path, daemon_cleanup: None
+) -> None:
+    upstream_port, port = free_port(), free_port()
+    fake = subprocess.Popen(
+        [*COMMAND, "fake-upstream", "--port", str(upstream_port)],
+        env=clean_environ(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        env = clean_environ()
+        setup = cli(
+            tmp_path,
+            clean_environ(OPENAI_API_KEY=UPSTREAM_KEY),
+            "setup",
+            "--non-interactive",
+            "--listen-addr",
+            f"127.0.0.1:{port}",
+            "--openai-api-url",
+            f"http://127.0.0.1:{upstream_port}",
+            "--project",
+            "demo",
+        )
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        match = re.search(r"project 'demo' created: (\S+)", setup.stdout)
+        assert match is not None
+        project_id = match.group(1)
+
+        served = cli(tmp_path, env, "serve", "-d")
+        assert served.returncode == 0, served.stdout + served.stderr
+
+        base = f"http://127.0.0.1:{port}"
+        generated = cli(
+            tmp_path,
+            env,
+            "manage",
+            "--manage-api-base-url",
+            base,
+            "token",
+            "generate",
+            "--project-id",
+            project_id,
+            "--duration-minutes",
+            "10",
+        )
+        assert generated.returncode == 0, generated.stdout + generated.stderr
+        token_line = next(
+            ln for ln in generated.stdout.splitlines() if ln.startswith("token ")
+        )
+        token = token_line.split()[-1]
+
+        chat = cli(
+            tmp_path,
+            env,
+            "openai",
+            "chat",
+            "--base-url",
+            base,
+            "--token",
+            token,
+            stdin="Say hello.\n",
+        )
+        assert chat.returncode == 0, chat.stdout + chat.stderr
+        events = split_sse_events(load_fixture("chat_stream_no_usage.sse"))
+        expected = "".join(delta_content(e.strip()) or "" for e in events)
+        assert chat.stdout == expected + "\n"
+
+        stopped = cli(tmp_path, env, "server", "stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    finally:
+        fake.terminate()
+        fake.wait(10)
