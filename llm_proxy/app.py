@@ -8,11 +8,19 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .admin import create_admin_app
 from .allowlist import Allowlist, default_allowlist, load_allowlist
 from .breaker import BreakerState, CircuitBreaker
 from .config import Settings
 from .crypto import KeyCipher, TokenHasher, load_or_create_key_file
+from .dispatchers import (
+    EVENT_BUS_KEY,
+    create_event_bus,
+    dispatchers_ctx,
+    event_bus_ctx,
+)
 from .health import health_handler, live_handler, ready_handler
+from .instrumentation import INSTRUMENTATION_KEY, Instrumentation, instrumentation_ctx
 from .keys import (
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
@@ -23,10 +31,11 @@ from .keys import (
     ReadyCheck,
 )
 from .manage import create_management_app
+from .metrics import METRICS_KEY, Metrics, metrics_handler_for
 from .middlewares import (
     allowlist_middleware,
     circuit_breaker_middleware,
-    exchange_middleware,
+    instrumentation_middleware,
     json_errors_middleware,
     rate_limit_middleware,
     token_auth_middleware,
@@ -78,12 +87,31 @@ def create_app(settings: Settings) -> web.Application:
     )
     breaker = new_breaker(settings)
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
-    app.cleanup_ctx.extend([repository_ctx, token_sync_ctx, upstream_session_ctx])
+    metrics = app[METRICS_KEY] = Metrics()
+    metrics.live.breaker = breaker
+    bus = app[EVENT_BUS_KEY] = create_event_bus(settings)
+    instrumentation = Instrumentation(bus, settings.events, metrics)
+    app[INSTRUMENTATION_KEY] = instrumentation
+    # Teardown runs in reverse: the upstream session closes, the instrumentation
+    # drains into the bus, the bus closes (its subscribers drain), the dispatchers
+    # finish, then the repository closes.
+    app.cleanup_ctx.extend(
+        [
+            repository_ctx,
+            token_sync_ctx,
+            dispatchers_ctx,
+            event_bus_ctx,
+            instrumentation_ctx,
+            upstream_session_ctx,
+        ]
+    )
+    app.router.add_get("/metrics", metrics_handler_for(settings.metrics_token))
     app.router.add_get("/health", health_handler)
     app.router.add_get("/live", live_handler)
     app.router.add_get("/ready", ready_handler)
     app.add_subapp("/manage", create_management_app(settings.management_token))
-    app.add_subapp("/v1", create_proxy_app(settings, store, breaker))
+    app.add_subapp("/v1", create_proxy_app(settings, store, breaker, instrumentation))
+    mount_admin(app, settings)
     return app
 
 
@@ -95,12 +123,15 @@ def load_endpoint_allowlist(settings: Settings) -> Allowlist:
 
 
 def create_proxy_app(
-    settings: Settings, store: TokenStore, breaker: CircuitBreaker
+    settings: Settings,
+    store: TokenStore,
+    breaker: CircuitBreaker,
+    instrumentation: Instrumentation,
 ) -> web.Application:
     """The `/v1` sub-app: every path goes through the proxy chain to the upstream."""
     proxy_app = web.Application(
         middlewares=[
-            exchange_middleware(),
+            instrumentation_middleware(instrumentation),
             allowlist_middleware(load_endpoint_allowlist(settings)),
             token_auth_middleware(store),
             rate_limit_middleware(GcraLimiter(), settings.default_rate_limit_per_hour),
@@ -153,3 +184,11 @@ async def token_sync_ctx(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
+
+
+def mount_admin(app: web.Application, settings: Settings) -> None:
+    """The admin pages under /admin/, only when ADMIN_USER and ADMIN_PASSWORD are set."""
+    if settings.admin_enabled:
+        app.add_subapp("/admin", create_admin_app(settings))
+    else:
+        log.info("admin pages off: set ADMIN_USER and ADMIN_PASSWORD to enable them")

@@ -1048,5 +1048,64 @@ def fake_upstream(host: str, port: int, chunk_delay: float) -> None:
     run_fake_upstream(host, port, chunk_delay)  # pragma: no cover - child process
 
 
-# `dispatcher` (the event dispatcher of the observability issue) is registered here,
-# e.g. `main.add_command(dispatcher_command, "dispatcher")`, by that issue.
+# -- event dispatcher ---------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--service",
+    type=click.Choice(["file", "helicone", "lunary", "http"]),
+    required=True,
+    help="Where to deliver events.",
+)
+@click.option(
+    "--endpoint",
+    help="file: the JSONL path; http: the URL (LOGGING_URL); helicone/lunary: "
+    "override the API base URL.",
+)
+@click.option(
+    "--api-key",
+    envvar="DISPATCHER_API_KEY",
+    show_envvar=True,
+    help="Backend credential; prefer the DISPATCHER_API_KEY variable.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Events per batch.")
+@click.option(
+    "--flush-interval",
+    type=click.FloatRange(min=0.01),
+    help="Seconds before a partial batch is sent.",
+)
+@click.option(
+    "--consumer-name",
+    help="Stable name in the Redis consumer group (default: host-pid); a restarted "
+    "dispatcher with the same name resumes its unacknowledged batch at once.",
+)
+def dispatcher(
+    service: str,
+    endpoint: str | None,
+    api_key: str | None,
+    batch_size: int | None,
+    flush_interval: float | None,
+    consumer_name: str | None,
+) -> None:
+    """Deliver events from the Redis bus to one backend until SIGTERM (then drain).
+
+    Each service reads its own consumer group, so several services fan out and several
+    processes of one service share the load. Needs LLM_PROXY_EVENT_BUS=redis on the
+    proxy and REDIS_URL on both.
+    """
+    from .dispatchers import run_dispatcher
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    run(
+        run_dispatcher(
+            settings,
+            service,
+            endpoint=endpoint,
+            api_key=api_key,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval,
+            consumer_name=consumer_name,
+        )
+    )

@@ -50,6 +50,36 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EventSettings:
+    """The event bus buffers, usage capture bounds and optional body logging."""
+
+    buffer_size: int = 10_000
+    batch_size: int = 100
+    flush_interval_s: float = 1.0
+    spool_path: Path = Path("./data/event-spool.jsonl")
+    log_max_bytes: int = 100 * 1024 * 1024
+    log_backups: int = 5
+    log_bodies: bool = False
+    log_body_max_bytes: int = 64 * 1024
+    stream_capture_max_bytes: int = 256 * 1024
+    stream_key: str = "llm-proxy:events"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherSettings:
+    """Delivery to logging backends: retries, timeouts, dead letters, credentials."""
+
+    max_retries: int = 5
+    retry_base_s: float = 0.5
+    retry_max_s: float = 30.0
+    timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0
+    dead_letter_dir: Path = Path("./data")
+    endpoint: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of one proxy process. Build with `Settings.from_env`."""
 
@@ -78,6 +108,8 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     file_event_log: Path | None = None
     db_pool_max_size: int = 10
+    events: EventSettings = field(default_factory=EventSettings)
+    dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
 
     @property
     def is_postgres(self) -> bool:
@@ -208,9 +240,7 @@ def _parse(env: _Env) -> Settings:
         event_bus=env.choice("LLM_PROXY_EVENT_BUS", "memory", EVENT_BUSES).replace(
             "in-memory", "memory"
         ),
-        log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS).replace(
-            "warn", "warning"
-        ),
+        log_level=_log_level(env.choice("LOG_LEVEL", "info", LOG_LEVELS)),
         log_format=env.choice("LOG_FORMAT", "json", LOG_FORMATS),
         max_request_bytes=env.integer("MAX_REQUEST_BYTES", 50 * 1024 * 1024, minimum=1),
         default_rate_limit_per_hour=env.integer(
@@ -223,6 +253,8 @@ def _parse(env: _Env) -> Settings:
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=_optional_path(env.text("FILE_EVENT_LOG")),
         db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
+        events=_events(env),
+        dispatcher=_dispatcher(env),
     )
     _check_cross_field(settings)
     return settings
@@ -246,6 +278,45 @@ def _check_cross_field(settings: Settings) -> None:
         )
     if settings.event_bus == "redis" and not settings.redis_url:
         raise ConfigError("REDIS_URL is required when LLM_PROXY_EVENT_BUS=redis")
+
+
+def _events(env: _Env) -> EventSettings:
+    return EventSettings(
+        buffer_size=env.integer("EVENT_BUFFER_SIZE", 10_000, minimum=1),
+        batch_size=env.integer("EVENT_BATCH_SIZE", 100, minimum=1),
+        flush_interval_s=env.seconds("EVENT_FLUSH_INTERVAL", 1.0),
+        spool_path=Path(env.text("EVENT_SPOOL_PATH", "./data/event-spool.jsonl") or ""),
+        stream_key=env.text("EVENT_STREAM_KEY", "llm-proxy:events") or "",
+        log_max_bytes=env.integer("EVENT_LOG_MAX_BYTES", 100 * 1024 * 1024),
+        log_backups=env.integer("EVENT_LOG_BACKUPS", 5),
+        log_bodies=env.boolean("LOG_BODIES", False),
+        log_body_max_bytes=env.integer("LOG_BODY_MAX_BYTES", 64 * 1024, minimum=1),
+        stream_capture_max_bytes=env.integer(
+            "STREAM_CAPTURE_MAX_BYTES", 256 * 1024, minimum=1024
+        ),
+    )
+
+
+def _dispatcher(env: _Env) -> DispatcherSettings:
+    endpoint = env.text("LOGGING_URL")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"LOGGING_URL must be an http(s) URL, got {endpoint!r}")
+    settings = DispatcherSettings(
+        max_retries=env.integer("DISPATCHER_MAX_RETRIES", 5),
+        retry_base_s=env.seconds("DISPATCHER_RETRY_BASE", 0.5),
+        retry_max_s=env.seconds("DISPATCHER_RETRY_MAX", 30.0),
+        timeout_s=env.seconds("DISPATCHER_TIMEOUT", 30.0),
+        drain_timeout_s=env.seconds("DISPATCHER_DRAIN_TIMEOUT", 10.0),
+        dead_letter_dir=Path(env.text("DEAD_LETTER_DIR", "./data") or ""),
+        endpoint=endpoint,
+        api_key=env.text("DISPATCHER_API_KEY"),
+    )
+    if settings.retry_max_s < settings.retry_base_s:
+        raise ConfigError(
+            "DISPATCHER_RETRY_MAX must be >= DISPATCHER_RETRY_BASE, got "
+            f"{settings.retry_max_s} < {settings.retry_base_s}"
+        )
+    return settings
 
 
 def _management_token(value: str | None) -> str:
@@ -329,3 +400,8 @@ def _redis_url(value: str | None) -> str | None:
 
 def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def _log_level(value: str) -> str:
+    """`warn` is accepted as a spelling of `warning`."""
+    return "warning" if value == "warn" else value

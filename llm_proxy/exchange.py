@@ -1,7 +1,8 @@
 """`Exchange`: what one proxied call did, filled in along the middleware chain.
 
-Middlewares never read response bodies; the handler records status, timing and byte
-counts here for the instrumentation that runs after it.
+Middlewares never read response bodies; the handler records status, timing, byte
+counts and bounded captures here for the instrumentation that runs after it. Times are
+`time.perf_counter()` values; `ttfb_s` is from `started` to the first body byte sent.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .allowlist import ModelPatterns
+from .capture import ResponseCapture
 
 
 class Exchange:
@@ -29,11 +31,34 @@ class Exchange:
         "path",
         "started",
         "request_id",
+        "method",
+        "finished",
+        "upstream_finished",
+        "project_id",
+        "token_id",
+        "error_class",
+        "request_body",
+        "usage_injected",
+        "capture",
+        "response_kind",
+        "content_encoding",
     )
 
-    def __init__(self, request_id: str, started: float) -> None:
+    def __init__(self, request_id: str, started: float, method: str = "GET") -> None:
         self.request_id = request_id
         self.started = started
+        self.method = method
+        self.finished = started
+        self.upstream_finished = 0.0
+        self.project_id: str | None = None
+        self.token_id: str | None = None
+        self.error_class: str | None = None
+        # The client's JSON body when it was small enough to read (≤ 1 MiB).
+        self.request_body: bytes | None = None
+        self.usage_injected = False
+        self.capture: ResponseCapture | None = None
+        self.response_kind: str | None = None  # "json" | "sse" | None
+        self.content_encoding: str | None = None
         self.reached_upstream = False
         self.status = 0
         self.model: str | None = None

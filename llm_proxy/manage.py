@@ -130,7 +130,9 @@ def service_errors_middleware() -> Middleware:
         try:
             return await handler(request)
         except ServiceError as exc:
-            raise ApiError(exc.status, exc.message, code=exc.code, param=exc.param) from exc
+            raise ApiError(
+                exc.status, exc.message, code=exc.code, param=exc.param
+            ) from exc
 
     return service_errors
 
@@ -164,7 +166,9 @@ async def list_projects_handler(request: web.Request) -> web.Response:
 
 async def get_project_handler(request: web.Request) -> web.Response:
     """GET /manage/projects/{project_id}."""
-    project = await request.config_dict[SERVICE_KEY].get_project(request.match_info["project_id"])
+    project = await request.config_dict[SERVICE_KEY].get_project(
+        request.match_info["project_id"]
+    )
     return json_response(project_json(project))
 
 
@@ -182,7 +186,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
     project = await request.config_dict[SERVICE_KEY].update_project(
         project_id,
         name=data.get("name"),
-        description="" if "description" in data and description is None else description,
+        description=""
+        if "description" in data and description is None
+        else description,
         metadata={} if "metadata" in data and metadata is None else metadata,
         api_key=data.get("openai_api_key"),
         is_active=data.get("is_active"),
@@ -257,7 +263,9 @@ async def list_tokens_handler(request: web.Request) -> web.Response:
 
 async def get_token_handler(request: web.Request) -> web.Response:
     """GET /manage/tokens/{token_id}."""
-    token = await request.config_dict[SERVICE_KEY].get_token(request.match_info["token_id"])
+    token = await request.config_dict[SERVICE_KEY].get_token(
+        request.match_info["token_id"]
+    )
     return json_response(token_json(token))
 
 

@@ -1,7 +1,8 @@
 """HTTP adapters for cross-cutting concerns, each a factory returning a middleware.
 
 Root chain: `json_errors` (every error we generate is OpenAI-shaped JSON). The `/v1`
-chain, outermost first: exchange (request id, the call's record), allowlist (cheapest,
+chain, outermost first: instrumentation (request id, the call's record, one event per
+call, whatever the outcome), allowlist (cheapest,
 needs no secret), token auth (a dict lookup), rate limit (needs the principal), circuit
 breaker (innermost, so it counts only real upstream attempts). The maths lives in
 `allowlist.py`, `tokens.py`, `ratelimit.py` and `breaker.py`.
@@ -9,6 +10,7 @@ breaker (innermost, so it counts only real upstream attempts). The maths lives i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -27,6 +29,7 @@ from .errors import (
     UpstreamError,
 )
 from .exchange import Exchange
+from .instrumentation import Instrumentation
 from .keys import EXCHANGE_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
 from .proxy import request_id_of
 from .ratelimit import Limiter
@@ -74,26 +77,60 @@ def _as_api_error(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, message, code=code, headers=headers)
 
 
-# -- the /v1 chain: exchange, allowlist, token auth, rate limit, circuit breaker --
+# -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, circuit breaker --
 
 
-def exchange_middleware() -> Middleware:
-    """Start the call's `Exchange` and request id; stamp X-Request-ID on our errors."""
+def instrumentation_middleware(instrumentation: Instrumentation) -> Middleware:
+    """Outermost on /v1: start the call's `Exchange`, hand it over when it ends.
+
+    Every outcome is recorded, our own refusals (401/403/404/429/503) included, and
+    the hand-over in `finally` is a synchronous append: no await, no parsing.
+    """
 
     @web.middleware
-    async def exchange(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = Exchange(request_id_of(request.headers), time.perf_counter())
+    async def instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = Exchange(
+            request_id_of(request.headers), time.perf_counter(), request.method
+        )
+        record.path = request.path
         request[EXCHANGE_KEY] = record
         request[REQUEST_ID_KEY] = record.request_id
+        instrumentation.in_flight += 1
         try:
             return await handler(request)
         except ApiError as exc:
-            record.status = exc.status
-            record.error = exc.code
+            _record_failure(record, exc.status, exc.code, type(exc).__name__)
             exc.headers["X-Request-ID"] = record.request_id
             raise
+        except web.HTTPException as exc:
+            _record_failure(record, exc.status, None, type(exc).__name__)
+            raise
+        except asyncio.CancelledError:
+            _record_failure(record, 499, "client_disconnected", "CancelledError")
+            raise
+        except Exception as exc:
+            _record_failure(record, 500, "internal_error", type(exc).__name__)
+            raise
+        finally:
+            instrumentation.in_flight -= 1
+            record.finished = time.perf_counter()
+            principal = request.get(PRINCIPAL_KEY)
+            if principal is not None:
+                record.project_id = principal.project_id
+                record.token_id = principal.token_id
+            instrumentation.submit(record)
 
-    return exchange
+    return instrument
+
+
+def _record_failure(
+    record: Exchange, status: int, error: str | None, error_class: str
+) -> None:
+    """Note how a call failed, keeping what the relay set once the answer started."""
+    if not record.status:
+        record.status = status
+    record.error = record.error or error
+    record.error_class = record.error_class or error_class
 
 
 def allowlist_middleware(allowlist: Allowlist) -> Middleware:

@@ -16,13 +16,18 @@ _BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
 
 
 def _body(ref: str) -> dict[str, Any]:
     return {
         "required": True,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+        },
     }
 
 
@@ -54,7 +59,12 @@ def _path_param(name: str) -> dict[str, Any]:
 
 
 def _query(name: str, kind: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "schema": {"type": kind}, "description": description}
+    return {
+        "name": name,
+        "in": "query",
+        "schema": {"type": kind},
+        "description": description,
+    }
 
 
 _PAGING = [
@@ -93,7 +103,9 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/manage/projects/{project_id}": {
-            "get": _op("Get a project", {"200": _PROJECT, **_NOT_FOUND}, params=project_id),
+            "get": _op(
+                "Get a project", {"200": _PROJECT, **_NOT_FOUND}, params=project_id
+            ),
             "patch": _op(
                 "Update a project",
                 {"200": _PROJECT, **_NOT_FOUND, "409": _ERROR},
@@ -116,7 +128,11 @@ def _paths() -> dict[str, Any]:
         "/manage/tokens": {
             "post": _op(
                 "Create a withering token (its value is shown only here)",
-                {"201": _json(_ref("TokenCreated"), "Created"), "403": _ERROR, **_NOT_FOUND},
+                {
+                    "201": _json(_ref("TokenCreated"), "Created"),
+                    "403": _ERROR,
+                    **_NOT_FOUND,
+                },
                 body="TokenCreate",
             ),
             "get": _op(
@@ -135,7 +151,11 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/manage/tokens/{token_id}": {
-            "get": _op("Get a token", {"200": _json(_ref("Token")), **_NOT_FOUND}, params=token_id),
+            "get": _op(
+                "Get a token",
+                {"200": _json(_ref("Token")), **_NOT_FOUND},
+                params=token_id,
+            ),
             "delete": _op("Revoke a token (idempotent)", _NO_CONTENT, params=token_id),
         },
         "/manage/openapi.json": {
@@ -201,7 +221,9 @@ def _schemas() -> dict[str, Any]:
             ["name", "openai_api_key"],
         ),
         "ProjectUpdate": _object(update, []),
-        "ProjectUpdateWithId": _object({**update, "project_id": _string()}, ["project_id"]),
+        "ProjectUpdateWithId": _object(
+            {**update, "project_id": _string()}, ["project_id"]
+        ),
         "ProjectId": _object({"project_id": _string()}, ["project_id"]),
         "RevokeCounts": _object(
             {
@@ -214,7 +236,11 @@ def _schemas() -> dict[str, Any]:
         "TokenCreate": _object(
             {
                 "project_id": _string(),
-                "duration_minutes": {"type": "integer", "minimum": 1, "maximum": 525600},
+                "duration_minutes": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 525600,
+                },
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
             },
@@ -279,6 +305,8 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "schemas": _schemas(),
             "responses": {"Error": _json(_ref("Error"), "Error (OpenAI error shape)")},
-            "securitySchemes": {"managementToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "managementToken": {"type": "http", "scheme": "bearer"}
+            },
         },
     }

@@ -23,6 +23,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .allowlist import model_allowed
+from .capture import (
+    USAGE_ENDPOINTS,
+    ResponseCapture,
+    UsageChunkStripper,
+    inject_include_usage,
+)
 from .config import Settings
 from .errors import ApiError, UpstreamTimeoutError, UpstreamUnavailableError
 from .exchange import Exchange
@@ -176,7 +182,11 @@ def downstream_headers(
 async def read_body(
     request: web.Request, exchange: Exchange
 ) -> bytes | aiohttp.StreamReader:
-    """Small JSON bodies are read once (to peek at model/stream); others stream through."""
+    """Small JSON bodies are read once (to peek at model/stream); others stream through.
+
+    A streamed chat or completions call whose client left `include_usage` unset is
+    sent upstream with it (see `capture.inject_include_usage`), so usage is exact.
+    """
     length = request.content_length
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return b""
@@ -187,19 +197,27 @@ async def read_body(
     ):
         return request.content
     body = await request.read()
-    _peek_json(body, exchange)
+    exchange.request_body = body
+    payload = _peek_json(body, exchange)
+    if payload is not None and exchange.stream and exchange.path in USAGE_ENDPOINTS:
+        injected = inject_include_usage(body, payload)
+        if injected is not None:
+            exchange.usage_injected = True
+            return injected
     return body
 
 
-def _peek_json(body: bytes, exchange: Exchange) -> None:
+def _peek_json(body: bytes, exchange: Exchange) -> dict[str, object] | None:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return
-    if isinstance(data, dict):
-        model = data.get("model")
-        exchange.model = model if isinstance(model, str) else None
-        exchange.stream = data.get("stream") is True
+        return None
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    exchange.model = model if isinstance(model, str) else None
+    exchange.stream = data.get("stream") is True
+    return data
 
 
 async def send_upstream(
@@ -250,6 +268,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request_id,
         client_ip,
     )
+    if exchange.usage_injected:
+        headers.popall(hdrs.CONTENT_LENGTH, None)  # aiohttp sets the new length
     url = upstream_url(settings.upstream.base_url, exchange.path, request.query_string)
     exchange.upstream_started = time.perf_counter()
     exchange.reached_upstream = True
@@ -273,35 +293,100 @@ async def relay(
 ) -> web.StreamResponse:
     """Send upstream's status and headers at once, then each chunk as it arrives."""
     exchange.status = upstream.status
+    headers = downstream_headers(upstream.headers, exchange, request_id)
+    stripper = _usage_stripper(upstream, exchange)
+    if stripper is not None:
+        headers.popall(hdrs.CONTENT_LENGTH, None)
     response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=downstream_headers(upstream.headers, exchange, request_id),
+        status=upstream.status, reason=upstream.reason, headers=headers
     )
-    if upstream.content_length is not None:
+    if upstream.content_length is not None and stripper is None:
         response.content_length = upstream.content_length
+    exchange.capture = _capture_for(upstream, exchange, request)
     await response.prepare(request)
-    exchange.ttfb_s = time.perf_counter() - exchange.upstream_started
-    sent = 0
     try:
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-            sent += len(chunk)
+        await _relay_body(upstream, response, exchange, stripper)
     except (
         aiohttp.ClientPayloadError,
         aiohttp.ClientConnectionError,
         TimeoutError,
     ) as exc:
-        exchange.error = type(exc).__name__
-        log.warning("stream from upstream ended early after %d bytes: %r", sent, exc)
+        exchange.error = "upstream_stream_interrupted"
+        exchange.error_class = type(exc).__name__
+        log.warning(
+            "stream from upstream ended early after %d bytes: %r",
+            exchange.bytes_out,
+            exc,
+        )
     except ConnectionResetError as exc:
         exchange.error = "client_disconnected"
-        log.info("client went away after %d bytes: %r", sent, exc)
+        exchange.error_class = type(exc).__name__
+        log.info("client went away after %d bytes: %r", exchange.bytes_out, exc)
     finally:
-        exchange.bytes_out = sent
+        exchange.upstream_finished = time.perf_counter()
     if exchange.error is None:
         await response.write_eof()
+    elif request.transport is not None:
+        # Never end a cut stream cleanly: without the closing chunk the client sees
+        # the interruption instead of a short but complete-looking answer.
+        request.transport.abort()
     return response
+
+
+async def _relay_body(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    stripper: UsageChunkStripper | None,
+) -> None:
+    """The chunk loop: capture (bounded), strip injected usage, write, count."""
+    capture = exchange.capture
+    async for chunk in upstream.content.iter_any():
+        if capture is not None:
+            capture.feed(chunk)
+        if stripper is not None:
+            chunk = stripper.feed(chunk)
+            if not chunk:
+                continue
+        if exchange.ttfb_s is None:
+            exchange.ttfb_s = time.perf_counter() - exchange.started
+        await response.write(chunk)
+        exchange.bytes_out += len(chunk)
+    if stripper is not None:
+        rest = stripper.flush()
+        if rest:
+            await response.write(rest)
+            exchange.bytes_out += len(rest)
+
+
+def _is_sse(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.content_type == "text/event-stream"
+
+
+def _usage_stripper(
+    upstream: aiohttp.ClientResponse, exchange: Exchange
+) -> UsageChunkStripper | None:
+    """A stripper when we asked for usage the client did not ask for."""
+    if not exchange.usage_injected or upstream.status != 200:
+        return None
+    if not _is_sse(upstream) or upstream.headers.get(hdrs.CONTENT_ENCODING):
+        return None
+    return UsageChunkStripper()
+
+
+def _capture_for(
+    upstream: aiohttp.ClientResponse, exchange: Exchange, request: web.Request
+) -> ResponseCapture | None:
+    """Bounded capture of JSON and SSE answers (usage, estimates, logged bodies)."""
+    exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
+    if _is_sse(upstream):
+        exchange.response_kind = "sse"
+        limit = request.config_dict[SETTINGS_KEY].events.stream_capture_max_bytes
+        return ResponseCapture(limit)
+    if upstream.content_type == "application/json":
+        exchange.response_kind = "json"
+        return ResponseCapture(JSON_PEEK_LIMIT)
+    return None
 
 
 def refuse_model(model: str | None) -> ApiError:

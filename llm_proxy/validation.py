@@ -87,7 +87,9 @@ def query_int(
     try:
         value = int(raw)
     except ValueError:
-        raise ServiceError(f"Query parameter {name!r} must be an integer.", param=name) from None
+        raise ServiceError(
+            f"Query parameter {name!r} must be an integer.", param=name
+        ) from None
     if not low <= value <= high:
         raise ServiceError(
             f"Query parameter {name!r} must be between {low} and {high}.", param=name

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,24 @@ from llm_proxy.fake_upstream import (
 )
 
 from .support import MANAGEMENT_TOKEN
+
+# tiktoken cannot download its encodings here: use the offline copy kept next to the
+# repository (`../shared/tiktoken`) unless TIKTOKEN_CACHE_DIR is already set (CI).
+_TIKTOKEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _TIKTOKEN_DIR.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_TIKTOKEN_DIR)
+
+
+@pytest.fixture
+def tiktoken_encodings() -> None:
+    """Skip (fail on CI) when the offline tiktoken encodings are not available."""
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if folder and Path(folder, "fb374d419588a4632f3f557e76b4b70aebbca790").is_file():
+        return
+    reason = "tiktoken encodings not found: set TIKTOKEN_CACHE_DIR to their folder"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -95,3 +115,13 @@ async def proxy(start_proxy: Callable[..., Any]) -> TestClient[Any, Any]:
     """A proxy in front of the fake upstream, default settings."""
     client: TestClient[Any, Any] = await start_proxy()
     return client
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Commands under test configure the root logger; give the next test it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

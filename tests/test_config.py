@@ -90,6 +90,20 @@ def test_listen_addr_errors_name_the_variable(value: str) -> None:
         ("ENCRYPTION_KEY", "dG9vIHNob3J0"),
         ("ENCRYPTION_KEY", "not base64 at all!"),
         ("ADMIN_PASSWORD", "short"),
+        ("EVENT_BUFFER_SIZE", "0"),
+        ("EVENT_BATCH_SIZE", "many"),
+        ("EVENT_FLUSH_INTERVAL", "0"),
+        ("EVENT_LOG_MAX_BYTES", "-1"),
+        ("EVENT_LOG_BACKUPS", "some"),
+        ("LOG_BODIES", "sometimes"),
+        ("LOG_BODY_MAX_BYTES", "0"),
+        ("STREAM_CAPTURE_MAX_BYTES", "10"),
+        ("DISPATCHER_MAX_RETRIES", "-2"),
+        ("DISPATCHER_RETRY_BASE", "never"),
+        ("DISPATCHER_RETRY_MAX", "0"),
+        ("DISPATCHER_TIMEOUT", "-5"),
+        ("DISPATCHER_DRAIN_TIMEOUT", "x"),
+        ("LOGGING_URL", "ftp://collector"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(name: str, value: str) -> None:
@@ -177,3 +191,49 @@ def test_dotenv_bad_line_names_file_and_line(tmp_path: Path) -> None:
     dotenv.write_text("GOOD=1\nthis is not an assignment\n")
     with pytest.raises(ConfigError, match=r"\.env:2"):
         read_dotenv(dotenv)
+
+
+def test_event_and_dispatcher_settings_have_safe_defaults() -> None:
+    settings = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN})
+    events, dispatcher = settings.events, settings.dispatcher
+    assert events.buffer_size == 10_000 and not events.log_bodies
+    assert (events.log_max_bytes, events.log_backups) == (100 * 1024 * 1024, 5)
+    assert dispatcher.max_retries == 5 and dispatcher.endpoint is None
+
+
+def test_event_and_dispatcher_settings_are_read_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "MANAGEMENT_TOKEN": TOKEN,
+            "EVENT_BUFFER_SIZE": "50",
+            "EVENT_LOG_MAX_BYTES": "0",
+            "LOG_BODIES": "on",
+            "LOG_BODY_MAX_BYTES": "1024",
+            "LOGGING_URL": "https://collector.example/events",
+            "DISPATCHER_API_KEY": "secret-dispatcher-key",
+            "DISPATCHER_RETRY_BASE": "0.1s",
+        }
+    )
+    assert settings.events.buffer_size == 50 and settings.events.log_max_bytes == 0
+    assert settings.events.log_bodies and settings.events.log_body_max_bytes == 1024
+    assert settings.dispatcher.endpoint == "https://collector.example/events"
+    assert settings.dispatcher.retry_base_s == 0.1
+    assert "secret-dispatcher-key" not in repr(settings)
+
+
+def test_dispatcher_retry_max_must_not_be_below_the_base() -> None:
+    env = {
+        "MANAGEMENT_TOKEN": TOKEN,
+        "DISPATCHER_RETRY_BASE": "5",
+        "DISPATCHER_RETRY_MAX": "1",
+    }
+    with pytest.raises(ConfigError, match="DISPATCHER_RETRY_MAX"):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("given", "level"), [("warn", "warning"), ("WARNING", "warning")]
+)
+def test_log_level_spellings(given: str, level: str) -> None:
+    settings = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "LOG_LEVEL": given})
+    assert settings.log_level == level

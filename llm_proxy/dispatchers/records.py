@@ -1,0 +1,55 @@
+"""The JSON record of a `RequestCompleted` event that backends receive.
+
+The seed's log format (`timestamp`, `project_id`, `endpoint`, `method`,
+`status_code`, `duration_ms`, `metadata{prompt_tokens, completion_tokens,
+total_tokens, model, created}`) plus every field of the event, flat: fields that
+travel in the event's `extra` (`usage_source`, `error_class`, bodies) are lifted to
+the top level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..events import Event
+
+
+def event_record(event: Event) -> dict[str, Any]:
+    """A flat, JSON-ready dict of one event."""
+    data = event.to_json_dict()
+    extra = data.pop("extra", None) or {}
+    for key, value in extra.items():
+        data.setdefault(key, value)
+    data.setdefault("usage_source", None)
+    usage = data.get("usage") or {}
+    data["metadata"] = {
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+        "model": data.get("model"),
+        "created": epoch_s(event),
+    }
+    return data
+
+
+def event_time_s(event: Event) -> float:
+    """The event's timestamp (when the call ended) in epoch seconds, 0 if unreadable."""
+    try:
+        return datetime.fromisoformat(event.timestamp).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def epoch_s(event: Event) -> int:
+    """The event's timestamp in whole epoch seconds."""
+    return int(event_time_s(event))
+
+
+def extra_field(event: Event, name: str) -> Any:
+    """A field that may be first-class on the event or carried in its `extra`."""
+    value = getattr(event, name, None)
+    if value is None and isinstance(event.extra, Mapping):
+        value = event.extra.get(name)
+    return value

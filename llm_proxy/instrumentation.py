@@ -1,0 +1,291 @@
+"""From finished `Exchange`s to `RequestCompleted` events, metrics and access logs.
+
+The request path only appends the finished exchange to a bounded deque (`submit`,
+synchronous, never blocks). A background task then, off the request path, parses
+usage out of the captured bytes, estimates it with tiktoken in a worker thread when
+upstream sent none, builds and publishes the event, updates metrics and writes the
+access log line. A full deque drops the exchange, counts and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from .config import EventSettings
+from .events import EventBus, RateLimitedLog, RequestCompleted
+from .exchange import Exchange
+from .metrics import Metrics
+from .usage import (
+    ESTIMATED,
+    PARTIAL,
+    Usage,
+    decode_body,
+    estimate_usage,
+    json_text,
+    sse_text,
+    usage_from_json,
+    usage_from_json_tail,
+    usage_from_sse,
+)
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("llm_proxy.access")
+
+# Endpoints whose usage can be estimated from the request and the delivered text.
+ESTIMABLE: Final = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+)
+_YIELD_EVERY: Final = 64
+
+
+def account_usage(exchange: Exchange) -> Usage | None:
+    """Usage that upstream reported in the captured answer, if any."""
+    capture = exchange.capture
+    if capture is None or not 200 <= exchange.status < 300:
+        return None
+    if exchange.response_kind == "sse":
+        data = capture.head_bytes() if capture.complete else capture.tail_bytes()
+        return usage_from_sse(data)
+    if capture.complete:
+        body = decode_body(capture.head_bytes(), exchange.content_encoding)
+        return usage_from_json(body) if body is not None else None
+    if exchange.content_encoding:
+        return None
+    return usage_from_json_tail(capture.tail_bytes())
+
+
+def needs_estimate(exchange: Exchange) -> bool:
+    """Whether a call without upstream usage should be estimated."""
+    return (
+        exchange.capture is not None
+        and 200 <= exchange.status < 300
+        and exchange.path in ESTIMABLE
+    )
+
+
+def estimate_for(exchange: Exchange) -> Usage:
+    """Estimate with tiktoken (blocking: run it in a worker thread)."""
+    capture = exchange.capture
+    assert capture is not None
+    request = _request_json(exchange.request_body)
+    text, scale = "", 1.0
+    if exchange.response_kind == "sse":
+        kept = capture.head_bytes()
+        text = sse_text(kept)
+        scale = capture.total / len(kept) if kept else 1.0
+    elif capture.complete:
+        body = decode_body(capture.head_bytes(), exchange.content_encoding)
+        text = json_text(body) if body is not None else ""
+    source = PARTIAL if exchange.error is not None else ESTIMATED
+    return estimate_usage(
+        exchange.model, request, text, source=source, completion_scale=scale
+    )
+
+
+def _request_json(body: bytes | None) -> Mapping[str, Any] | None:
+    if not body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _clip(data: bytes | None, limit: int) -> str | None:
+    if data is None:
+        return None
+    return data[:limit].decode("utf-8", errors="replace")
+
+
+def build_event(
+    exchange: Exchange, usage: Usage | None, settings: EventSettings
+) -> RequestCompleted:
+    """The event of one call; no secret (the token value) ever goes into it."""
+    error_class = exchange.error_class
+    if error_class is None and exchange.status >= 400:
+        error_class = "UpstreamHTTPError"  # upstream's own error, passed through
+    extra: dict[str, Any] = {
+        "usage_source": usage.source if usage is not None else None,
+        "error_class": error_class,
+        "bytes_out": exchange.bytes_out,
+    }
+    if settings.log_bodies:
+        extra.update(_bodies(exchange, settings.log_body_max_bytes))
+    ttfb = exchange.ttfb_s
+    return RequestCompleted(
+        request_id=exchange.request_id,
+        project_id=exchange.project_id,
+        token_id=exchange.token_id,
+        method=exchange.method,
+        endpoint=exchange.endpoint or exchange.path,
+        path=exchange.path,
+        status_code=exchange.status,
+        duration_ms=round((exchange.finished - exchange.started) * 1000, 3),
+        ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
+        stream=exchange.stream or exchange.response_kind == "sse",
+        model=exchange.model,
+        error=exchange.error,
+        usage=usage.as_dict() if usage is not None else None,
+        extra=extra,
+    )
+
+
+def _bodies(exchange: Exchange, limit: int) -> dict[str, Any]:
+    """The request and response bodies, each cut to `limit` bytes."""
+    response = None
+    capture = exchange.capture
+    if capture is not None:
+        raw = capture.head_bytes()
+        response = decode_body(raw, exchange.content_encoding) or raw
+    return {
+        "request_body": _clip(exchange.request_body, limit),
+        "response_body": _clip(response, limit),
+        "body_truncated": len(exchange.request_body or b"") > limit
+        or (capture is not None and capture.total > limit),
+    }
+
+
+class Instrumentation:
+    """Bounded hand-over from the request path to the event-building task."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        settings: EventSettings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+        self.dropped = 0
+        self.processed = 0
+        self._queue: deque[Exchange] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._drop_log = RateLimitedLog(log)
+        if metrics is not None:
+            metrics.live.in_flight = lambda: self.in_flight
+            metrics.live.accounting_dropped = lambda: self.dropped
+            metrics.live.bus_stats = lambda: self.bus.stats
+
+    def submit(self, exchange: Exchange) -> None:
+        """Hand over a finished call; never blocks, drops (counted) when full."""
+        if len(self._queue) >= self.settings.buffer_size:
+            self.dropped += 1
+            self._drop_log.warning(
+                "instrumentation queue is full (%d); dropped the event of %s",
+                self.settings.buffer_size,
+                exchange.request_id,
+            )
+            return
+        self._queue.append(exchange)
+        if len(self._queue) == 1:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Process calls until `close()`; what was submitted before it is drained."""
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._process(self._queue.popleft())
+            self.processed += 1
+            if self.processed % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let requests run during a burst
+
+    async def _process(self, exchange: Exchange) -> None:
+        try:
+            usage = account_usage(exchange)
+            if usage is None and needs_estimate(exchange):
+                usage = await asyncio.to_thread(estimate_for, exchange)
+            event = build_event(exchange, usage, self.settings)
+        except Exception:  # one bad call must not stop the events of the others
+            log.exception("could not build the event of %s", exchange.request_id)
+            return
+        self.bus.publish(event)
+        self._observe(exchange, event, usage)
+
+    def _observe(
+        self, exchange: Exchange, event: RequestCompleted, usage: Usage | None
+    ) -> None:
+        access_log.info(
+            "%s %s %d %.1fms",
+            event.method,
+            event.path,
+            event.status_code,
+            event.duration_ms,
+            extra={
+                "request_id": event.request_id,
+                "project_id": event.project_id,
+                "token_id": event.token_id,
+                "model": event.model,
+                "stream": event.stream,
+                "ttfb_ms": event.ttfb_ms,
+                "bytes_out": exchange.bytes_out,
+                "error": event.error,
+            },
+        )
+        if self.metrics is not None:
+            observe(self.metrics, exchange, usage)
+
+    def close(self) -> None:
+        """Stop after draining what was submitted so far."""
+        self._closing = True
+        self._wakeup.set()
+
+
+def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
+    """Update the request, latency and token metrics for one finished call."""
+    endpoint = exchange.endpoint or "unknown"
+    metrics.requests.labels(endpoint, exchange.method, str(exchange.status)).inc()
+    metrics.duration.labels(endpoint).observe(exchange.finished - exchange.started)
+    if exchange.reached_upstream and exchange.upstream_finished:
+        metrics.upstream_duration.labels(endpoint).observe(
+            exchange.upstream_finished - exchange.upstream_started
+        )
+        metrics.pre_upstream.observe(exchange.upstream_started - exchange.started)
+    if exchange.ttfb_s is not None:
+        metrics.ttfb.labels(endpoint).observe(exchange.ttfb_s)
+    if usage is not None:
+        project, model = exchange.project_id or "", exchange.model or ""
+        counts = {
+            "prompt": usage.prompt_tokens,
+            "completion": usage.completion_tokens,
+            "cached": usage.cached_tokens,
+            "reasoning": usage.reasoning_tokens,
+        }
+        for kind, count in counts.items():
+            if count:
+                metrics.tokens.labels(project, model, kind, usage.source).inc(count)
+
+
+INSTRUMENTATION_KEY: Final = web.AppKey("instrumentation", Instrumentation)
+
+
+async def instrumentation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the event-building task; on shutdown, drain it into the bus."""
+    instrumentation = app[INSTRUMENTATION_KEY]
+    task = asyncio.create_task(instrumentation.run(), name="instrumentation")
+    yield
+    instrumentation.close()
+    try:
+        async with asyncio.timeout(instrumentation.settings.flush_interval_s + 10):
+            await task
+    except TimeoutError:
+        log.warning("instrumentation did not drain in time; events lost")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

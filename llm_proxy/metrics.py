@@ -1,0 +1,204 @@
+"""Prometheus metrics: one `CollectorRegistry` per app, and the `GET /metrics` handler.
+
+Counters and histograms are updated off the request path (by the instrumentation
+consumer and the dispatchers); gauges of live state (in-flight requests, bus
+counters, breaker state) are read only when scraped.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .breaker import BreakerState, CircuitBreaker
+from .events import BusStats
+
+# Latency buckets from 1 ms (the proxy's own overhead) to 10 min (long generations).
+LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+BREAKER_STATE_VALUES: Final = {
+    BreakerState.CLOSED: 0.0,
+    BreakerState.HALF_OPEN: 1.0,
+    BreakerState.OPEN: 2.0,
+}
+
+
+class _LiveState(Collector):
+    """Reads live values at scrape time, so the request path never updates them."""
+
+    def __init__(self) -> None:
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.bus_stats: Callable[[], BusStats] | None = None
+        self.accounting_dropped: Callable[[], int] = lambda: 0
+        self.breaker: CircuitBreaker | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "llm_proxy_in_flight_requests",
+            "Proxied requests being handled now.",
+            value=self.in_flight(),
+        )
+        yield from self._bus()
+        if self.breaker is not None:
+            yield GaugeMetricFamily(
+                "llm_proxy_breaker_state",
+                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
+                value=BREAKER_STATE_VALUES[self.breaker.state],
+            )
+
+    def _bus(self) -> Iterable[Metric]:
+        stats = self.bus_stats() if self.bus_stats is not None else BusStats()
+        yield CounterMetricFamily(
+            "llm_proxy_events_published",
+            "Events handed to the event bus.",
+            value=stats.published,
+        )
+        dropped = CounterMetricFamily(
+            "llm_proxy_events_dropped",
+            "Events lost before a consumer got them, by stage.",
+            labels=["stage"],
+        )
+        dropped.add_metric(["accounting"], self.accounting_dropped())
+        dropped.add_metric(["bus_buffer"], stats.buffer_dropped)
+        for name, count in sorted(stats.dropped.items()):
+            dropped.add_metric([f"subscriber:{name}"], count)
+        yield dropped
+        yield GaugeMetricFamily(
+            "llm_proxy_events_buffered",
+            "Events held in this process by the bus.",
+            value=stats.buffered,
+        )
+        yield GaugeMetricFamily(
+            "llm_proxy_events_spooled",
+            "Events waiting in the local spool file for Redis.",
+            value=stats.spooled,
+        )
+
+
+class Metrics:
+    """Every metric of one process, in its own registry (tests never collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.live = _LiveState()
+        registry.register(self.live)
+        self.requests = Counter(
+            "llm_proxy_requests",
+            "Proxied requests by endpoint, method and status.",
+            ["endpoint", "method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "llm_proxy_request_duration_seconds",
+            "End-to-end time of proxied requests.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "llm_proxy_upstream_duration_seconds",
+            "Time from sending upstream to the end of the relayed answer.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pre_upstream = Histogram(
+            "llm_proxy_pre_upstream_seconds",
+            "The proxy's own time before the upstream call (auth, limits, body).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "llm_proxy_time_to_first_byte_seconds",
+            "Time to the first body byte sent to the client.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "llm_proxy_tokens",
+            "Tokens used, by project, model, kind and usage source.",
+            ["project_id", "model", "kind", "source"],
+            registry=registry,
+        )
+        self.dispatched = Counter(
+            "llm_proxy_dispatcher_events",
+            "Events a dispatcher handled, by outcome (delivered, dead_lettered).",
+            ["service", "outcome"],
+            registry=registry,
+        )
+        self.dispatch_failures = Counter(
+            "llm_proxy_dispatcher_failures",
+            "Failed delivery attempts, by kind (transient, permanent).",
+            ["service", "kind"],
+            registry=registry,
+        )
+        self.dispatcher_lag = Gauge(
+            "llm_proxy_dispatcher_lag_seconds",
+            "Age of the newest event a dispatcher delivered.",
+            ["service"],
+            registry=registry,
+        )
+        self.dispatcher_healthy = Gauge(
+            "llm_proxy_dispatcher_healthy",
+            "1 when the last delivery attempt succeeded, else 0.",
+            ["service"],
+            registry=registry,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+METRICS_KEY: Final = web.AppKey("metrics", Metrics)
+
+
+def metrics_handler_for(token: str | None) -> Handler:
+    """`GET /metrics`, behind `Authorization: Bearer <METRICS_TOKEN>` when set."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "metrics need 'Authorization: Bearer <METRICS_TOKEN>'"},
+                    status=401,
+                    headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="metrics"'},
+                )
+        body = request.app[METRICS_KEY].render()
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    return metrics_handler

@@ -1,0 +1,310 @@
+"""One event per proxied call, with exact usage, through the real app and fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from llm_proxy.capture import ResponseCapture
+from llm_proxy.config import EventSettings
+from llm_proxy.dispatchers import EVENT_BUS_KEY
+from llm_proxy.events import InMemoryEventBus, RequestCompleted, Subscription
+from llm_proxy.exchange import Exchange
+from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
+from llm_proxy.instrumentation import (
+    INSTRUMENTATION_KEY,
+    Instrumentation,
+    account_usage,
+    estimate_for,
+)
+
+from .support import bearer, proxy_token
+
+Client = TestClient[Any, Any]
+StartProxy = Callable[..., Any]
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {**CHAT, "stream": True}
+FAST = {"EVENT_FLUSH_INTERVAL": "0.01"}
+
+
+async def next_events(sub: Subscription, count: int) -> list[RequestCompleted]:
+    """The next `count` events of a subscription (fails after 5 s)."""
+    events: list[RequestCompleted] = []
+    async with asyncio.timeout(5):
+        while len(events) < count:
+            events += await anext(sub)
+    return events
+
+
+async def watched(start_proxy: StartProxy, **env: str) -> tuple[Client, Subscription]:
+    """A proxy with fast event batches and a subscription to its bus."""
+    client: Client = await start_proxy(**{**FAST, **env})
+    return client, client.app[EVENT_BUS_KEY].subscribe("test")
+
+
+async def one_event(sub: Subscription) -> RequestCompleted:
+    [event] = await next_events(sub, 1)
+    return event
+
+
+async def test_instrumentation_publishes_an_event_for_every_refusal_and_success(
+    start_proxy: StartProxy,
+) -> None:
+    proxy, sub = await watched(start_proxy, DEFAULT_RATE_LIMIT_PER_HOUR="1")
+    project_id, token = await proxy_token(proxy)
+    assert (await proxy.post("/v1/chat/completions", json=CHAT)).status == 401
+    assert (await proxy.get("/v1/nowhere", headers=bearer(token))).status == 404
+    ok = await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert ok.status == 200
+    limited = await proxy.get("/v1/models", headers=bearer(token))
+    assert limited.status == 429
+    events = await next_events(sub, 4)
+    assert [e.status_code for e in events] == [401, 404, 200, 429]
+    assert [e.extra["error_class"] for e in events] == [
+        "InvalidTokenError",
+        "NotAllowedError",
+        None,
+        "RateLimitedError",
+    ]
+    missing, _, success, _ = events
+    assert missing.project_id is None and missing.error == "missing_api_key"
+    assert success.project_id == project_id and success.token_id
+    assert success.request_id == ok.headers["X-Request-ID"]
+    assert success.endpoint == "/v1/chat/completions" and success.method == "POST"
+    assert success.usage == {
+        "prompt_tokens": 11,
+        "completion_tokens": 138,
+        "total_tokens": 149,
+        "cached_tokens": 0,
+        "reasoning_tokens": 128,
+    }
+    assert success.extra["usage_source"] == "upstream"
+    assert success.model == "gpt-4o-mini" and not success.stream
+    assert success.duration_ms > 0 and success.ttfb_ms is not None
+    for event in events:
+        assert token not in orjson.dumps(event.to_json_dict()).decode()
+
+
+async def test_stream_without_include_usage_is_the_no_usage_stream_with_exact_usage(
+    start_proxy: StartProxy, fake: FakeUpstreamState
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    response = await proxy.post(
+        "/v1/chat/completions", json=STREAM, headers=bearer(token)
+    )
+    assert response.status == 200
+    assert await response.read() == load_fixture("chat_stream_no_usage.sse")
+    assert fake.requests[-1].json() == {
+        **STREAM,
+        "stream_options": {"include_usage": True},
+    }
+    event = await one_event(sub)
+    assert event.stream and event.ttfb_ms is not None
+    assert event.usage is not None and event.usage["total_tokens"] == 31
+    assert event.extra["usage_source"] == "upstream"
+
+
+async def test_stream_that_asked_for_usage_is_relayed_untouched(
+    start_proxy: StartProxy, fake: FakeUpstreamState
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    body = orjson.dumps({**STREAM, "stream_options": {"include_usage": True}})
+    response = await proxy.post(
+        "/v1/chat/completions",
+        data=body,
+        headers={**bearer(token), "Content-Type": "application/json"},
+    )
+    assert await response.read() == load_fixture("chat_stream_with_usage.sse")
+    assert fake.requests[-1].body == body
+    event = await one_event(sub)
+    assert event.usage is not None and event.usage["prompt_tokens"] == 23
+
+
+async def test_explicit_include_usage_false_is_honoured_and_usage_estimated(
+    start_proxy: StartProxy, fake: FakeUpstreamState, tiktoken_encodings: None
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    payload = {**STREAM, "stream_options": {"include_usage": False}}
+    response = await proxy.post(
+        "/v1/chat/completions", json=payload, headers=bearer(token)
+    )
+    assert await response.read() == load_fixture("chat_stream_no_usage.sse")
+    assert fake.requests[-1].json() == payload
+    event = await one_event(sub)
+    assert event.extra["usage_source"] == "estimated"
+    assert event.usage is not None
+    assert event.usage["prompt_tokens"] == 1 + 1 + 6  # "user", "hi" + framing
+    assert event.usage["completion_tokens"] > 0
+
+
+async def test_stream_cut_midway_gets_a_partial_estimate(
+    start_proxy: StartProxy, tiktoken_encodings: None
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    headers = {**bearer(token), "x-fake-behaviour": "drop-mid-stream=4"}
+    response = await proxy.post("/v1/chat/completions", json=STREAM, headers=headers)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    event = await one_event(sub)
+    assert event.extra["usage_source"] == "partial"
+    assert event.error == "upstream_stream_interrupted"
+    assert event.usage is not None and 0 < event.usage["completion_tokens"] < 8
+
+
+async def test_cached_gzip_and_responses_stream_usage_are_read(
+    start_proxy: StartProxy,
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    cached = {**bearer(token), "x-fake-behaviour": "usage-cached, gzip"}
+    response = await proxy.post("/v1/chat/completions", json=CHAT, headers=cached)
+    assert response.status == 200
+    await response.read()
+    stream = {"model": "gpt-4.1-nano", "input": "What is 2+2?", "stream": True}
+    response = await proxy.post("/v1/responses", json=stream, headers=bearer(token))
+    assert await response.read() == load_fixture("responses_stream.sse")
+    gzipped, responses = await next_events(sub, 2)
+    assert gzipped.usage is not None and gzipped.usage["cached_tokens"] == 1024
+    assert responses.usage is not None and responses.usage["total_tokens"] == 23
+    assert responses.stream
+
+
+async def test_upstream_errors_are_events_with_an_error_class(
+    start_proxy: StartProxy,
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    headers = {**bearer(token), "x-fake-behaviour": "status-500"}
+    response = await proxy.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status == 500
+    event = await one_event(sub)
+    assert event.status_code == 500 and event.usage is None
+    assert event.extra["error_class"] == "UpstreamHTTPError"
+    assert event.extra["usage_source"] is None
+
+
+async def test_bodies_are_logged_only_when_enabled_and_bounded(
+    start_proxy: StartProxy,
+) -> None:
+    proxy, sub = await watched(start_proxy, LOG_BODIES="true", LOG_BODY_MAX_BYTES="64")
+    _, token = await proxy_token(proxy)
+    body = orjson.dumps(CHAT)
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    await proxy.post("/v1/chat/completions", data=body, headers=headers)
+    event = await one_event(sub)
+    assert event.extra["request_body"] == body.decode()[:64]
+    assert len(event.extra["response_body"]) == 64 and event.extra["body_truncated"]
+    quiet, quiet_sub = await watched(start_proxy)
+    _, token = await proxy_token(quiet)
+    await quiet.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert "request_body" not in (await one_event(quiet_sub)).extra
+
+
+async def test_client_leaving_a_stream_is_recorded(
+    start_proxy: StartProxy, fake: FakeUpstreamState
+) -> None:
+    proxy, sub = await watched(start_proxy)
+    _, token = await proxy_token(proxy)
+    headers = {**bearer(token), "x-fake-behaviour": "stall-after-first-event"}
+    response = await proxy.post("/v1/chat/completions", json=STREAM, headers=headers)
+    await response.content.readline()
+    response.close()
+    event = await one_event(sub)
+    fake.gate.set()
+    assert event.error == "client_disconnected" and event.status_code == 200
+
+
+async def test_a_stalled_subscriber_costs_bounded_memory_under_10000_requests(
+    start_proxy: StartProxy,
+) -> None:
+    proxy: Client = await start_proxy(EVENT_BUFFER_SIZE="100", EVENT_BATCH_SIZE="50")
+    bus = proxy.app[EVENT_BUS_KEY]
+    assert isinstance(bus, InMemoryEventBus)
+    bus.subscribe("stalled")  # never read
+    instrumentation = proxy.app[INSTRUMENTATION_KEY]
+    total, peak_backlog = 10_000, 0
+
+    async def worker(count: int) -> None:
+        nonlocal peak_backlog
+        for _ in range(count):
+            response = await proxy.get("/v1/models")  # 401: the cheapest full chain
+            assert response.status == 401
+            await response.release()
+            peak_backlog = max(peak_backlog, bus.stats.buffered)
+
+    await asyncio.gather(*(worker(total // 50) for _ in range(50)))
+    async with asyncio.timeout(10):
+        while True:
+            if instrumentation.processed + instrumentation.dropped >= total:
+                break
+            await asyncio.sleep(0.01)
+    gc.collect()
+    stats = bus.stats
+    assert stats.published + instrumentation.dropped == total
+    assert stats.dropped["stalled"] == stats.published - 100
+    assert peak_backlog <= 2 * 100  # two subscribers, each bounded at 100
+
+
+def _exchange(kind: str, body: bytes, *, head_max: int = 1 << 20) -> Exchange:
+    exchange = Exchange("req-1", 0.0, "POST")
+    exchange.status, exchange.path, exchange.response_kind = (
+        200,
+        "/v1/chat/completions",
+        kind,
+    )
+    exchange.capture = ResponseCapture(head_max, tail_max=1024)
+    exchange.capture.feed(body)
+    return exchange
+
+
+def test_account_usage_reads_the_tail_of_a_large_json_answer() -> None:
+    body = load_fixture("chat_completion.json")
+    exchange = _exchange("json", body, head_max=10)
+    usage = account_usage(exchange)
+    assert usage is not None and usage.total_tokens == 149
+    exchange.content_encoding = "gzip"  # a compressed tail cannot be read
+    assert account_usage(exchange) is None
+    exchange.status = 500
+    assert account_usage(exchange) is None
+
+
+def test_estimate_for_a_non_streamed_answer_without_usage(
+    tiktoken_encodings: None,
+) -> None:
+    exchange = _exchange("json", b'{"choices":[{"message":{"content":"hello"}}]}')
+    exchange.request_body = b"not json"
+    usage = estimate_for(exchange)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (
+        0,
+        1,
+        "estimated",
+    )
+    streamed = _exchange("sse", b"", head_max=10)
+    exchange.request_body = b"[]"
+    assert estimate_for(streamed).total_tokens == 0
+
+
+async def test_instrumentation_drops_and_counts_when_its_queue_is_full() -> None:
+    bus = InMemoryEventBus()
+    instrumentation = Instrumentation(bus, EventSettings(buffer_size=2))
+    for _ in range(5):
+        instrumentation.submit(Exchange("r", 0.0))
+    assert instrumentation.dropped == 3
+    broken = Exchange("bad", 0.0)
+    broken.capture = "not a capture"  # type: ignore[assignment]
+    broken.status = 200
+    instrumentation._queue[0] = broken
+    instrumentation.close()
+    await instrumentation.run()
+    assert bus.stats.published == 1
