@@ -39,6 +39,10 @@ class UpstreamSettings:
     read_idle_timeout_s: float = 600.0
     max_connections: int = 1000
     retries: int = 2
+    base_text: str = field(init=False, repr=False)  # base_url as text, no trailing /
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_text", str(self.base_url).rstrip("/"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ keys: the HMAC pepper for token hashes and the AES-256-GCM key for upstream API 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import logging
 import os
@@ -64,7 +63,7 @@ class TokenHasher:
 
     def hash(self, token: str) -> str:
         """Hex digest used as the lookup key; the token itself is never stored."""
-        return hmac.new(self._pepper, token.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._pepper, token.encode(), "sha256").hex()
 
 
 class KeyCipher:

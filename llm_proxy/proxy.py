@@ -8,11 +8,12 @@ it needs (the upstream Authorization value, rate-limit headers) arrives in reque
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
@@ -128,12 +129,24 @@ async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+# A random per-process prefix and a counter: unique across processes and restarts,
+# and about ten times cheaper than uuid4 (one os.urandom syscall per request), which
+# showed up at 2.5% of the proxy's CPU in a py-spy profile under load.
+_REQUEST_ID_PREFIX: Final = os.urandom(6).hex()
+_request_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 12 hex digits of process prefix, then a hex counter."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_ids):08x}"
+
+
 def request_id_of(headers: Mapping[str, str]) -> str:
     """The client's X-Request-ID when it is sane, else a fresh one."""
     given = headers.get("X-Request-ID")
     if given and SANE_REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def upstream_headers(
@@ -245,10 +258,15 @@ async def send_upstream(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def upstream_url(base: URL, path: str, query_string: str) -> URL:
-    """The base URL's path prefix, then the checked path, then the query as sent."""
-    url = base.with_path(base.path.rstrip("/") + path, encoded=False)
-    return url.with_query(query_string) if query_string else url
+def upstream_url(base: str, path: str, raw_path: str) -> URL:
+    """The base URL (with its path prefix), the checked path, the query as sent.
+
+    `path` matched the allowlist, whose templates admit only URL-safe characters, and
+    the raw query comes from the request line the HTTP parser accepted, so the string
+    is already a valid encoded URL: building it needs no yarl parsing per request.
+    """
+    _, mark, query = raw_path.partition("?")
+    return URL(f"{base}{path}{mark}{query}", encoded=True)
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -270,7 +288,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     )
     if exchange.usage_injected:
         headers.popall(hdrs.CONTENT_LENGTH, None)  # aiohttp sets the new length
-    url = upstream_url(settings.upstream.base_url, exchange.path, request.query_string)
+    url = upstream_url(settings.upstream.base_text, exchange.path, request.raw_path)
     exchange.upstream_started = time.perf_counter()
     exchange.reached_upstream = True
     upstream = await send_upstream(
@@ -303,7 +321,12 @@ async def relay(
     if upstream.content_length is not None and stripper is None:
         response.content_length = upstream.content_length
     exchange.capture = _capture_for(upstream, exchange, request)
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionResetError as exc:  # the client left before the status line
+        exchange.error = "client_disconnected"
+        exchange.error_class = type(exc).__name__
+        return response
     try:
         await _relay_body(upstream, response, exchange, stripper)
     except (
