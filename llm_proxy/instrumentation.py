@@ -221,23 +221,8 @@ class Instrumentation:
     def _observe(
         self, exchange: Exchange, event: RequestCompleted, usage: Usage | None
     ) -> None:
-        access_log.info(
-            "%s %s %d %.1fms",
-            event.method,
-            event.path,
-            event.status_code,
-            event.duration_ms,
-            extra={
-                "request_id": event.request_id,
-                "project_id": event.project_id,
-                "token_id": event.token_id,
-                "model": event.model,
-                "stream": event.stream,
-                "ttfb_ms": event.ttfb_ms,
-                "bytes_out": exchange.bytes_out,
-                "error": event.error,
-            },
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            _access_line(exchange, event)
         if self.metrics is not None:
             observe(self.metrics, exchange, usage)
 
@@ -247,18 +232,40 @@ class Instrumentation:
         self._wakeup.set()
 
 
+def _access_line(exchange: Exchange, event: RequestCompleted) -> None:
+    """One access log line per proxied call: no secret, no body."""
+    access_log.info(
+        "%s %s %d %.1fms",
+        event.method,
+        event.path,
+        event.status_code,
+        event.duration_ms,
+        extra={
+            "request_id": event.request_id,
+            "project_id": event.project_id,
+            "token_id": event.token_id,
+            "model": event.model,
+            "stream": event.stream,
+            "ttfb_ms": event.ttfb_ms,
+            "bytes_out": exchange.bytes_out,
+            "error": event.error,
+        },
+    )
+
+
 def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
     """Update the request, latency and token metrics for one finished call."""
     endpoint = exchange.endpoint or "unknown"
-    metrics.requests.labels(endpoint, exchange.method, str(exchange.status)).inc()
-    metrics.duration.labels(endpoint).observe(exchange.finished - exchange.started)
+    child = metrics.labelled
+    child(metrics.requests, endpoint, exchange.method, str(exchange.status)).inc()
+    child(metrics.duration, endpoint).observe(exchange.finished - exchange.started)
     if exchange.reached_upstream and exchange.upstream_finished:
-        metrics.upstream_duration.labels(endpoint).observe(
+        child(metrics.upstream_duration, endpoint).observe(
             exchange.upstream_finished - exchange.upstream_started
         )
         metrics.pre_upstream.observe(exchange.upstream_started - exchange.started)
     if exchange.ttfb_s is not None:
-        metrics.ttfb.labels(endpoint).observe(exchange.ttfb_s)
+        child(metrics.ttfb, endpoint).observe(exchange.ttfb_s)
     if usage is not None:
         project, model = exchange.project_id or "", exchange.model or ""
         counts = {
@@ -269,7 +276,7 @@ def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
         }
         for kind, count in counts.items():
             if count:
-                metrics.tokens.labels(project, model, kind, usage.source).inc(count)
+                child(metrics.tokens, project, model, kind, usage.source).inc(count)
 
 
 INSTRUMENTATION_KEY: Final = web.AppKey("instrumentation", Instrumentation)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from .breaker import BreakerState, CircuitBreaker
+from .errors import InvalidTokenError
 from .events import BusStats
 
 # Latency buckets from 1 ms (the proxy's own overhead) to 10 min (long generations).
@@ -110,6 +111,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         registry = self.registry
         self.live = _LiveState()
         registry.register(self.live)
@@ -177,6 +179,14 @@ class Metrics:
             registry=registry,
         )
 
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, cached: prometheus-client takes a lock each call."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
@@ -193,10 +203,9 @@ def metrics_handler_for(token: str | None) -> Handler:
         if expected is not None:
             given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
             if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": "metrics need 'Authorization: Bearer <METRICS_TOKEN>'"},
-                    status=401,
-                    headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="metrics"'},
+                raise InvalidTokenError(
+                    "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",
+                    code="invalid_metrics_token",
                 )
         body = request.app[METRICS_KEY].render()
         return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})

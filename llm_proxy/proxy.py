@@ -271,7 +271,7 @@ def upstream_url(base: str, path: str, raw_path: str) -> URL:
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Forward one request upstream and relay the response chunk by chunk."""
-    settings = request.config_dict[SETTINGS_KEY]
+    settings = request.app[SETTINGS_KEY]
     exchange = request[EXCHANGE_KEY]
     request_id = request[REQUEST_ID_KEY]
     body = await read_body(request, exchange)
@@ -292,7 +292,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     exchange.upstream_started = time.perf_counter()
     exchange.reached_upstream = True
     upstream = await send_upstream(
-        request.config_dict[UPSTREAM_SESSION_KEY],
+        request.app[UPSTREAM_SESSION_KEY],
         request.method,
         url,
         headers,
@@ -404,7 +404,7 @@ def _capture_for(
     exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
     if _is_sse(upstream):
         exchange.response_kind = "sse"
-        limit = request.config_dict[SETTINGS_KEY].events.stream_capture_max_bytes
+        limit = request.app[SETTINGS_KEY].events.stream_capture_max_bytes
         return ResponseCapture(limit)
     if upstream.content_type == "application/json":
         exchange.response_kind = "json"

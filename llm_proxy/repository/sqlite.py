@@ -48,6 +48,7 @@ PRAGMAS: Final = (
     "PRAGMA synchronous = NORMAL",
     "PRAGMA foreign_keys = ON",
 )
+PRAGMA_ATTEMPTS: Final = 100
 BEGIN: Final = "BEGIN IMMEDIATE"  # take the write lock now, not at the first write
 COMMIT: Final = "COMMIT"
 ROLLBACK: Final = "ROLLBACK"
@@ -198,7 +199,23 @@ class SqliteRepository:
         conn.row_factory = aiosqlite.Row
         self._conn = conn
         for pragma in PRAGMAS:
-            await self._run(pragma)
+            await self._run_pragma(pragma)
+
+    async def _run_pragma(self, pragma: str) -> None:
+        """Run a pragma; retry `database is locked` a few times.
+
+        Switching to WAL needs a moment of exclusive access and SQLite answers BUSY
+        at once (its busy handler is not used for it) while another connection, e.g.
+        a second process starting at the same time, is doing the same.
+        """
+        for attempt in range(PRAGMA_ATTEMPTS):
+            try:
+                await self._run(pragma)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == PRAGMA_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
