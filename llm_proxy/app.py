@@ -10,7 +10,6 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .admin import create_admin_app
 from .allowlist import Allowlist, default_allowlist, load_allowlist
 from .breaker import BreakerState, CircuitBreaker
 from .config import Settings
@@ -206,6 +205,8 @@ async def token_sync_ctx(app: web.Application) -> AsyncIterator[None]:
 def mount_admin(app: web.Application, settings: Settings) -> None:
     """The admin pages under /admin/, only when ADMIN_USER and ADMIN_PASSWORD are set."""
     if settings.admin_enabled:
+        from .admin import create_admin_app  # jinja2 only when the pages are on
+
         app.add_subapp("/admin", create_admin_app(settings))
     else:
         log.info("admin pages off: set ADMIN_USER and ADMIN_PASSWORD to enable them")

@@ -21,7 +21,6 @@ from ..config import ConfigError, Settings
 from ..events import EventBus, InMemoryEventBus
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
 from ..metrics import METRICS_KEY, Metrics
-from ..redis_bus import RedisEventBus
 from .base import (
     Backend,
     DeadLetterFile,
@@ -72,6 +71,8 @@ def create_event_bus(settings: Settings) -> EventBus:
     """The bus LLM_PROXY_EVENT_BUS names; nothing connects until `start()`."""
     events = settings.events
     if settings.event_bus == "redis" and settings.redis_url:
+        from ..redis_bus import RedisEventBus  # redis only when it is used
+
         return RedisEventBus(
             settings.redis_url,
             spool_path=events.spool_path,
@@ -232,6 +233,8 @@ async def run_dispatcher(
             "llm-proxy dispatcher reads the Redis bus: set REDIS_URL "
             "(and LLM_PROXY_EVENT_BUS=redis on the proxies)"
         )
+    from ..redis_bus import RedisEventBus
+
     backend = create_backend(service, settings, endpoint=endpoint, api_key=api_key)
     events = settings.events
     bus = RedisEventBus(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .base import (
     DuplicateNameError,
@@ -21,8 +21,10 @@ from .base import (
     UsageRow,
     UsageTotals,
 )
-from .postgres import PostgresRepository
 from .sqlite import SqliteRepository
+
+if TYPE_CHECKING:
+    from .postgres import PostgresRepository
 
 __all__ = [
     "DuplicateNameError",
@@ -60,6 +62,8 @@ def _sqlite(dsn: str, sql_dir: Path | None, min_size: int, max_size: int) -> Rep
 def _postgres(
     dsn: str, sql_dir: Path | None, min_size: int, max_size: int
 ) -> Repository:
+    from .postgres import PostgresRepository  # asyncpg only when it is used
+
     return PostgresRepository(
         dsn, sql_dir=sql_dir, pool_min_size=min_size, pool_max_size=max_size
     )
@@ -90,3 +94,12 @@ def create_repository(
             f" expected one of {', '.join(sorted(BACKENDS))}"
         )
     return factory(database_url, sql_dir, pool_min_size, pool_max_size)
+
+
+def __getattr__(name: str) -> Any:
+    """`PostgresRepository` is imported on first use: SQLite setups never load asyncpg."""
+    if name == "PostgresRepository":
+        from .postgres import PostgresRepository
+
+        return PostgresRepository
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
