@@ -294,6 +294,14 @@ class _MemorySubscription:
         self._bus.leave(self._group)
 
 
+def check_bus_sizes(buffer_size: int, batch_size: int, flush_interval_s: float) -> None:
+    """Refuse sizes no bus can work with."""
+    if buffer_size < 1 or batch_size < 1 or flush_interval_s <= 0:
+        raise ValueError(
+            "buffer_size and batch_size must be >= 1 and flush_interval_s > 0"
+        )
+
+
 class InMemoryEventBus:
     """The default bus: fan-out to one bounded queue per subscriber name.
 
@@ -313,10 +321,7 @@ class InMemoryEventBus:
         drop_log_interval_s: float = DEFAULT_DROP_LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if buffer_size < 1 or batch_size < 1 or flush_interval_s <= 0:
-            raise ValueError(
-                "buffer_size and batch_size must be >= 1 and flush_interval_s > 0"
-            )
+        check_bus_sizes(buffer_size, batch_size, flush_interval_s)
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s

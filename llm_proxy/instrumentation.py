@@ -43,7 +43,9 @@ access_log = logging.getLogger("llm_proxy.access")
 ESTIMABLE: Final = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
 )
-_YIELD_EVERY: Final = 16  # events processed per turn: bounds the stall a backlog adds to requests
+_YIELD_EVERY: Final = (
+    16  # events processed per turn: bounds the stall a backlog adds to requests
+)
 
 
 def account_usage(exchange: Exchange) -> Usage | None:

@@ -149,6 +149,16 @@ def request_id_of(headers: Mapping[str, str]) -> str:
     return new_request_id()
 
 
+def _drop_connection_listed(
+    headers: CIMultiDictProxy[str], out: CIMultiDict[str]
+) -> None:
+    """Headers named in `Connection` are hop-by-hop too (RFC 9110, section 7.6.1)."""
+    connection = headers.get(hdrs.CONNECTION)
+    if connection:
+        for listed in connection.split(","):
+            out.popall(listed.strip(), None)
+
+
 def upstream_headers(
     headers: CIMultiDictProxy[str],
     authorization: str,
@@ -160,10 +170,7 @@ def upstream_headers(
     for name, value in headers.items():
         if name.lower() not in REQUEST_DROP:
             out.add(name, value)
-    connection = headers.get(hdrs.CONNECTION)
-    if connection:
-        for listed in connection.split(","):
-            out.popall(listed.strip(), None)
+    _drop_connection_listed(headers, out)
     out[hdrs.AUTHORIZATION] = authorization
     out["X-Request-ID"] = request_id
     if client_ip:
@@ -180,10 +187,7 @@ def downstream_headers(
     for name, value in headers.items():
         if name.lower() not in drop:
             out.add(name, value)
-    connection = headers.get(hdrs.CONNECTION)
-    if connection:
-        for listed in connection.split(","):
-            out.popall(listed.strip(), None)
+    _drop_connection_listed(headers, out)
     out.update(exchange.rate_headers)
     out["X-Request-ID"] = request_id
     if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):

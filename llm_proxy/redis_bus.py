@@ -35,6 +35,7 @@ from .events import (
     BusStats,
     Event,
     RateLimitedLog,
+    check_bus_sizes,
     decode_event,
     encode_event,
 )
@@ -315,10 +316,7 @@ class RedisEventBus:
         drop_log_interval_s: float = DEFAULT_DROP_LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if buffer_size < 1 or batch_size < 1 or flush_interval_s <= 0:
-            raise ValueError(
-                "buffer_size and batch_size must be >= 1 and flush_interval_s > 0"
-            )
+        check_bus_sizes(buffer_size, batch_size, flush_interval_s)
         self.stream_key = stream_key
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 MANAGEMENT_TOKEN = "test-management-token-0123456789"
@@ -45,3 +47,22 @@ async def proxy_token(client: TestClient[Any, Any], **fields: Any) -> tuple[str,
 def bearer(token: str) -> dict[str, str]:
     """The Authorization header of a proxied call."""
     return {"Authorization": f"Bearer {token}"}
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def require_redis(url: str = REDIS_URL) -> None:
+    """Skip when Redis does not answer; with CI=true that is a failure instead."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        await client.ping()
+    except Exception as exc:
+        reason = f"Redis is not reachable at {url} ({exc}); start redis-server"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    finally:
+        await client.aclose()

@@ -17,23 +17,11 @@ from redis.asyncio import Redis
 from llm_proxy.events import RequestCompleted
 from llm_proxy.redis_bus import RedisEventBus
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from .support import REDIS_URL, require_redis
+
 EVENTS = 60
 
 pytestmark = pytest.mark.redis
-
-
-async def _require_redis() -> None:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception as exc:
-        reason = f"Redis is not reachable at {REDIS_URL} ({exc}); start redis-server"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    finally:
-        await client.aclose()
 
 
 class Collector:
@@ -117,7 +105,7 @@ async def _dispatcher(
 async def test_dispatcher_killed_mid_batch_delivers_every_event_once_after_restart(
     aiohttp_server: AiohttpServer, tmp_path: Path
 ) -> None:
-    await _require_redis()
+    await require_redis()
     stream_key = f"test-dispatcher-{uuid.uuid4().hex}"
     collector = Collector(EVENTS)
     app = web.Application()

@@ -31,7 +31,8 @@ from llm_proxy.events import (
 )
 from llm_proxy.redis_bus import DATA_FIELD, RedisEventBus
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from .support import REDIS_URL, require_redis
+
 TIMEOUT_S = 5.0
 
 MakeBus = Callable[..., Awaitable[EventBus]]
@@ -99,19 +100,6 @@ async def _eventually_async(probe: Callable[[], Awaitable[object]], what: str) -
             await asyncio.sleep(0.02)
 
 
-async def _require_redis(url: str = REDIS_URL) -> None:
-    client = Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception as exc:
-        reason = f"Redis is not reachable at {url} ({exc}); start redis-server"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    finally:
-        await client.aclose()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,7 +131,7 @@ async def make_bus(
     """Build started buses of the current backend; all closed after the test."""
     buses: list[EventBus] = []
     if backend == "redis":
-        await _require_redis()
+        await require_redis()
 
     async def make(**kwargs: Any) -> EventBus:
         bus: EventBus
@@ -387,7 +375,7 @@ async def test_memory_bus_forgets_a_group_when_its_last_consumer_leaves() -> Non
 
 @pytest.fixture
 async def redis_stream(redis_keys: list[str]) -> str:
-    await _require_redis()
+    await require_redis()
     key = f"llm-proxy-test:{uuid.uuid4().hex}"
     redis_keys.append(key)
     return key
