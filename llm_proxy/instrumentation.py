@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import orjson
@@ -43,6 +44,8 @@ access_log = logging.getLogger("llm_proxy.access")
 ESTIMABLE: Final = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
 )
+ESTIMATE_TIMEOUT_S: Final = 10.0
+ESTIMATE_PAUSE_S: Final = 300
 _YIELD_EVERY: Final = (
     16  # events processed per turn: bounds the stall a backlog adds to requests
 )
@@ -164,14 +167,18 @@ class Instrumentation:
         bus: EventBus,
         settings: EventSettings,
         metrics: Metrics | None = None,
+        *,
+        estimator: Callable[[Exchange], Usage] = estimate_for,
     ) -> None:
         self.bus = bus
+        self.estimator = estimator
         self.settings = settings
         self.metrics = metrics
         self.in_flight = 0
         self.dropped = 0
         self.processed = 0
         self._queue: deque[Exchange] = deque()
+        self._estimation_paused_until = 0.0
         self._wakeup = asyncio.Event()
         self._closing = False
         self._drop_log = RateLimitedLog(log)
@@ -211,14 +218,41 @@ class Instrumentation:
     async def _process(self, exchange: Exchange) -> None:
         try:
             usage = account_usage(exchange)
-            if usage is None and needs_estimate(exchange):
-                usage = await asyncio.to_thread(estimate_for, exchange)
+            if usage is None and self._may_estimate() and needs_estimate(exchange):
+                usage = await self._estimate(exchange)
             event = build_event(exchange, usage, self.settings)
         except Exception:  # one bad call must not stop the events of the others
             log.exception("could not build the event of %s", exchange.request_id)
             return
         self.bus.publish(event)
         self._observe(exchange, event, usage)
+
+    def _may_estimate(self) -> bool:
+        return (
+            self.settings.usage_estimation
+            and time.monotonic() >= self._estimation_paused_until
+        )
+
+    async def _estimate(self, exchange: Exchange) -> Usage | None:
+        """tiktoken in a worker thread, bounded in time.
+
+        The first use loads (or, without TIKTOKEN_CACHE_DIR, downloads) an encoding;
+        if that fails or hangs, estimation pauses for a while and the events go out
+        without usage instead of waiting behind it.
+        """
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.estimator, exchange), ESTIMATE_TIMEOUT_S
+            )
+        except Exception as exc:
+            self._estimation_paused_until = time.monotonic() + ESTIMATE_PAUSE_S
+            log.warning(
+                "token estimation failed (%s); paused for %d s. Is TIKTOKEN_CACHE_DIR "
+                "set to a folder with the encodings?",
+                type(exc).__name__,
+                ESTIMATE_PAUSE_S,
+            )
+            return None
 
     def _observe(
         self, exchange: Exchange, event: RequestCompleted, usage: Usage | None

@@ -29,11 +29,13 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _TIKTOKEN_DIR.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_TIKTOKEN_DIR)
 
 
+O200K_FILE = "fb374d419588a4632f3f557e76b4b70aebbca790"  # tiktoken's cache name
+
+
 @pytest.fixture
 def tiktoken_encodings() -> None:
     """Skip (fail on CI) when the offline tiktoken encodings are not available."""
-    folder = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if folder and Path(folder, "fb374d419588a4632f3f557e76b4b70aebbca790").is_file():
+    if _encodings_available():
         return
     reason = "tiktoken encodings not found: set TIKTOKEN_CACHE_DIR to their folder"
     if os.environ.get("CI", "").lower() == "true":
@@ -41,14 +43,24 @@ def tiktoken_encodings() -> None:
     pytest.skip(reason)
 
 
+def _encodings_available() -> bool:
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR")
+    return bool(folder) and Path(folder, O200K_FILE).is_file()
+
+
 @pytest.fixture
 def base_env(tmp_path: Path) -> dict[str, str]:
-    """The smallest environment a proxy starts with, on a throw-away SQLite file."""
+    """The smallest environment a proxy starts with, on a throw-away SQLite file.
+
+    Without the offline encodings, estimation is off: tiktoken would otherwise try to
+    download them from the internet, which tests must never do.
+    """
     return {
         "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.db'}",
         "OPENAI_API_URL": "http://127.0.0.1:9",
         "LOG_LEVEL": "debug",
+        "USAGE_ESTIMATION": "on" if _encodings_available() else "off",
     }
 
 

@@ -308,3 +308,26 @@ async def test_instrumentation_drops_and_counts_when_its_queue_is_full() -> None
     instrumentation.close()
     await instrumentation.run()
     assert bus.stats.published == 1
+
+
+async def test_a_failing_estimator_pauses_estimation_and_loses_no_event(
+    start_proxy: StartProxy,
+) -> None:
+    proxy, sub = await watched(start_proxy, USAGE_ESTIMATION="on")
+    calls: list[str] = []
+
+    def broken_estimator(exchange: Exchange) -> Any:
+        calls.append(exchange.request_id)
+        raise OSError("encodings cannot be loaded")
+
+    proxy.app[INSTRUMENTATION_KEY].estimator = broken_estimator
+    _, token = await proxy_token(proxy)
+    cut = {**bearer(token), "x-fake-behaviour": "drop-mid-stream"}
+    body = {**CHAT, "stream": True}
+    for _ in range(2):
+        response = await proxy.post("/v1/chat/completions", json=body, headers=cut)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    events = await next_events(sub, 2)
+    assert [event.usage for event in events] == [None, None]
+    assert len(calls) == 1, "after one failure estimation pauses"
