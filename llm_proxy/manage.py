@@ -21,7 +21,14 @@ from .keys import SERVICE_KEY
 from .openapi import openapi_document
 from .repository import Project, Token, TokenFilter
 from .services import ServiceError
-from .validation import Field, check_fields, query_bool, query_int, read_json_object
+from .validation import (
+    Field,
+    check_fields,
+    query_bool,
+    query_int,
+    query_text,
+    read_json_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +165,7 @@ async def list_projects_handler(request: web.Request) -> web.Response:
     page = await request.config_dict[SERVICE_KEY].list_projects(
         limit=query_int(request, "limit", 100, low=1, high=MAX_PAGE),
         offset=query_int(request, "offset", 0, low=0, high=2**31),
-        search=request.query.get("search") or None,
+        search=query_text(request, "search"),
     )
     items = [project_json(project) for project in page.items]
     return json_response(items, headers={"X-Total-Count": str(page.total)})
@@ -249,7 +256,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
 async def list_tokens_handler(request: web.Request) -> web.Response:
     """GET /manage/tokens?project_id=&active=&limit=&offset=."""
     token_filter = TokenFilter(
-        project_id=request.query.get("project_id") or None,
+        project_id=query_text(request, "project_id"),
         active=query_bool(request, "active"),
     )
     page = await request.config_dict[SERVICE_KEY].list_tokens(

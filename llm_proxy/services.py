@@ -156,7 +156,7 @@ class ManagementService:
             id=str(uuid.uuid4()),
             name=_valid_name(name),
             description=_valid_description(description),
-            metadata=dict(metadata or {}),
+            metadata=_valid_metadata(metadata),
             encrypted_api_key=self._cipher.encrypt(_valid_api_key(api_key)),
             api_key_hint=mask_api_key(api_key),
             is_active=True,
@@ -183,6 +183,8 @@ class ManagementService:
         self, *, limit: int, offset: int, search: str | None = None
     ) -> Page[Project]:
         """A page of projects in creation order."""
+        if search is not None:
+            _no_nul("search", search)
         items = await self._repository.list_projects(
             limit=limit, offset=offset, search=search
         )
@@ -205,7 +207,7 @@ class ManagementService:
             description=None
             if description is None
             else _valid_description(description),
-            metadata=None if metadata is None else dict(metadata),
+            metadata=None if metadata is None else _valid_metadata(metadata),
             encrypted_api_key=None
             if api_key is None
             else self._cipher.encrypt(_valid_api_key(api_key)),
@@ -315,8 +317,26 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
         )
 
 
+def has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character anywhere (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(key) or has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(has_nul(item) for item in value)
+    return False
+
+
+def _no_nul(param: str, value: Any) -> None:
+    """PostgreSQL text and JSONB cannot hold NUL: refuse it for every backend alike."""
+    if has_nul(value):
+        raise ServiceError(f"{param} must not contain NUL characters.", param=param)
+
+
 def _valid_name(name: str) -> str:
     name = name.strip()
+    _no_nul("name", name)
     if not name or len(name) > MAX_NAME_CHARS:
         raise ServiceError(
             f"name must be 1 to {MAX_NAME_CHARS} characters.", param="name"
@@ -324,7 +344,14 @@ def _valid_name(name: str) -> str:
     return name
 
 
+def _valid_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    data = dict(metadata or {})
+    _no_nul("metadata", data)
+    return data
+
+
 def _valid_description(description: str) -> str:
+    _no_nul("description", description)
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise ServiceError(
             f"description must be at most {MAX_DESCRIPTION_CHARS} characters.",
@@ -335,6 +362,7 @@ def _valid_description(description: str) -> str:
 
 def _valid_api_key(api_key: str) -> str:
     api_key = api_key.strip()
+    _no_nul("openai_api_key", api_key)
     if len(api_key) < 8 or any(c.isspace() for c in api_key):
         raise ServiceError(
             "openai_api_key must be a key of at least 8 characters without spaces.",

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .errors import ApiError
-from .services import ServiceError
+from .services import ServiceError, has_nul
 
 MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
 
@@ -62,6 +62,22 @@ def check_fields(data: Mapping[str, Any], schema: Mapping[str, Field]) -> None:
                 raise ServiceError(f"Missing required field {name!r}.", param=name)
             continue
         _check_type(name, data[name], spec)
+        if has_nul(data[name]):
+            raise ServiceError(
+                f"Field {name!r} must not contain NUL characters.", param=name
+            )
+
+
+def query_text(request: web.Request, name: str) -> str | None:
+    """A text query parameter (None when absent or empty), 400 when it holds NUL."""
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    if "\x00" in raw:
+        raise ServiceError(
+            f"Query parameter {name!r} must not contain NUL.", param=name
+        )
+    return raw
 
 
 def _check_type(name: str, value: Any, spec: Field) -> None:

@@ -354,3 +354,39 @@ async def test_secrets_never_reach_the_database_file(
     assert raw, "the database file exists"
     assert UPSTREAM_KEY.encode() not in raw
     assert token["token"].encode() not in raw
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "a\u0000b", "openai_api_key": UPSTREAM_KEY}, "name"),
+        (
+            {"name": "ok", "openai_api_key": UPSTREAM_KEY, "description": "\u0000"},
+            "description",
+        ),
+        (
+            {"name": "ok", "openai_api_key": UPSTREAM_KEY, "metadata": {"k\u0000": 1}},
+            "metadata",
+        ),
+        (
+            {
+                "name": "ok",
+                "openai_api_key": UPSTREAM_KEY,
+                "metadata": {"k": ["\u0000"]},
+            },
+            "metadata",
+        ),
+    ],
+)
+async def test_nul_characters_are_refused_naming_the_field(
+    client: Client, body: dict[str, Any], param: str
+) -> None:
+    response = await client.post("/manage/projects", json=body, headers=AUTH)
+    assert (await error_of(response, 400))["param"] == param
+
+
+async def test_nul_in_search_is_refused(client: Client) -> None:
+    response = await client.get("/manage/projects?search=%00", headers=AUTH)
+    assert (await error_of(response, 400))["param"] == "search"
+    response = await client.get("/manage/tokens?project_id=%00", headers=AUTH)
+    assert (await error_of(response, 400))["param"] == "project_id"
