@@ -134,7 +134,7 @@ def inject_include_usage(body: bytes, payload: Mapping[str, Any]) -> bytes | Non
     """The body with `stream_options.include_usage: true`, or None to leave it alone.
 
     Only a client that did not decide gets it: an explicit `include_usage` (true or
-    false) or a non-object `stream_options` is left as sent. When `stream_options`
+    false) or a non-object, non-null `stream_options` is left as sent. When `stream_options`
     is absent the key is spliced in before the closing brace, so every other byte
     stays as the client sent it.
     """
@@ -142,6 +142,8 @@ def inject_include_usage(body: bytes, payload: Mapping[str, Any]) -> bytes | Non
         end = body.rfind(b"}")
         return body[:end] + b"," + _INCLUDE_USAGE + body[end:]
     options = payload["stream_options"]
+    if options is None:  # `null` decides nothing: the same as leaving it out
+        return orjson.dumps({**payload, "stream_options": {"include_usage": True}})
     if isinstance(options, dict) and "include_usage" not in options:
         merged = {**payload, "stream_options": {**options, "include_usage": True}}
         return orjson.dumps(merged)

@@ -92,7 +92,7 @@ def test_inject_include_usage_splices_only_when_the_client_did_not_decide() -> N
     }
     explicit = {"stream": True, "stream_options": {"include_usage": False}}
     assert inject_include_usage(b"{}", explicit) is None
-    assert inject_include_usage(b"{}", {"stream_options": None}) is None
+    assert inject_include_usage(b"{}", {"stream_options": "x"}) is None
 
 
 def test_capture_keeps_a_bounded_head_and_tail() -> None:
@@ -226,3 +226,12 @@ def test_encoding_follows_the_model_with_an_o200k_fallback(
     assert encoding_for("gpt-4o-mini").name == "o200k_base"
     assert encoding_for("some-other-provider-model").name == "o200k_base"
     assert encoding_for(None).name == "o200k_base"
+
+
+def test_inject_include_usage_treats_null_stream_options_as_absent() -> None:
+    body = b'{"model": "m", "stream": true, "stream_options": null}'
+    injected = inject_include_usage(body, orjson.loads(body))
+    assert injected is not None
+    assert orjson.loads(injected)["stream_options"] == {"include_usage": True}
+    text = b'{"model": "m", "stream": true, "stream_options": "x"}'
+    assert inject_include_usage(text, orjson.loads(text)) is None
