@@ -1,0 +1,341 @@
+"""`llm-proxy manage project|token ...`: the management API from the command line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import click
+
+from ..manage_client import ManageClient
+from .base import (
+    DEFAULT_MANAGE_URL,
+    F,
+    T,
+    compact,
+    dotenv_environ,
+    echo_json,
+    fail,
+    main,
+    run,
+    upstream_key,
+)
+
+# -- manage --------------------------------------------------------------------------
+
+
+class ManageTarget:
+    """Where the management API is and the token for it (token checked on use)."""
+
+    def __init__(self, base_url: str, token: str | None) -> None:
+        self.base_url = base_url
+        self._token = token
+
+    def client(self) -> ManageClient:
+        """A client for one command."""
+        if not self._token:
+            fail(
+                "no management token: set MANAGEMENT_TOKEN (environment or .env) "
+                "or pass --management-token",
+                2,
+            )
+        return ManageClient(self.base_url, self._token)
+
+
+def json_option(function: F) -> F:
+    """`--json`: print the API's JSON instead of a table."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
+
+
+@main.group()
+@click.option(
+    "--manage-api-base-url",
+    envvar="MANAGE_API_BASE_URL",
+    help=f"Base URL of the proxy (env MANAGE_API_BASE_URL; default {DEFAULT_MANAGE_URL}).",
+)
+@click.option(
+    "--management-token",
+    help="Prefer the MANAGEMENT_TOKEN variable (environment or .env): flags are "
+    "visible in the process list.",
+)
+@click.pass_context
+def manage(
+    ctx: click.Context, manage_api_base_url: str | None, management_token: str | None
+) -> None:
+    """Projects and tokens through the management API of a running proxy."""
+    environ = dotenv_environ()
+    base_url = (
+        manage_api_base_url or environ.get("MANAGE_API_BASE_URL") or DEFAULT_MANAGE_URL
+    )
+    token = management_token or environ.get("MANAGEMENT_TOKEN")
+    ctx.obj = ManageTarget(base_url, token)
+
+
+def call_api(
+    ctx: click.Context, work: Callable[[ManageClient], Coroutine[Any, Any, T]]
+) -> T:
+    """Run `work` with a management client."""
+    target: ManageTarget = ctx.find_object(ManageTarget)  # type: ignore[assignment]
+    client = target.client()
+
+    async def go() -> T:
+        async with client as api:
+            return await work(api)
+
+    return run(go())
+
+
+def echo_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    """A plain aligned table."""
+    cells = [list(headers)] + [
+        ["" if v is None else str(v) for v in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo(
+            "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def echo_fields(item: Mapping[str, Any]) -> None:
+    """`key: value` lines for one object."""
+    width = max(len(k) for k in item)
+    for key, value in item.items():
+        shown = compact(value) if isinstance(value, dict | list) else value
+        click.echo(f"{key.ljust(width)}  {'' if shown is None else shown}")
+
+
+@manage.group()
+def project() -> None:
+    """Projects: list, get, create, update, delete."""
+
+
+@project.command("list")
+@click.option("--search", help="Only names containing this text.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@json_option
+@click.pass_context
+def project_list(
+    ctx: click.Context, search: str | None, limit: int, offset: int, as_json: bool
+) -> None:
+    """List projects."""
+    items, total = call_api(
+        ctx, lambda api: api.list_projects(limit=limit, offset=offset, search=search)
+    )
+    if as_json:
+        echo_json(items)
+        return
+    rows = [
+        (
+            p["project_id"],
+            p["name"],
+            _yes(p["is_active"]),
+            p["api_key_hint"],
+            p["created_at"],
+        )
+        for p in items
+    ]
+    echo_table(rows, ("ID", "NAME", "ACTIVE", "KEY", "CREATED"))
+    click.echo(f"{len(items)} of {total} projects")
+
+
+@project.command("get")
+@click.argument("project_id")
+@json_option
+@click.pass_context
+def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
+    """Show one project."""
+    item = call_api(ctx, lambda api: api.get_project(project_id))
+    echo_json(item) if as_json else echo_fields(item)
+
+
+@project.command("create")
+@click.option("--name", required=True)
+@click.option("--description")
+@click.option("--metadata", help="A JSON object.")
+@json_option
+@click.pass_context
+def project_create(
+    ctx: click.Context,
+    name: str,
+    description: str | None,
+    metadata: str | None,
+    as_json: bool,
+) -> None:
+    """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt."""
+    meta = _json_object(metadata, "--metadata")
+    api_key = upstream_key(non_interactive=False)
+    item = call_api(
+        ctx,
+        lambda api: api.create_project(
+            name=name, api_key=api_key, description=description, metadata=meta
+        ),
+    )
+    echo_json(item) if as_json else echo_fields(item)
+
+
+@project.command("update")
+@click.argument("project_id")
+@click.option("--name")
+@click.option("--description")
+@click.option("--metadata", help="A JSON object (replaces the old one).")
+@click.option("--active/--inactive", default=None, help="Enable or disable.")
+@click.option(
+    "--rotate-key",
+    is_flag=True,
+    help="Replace the upstream key (from OPENAI_API_KEY or a hidden prompt).",
+)
+@json_option
+@click.pass_context
+def project_update(
+    ctx: click.Context,
+    project_id: str,
+    name: str | None,
+    description: str | None,
+    metadata: str | None,
+    active: bool | None,
+    rotate_key: bool,
+    as_json: bool,
+) -> None:
+    """Change a project's fields."""
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if description is not None:
+        changes["description"] = description
+    if metadata is not None:
+        changes["metadata"] = _json_object(metadata, "--metadata")
+    if active is not None:
+        changes["is_active"] = active
+    if rotate_key:
+        changes["openai_api_key"] = upstream_key(non_interactive=False)
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    item = call_api(ctx, lambda api: api.update_project(project_id, changes))
+    echo_json(item) if as_json else echo_fields(item)
+
+
+@project.command("delete")
+@click.argument("project_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def project_delete(ctx: click.Context, project_id: str, yes: bool) -> None:
+    """Delete a project and all of its tokens."""
+    if not yes:
+        click.confirm(f"Delete project {project_id} and its tokens?", abort=True)
+    call_api(ctx, lambda api: api.delete_project(project_id))
+    click.echo(f"deleted project {project_id}")
+
+
+@manage.group()
+def token() -> None:
+    """Tokens: generate, list, get, revoke."""
+
+
+@token.command("generate")
+@click.option("--project-id", required=True)
+@click.option(
+    "--duration-minutes", type=click.IntRange(1), default=24 * 60, show_default=True
+)
+@click.option("--max-requests", type=click.IntRange(1), help="Request budget.")
+@click.option("--rate-limit-per-hour", type=click.IntRange(1))
+@json_option
+@click.pass_context
+def token_generate(
+    ctx: click.Context,
+    project_id: str,
+    duration_minutes: int,
+    max_requests: int | None,
+    rate_limit_per_hour: int | None,
+    as_json: bool,
+) -> None:
+    """Mint a token (its value is shown only now)."""
+    item = call_api(
+        ctx,
+        lambda api: api.create_token(
+            project_id=project_id,
+            duration_minutes=duration_minutes,
+            max_requests=max_requests,
+            rate_limit_per_hour=rate_limit_per_hour,
+        ),
+    )
+    echo_json(item) if as_json else echo_fields(item)
+
+
+@token.command("list")
+@click.option("--project-id")
+@click.option("--active/--inactive", default=None, help="Only live or only dead ones.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@json_option
+@click.pass_context
+def token_list(
+    ctx: click.Context,
+    project_id: str | None,
+    active: bool | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """List tokens, newest first (never their values)."""
+    items, total = call_api(
+        ctx,
+        lambda api: api.list_tokens(
+            project_id=project_id, active=active, limit=limit, offset=offset
+        ),
+    )
+    if as_json:
+        echo_json(items)
+        return
+    rows = [
+        (
+            t["token_id"],
+            t["project_id"],
+            "..." + t["token_hint"],
+            _yes(t["is_active"]),
+            t["expires_at"],
+            f"{t['request_count']}/{t['max_requests'] or '-'}",
+            t["rate_limit_per_hour"] or "-",
+        )
+        for t in items
+    ]
+    headers = ("ID", "PROJECT", "TOKEN", "ACTIVE", "EXPIRES", "REQUESTS", "PER HOUR")
+    echo_table(rows, headers)
+    click.echo(f"{len(items)} of {total} tokens")
+
+
+@token.command("get")
+@click.argument("token_id")
+@json_option
+@click.pass_context
+def token_get(ctx: click.Context, token_id: str, as_json: bool) -> None:
+    """Show one token."""
+    item = call_api(ctx, lambda api: api.get_token(token_id))
+    echo_json(item) if as_json else echo_fields(item)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: str) -> None:
+    """Revoke a token (it stops working at once)."""
+    call_api(ctx, lambda api: api.revoke_token(token_id))
+    click.echo(f"revoked token {token_id}")
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc.msg}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return value
