@@ -19,6 +19,8 @@ from typing import Final
 from yarl import URL
 
 DEFAULT_DATABASE_URL: Final = "sqlite:///./data/llm-proxy.db"
+DEFAULT_EVENT_LOG: Final = "./data/events.jsonl"
+OFF_WORDS: Final = frozenset({"off", "none", "false", "0", "-"})
 MIN_MANAGEMENT_TOKEN_CHARS: Final = 16
 MIN_ADMIN_PASSWORD_CHARS: Final = 12
 LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "warn", "error", "critical"})
@@ -256,7 +258,7 @@ def _parse(env: _Env) -> Settings:
         shutdown_grace_s=env.seconds("SHUTDOWN_GRACE_PERIOD", 30.0),
         forward_client_ip=env.boolean("FORWARD_CLIENT_IP", False),
         metrics_token=env.text("METRICS_TOKEN"),
-        file_event_log=_optional_path(env.text("FILE_EVENT_LOG")),
+        file_event_log=_event_log_path(env.text("FILE_EVENT_LOG", DEFAULT_EVENT_LOG)),
         db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
         events=_events(env),
         dispatcher=_dispatcher(env),
@@ -411,3 +413,10 @@ def _optional_path(value: str | None) -> Path | None:
 def _log_level(value: str) -> str:
     """`warn` is accepted as a spelling of `warning`."""
     return "warning" if value == "warn" else value
+
+
+def _event_log_path(value: str | None) -> Path | None:
+    """FILE_EVENT_LOG: a path, or `off` for no JSONL event log."""
+    if value is None or value.lower() in OFF_WORDS:
+        return None
+    return Path(value)

@@ -51,6 +51,7 @@ def start_summary(settings: Settings) -> dict[str, Any]:
         if settings.admin_enabled
         else "off (ADMIN_USER/ADMIN_PASSWORD unset)",
         "allowlist": str(settings.api_config_path or "built-in OpenAI defaults"),
+        "event_log": str(settings.file_event_log or "off"),
     }
 
 

@@ -60,6 +60,8 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.db'}",
         "OPENAI_API_URL": "http://127.0.0.1:9",
         "LOG_LEVEL": "debug",
+        "FILE_EVENT_LOG": str(tmp_path / "events.jsonl"),
+        "DEAD_LETTER_DIR": str(tmp_path),
         "USAGE_ESTIMATION": "on" if _encodings_available() else "off",
     }
 

@@ -237,3 +237,13 @@ def test_dispatcher_retry_max_must_not_be_below_the_base() -> None:
 def test_log_level_spellings(given: str, level: str) -> None:
     settings = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN, "LOG_LEVEL": given})
     assert settings.log_level == level
+
+
+def test_event_log_defaults_to_a_jsonl_file_and_can_be_turned_off() -> None:
+    settings = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN})
+    assert settings.file_event_log == Path("./data/events.jsonl")
+    for off in ("off", "none", "OFF"):
+        env = {"MANAGEMENT_TOKEN": TOKEN, "FILE_EVENT_LOG": off}
+        assert Settings.from_env(env).file_event_log is None
+    env = {"MANAGEMENT_TOKEN": TOKEN, "FILE_EVENT_LOG": "/var/log/e.jsonl"}
+    assert Settings.from_env(env).file_event_log == Path("/var/log/e.jsonl")

@@ -323,7 +323,9 @@ def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
 
 
 def test_create_backend_needs_its_endpoint_and_key(tmp_path: Path) -> None:
-    settings = Settings.from_env({"MANAGEMENT_TOKEN": "0123456789abcdef"})
+    settings = Settings.from_env(
+        {"MANAGEMENT_TOKEN": "0123456789abcdef", "FILE_EVENT_LOG": "off"}
+    )
     for service in ("file", "http", "helicone", "lunary", "kafka"):
         with pytest.raises(ConfigError):
             create_backend(service, settings)
@@ -343,7 +345,7 @@ def test_event_record_flattens_extra_and_adds_seed_metadata() -> None:
 async def test_usage_recorder_writes_rows_for_proxied_calls(
     start_proxy: Callable[..., Any],
 ) -> None:
-    proxy = await start_proxy(EVENT_FLUSH_INTERVAL="0.01")
+    proxy = await start_proxy(EVENT_FLUSH_INTERVAL="0.01", FILE_EVENT_LOG="off")
     project_id, token = await proxy_token(proxy)
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     await proxy.post("/v1/chat/completions", json=chat, headers=bearer(token))

@@ -228,7 +228,9 @@ async def test_client_leaving_a_stream_is_recorded(
 async def test_a_stalled_subscriber_costs_bounded_memory_under_10000_requests(
     start_proxy: StartProxy,
 ) -> None:
-    proxy: Client = await start_proxy(EVENT_BUFFER_SIZE="100", EVENT_BATCH_SIZE="50")
+    proxy: Client = await start_proxy(
+        EVENT_BUFFER_SIZE="100", EVENT_BATCH_SIZE="50", FILE_EVENT_LOG="off"
+    )
     bus = proxy.app[EVENT_BUS_KEY]
     assert isinstance(bus, InMemoryEventBus)
     bus.subscribe("stalled")  # never read

@@ -46,14 +46,19 @@ async def pg_schema() -> AsyncIterator[str]:
 @pytest.fixture
 async def pg_client(
     aiohttp_client: AiohttpClient, proxy_env: dict[str, str], pg_schema: str
-) -> TestClient[Any, Any]:
-    """The whole app on PostgreSQL (search_path selects the test's schema)."""
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """The whole app on PostgreSQL (search_path selects the test's schema).
+
+    Closed here, before the schema is dropped, so its shutdown flush finds its tables.
+    """
     env = {
         **proxy_env,
         "DATABASE_URL": f"{POSTGRES_URL}?search_path={pg_schema}",
         "ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),
     }
-    return await aiohttp_client(create_app(Settings.from_env(env)))
+    client = await aiohttp_client(create_app(Settings.from_env(env)))
+    yield client
+    await client.close()
 
 
 async def test_postgres_walk_through_create_use_revoke(
