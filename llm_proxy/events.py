@@ -46,6 +46,17 @@ def utc_now_iso() -> str:
     return now.replace("+00:00", "Z")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The dataclass field names of an event class (computed once per class)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BaseEvent:
     """Fields and JSON (de)serialisation shared by every event type.
@@ -64,9 +75,16 @@ class BaseEvent:
     def to_json_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of every field plus the `type` tag."""
         data: dict[str, Any] = {"type": self.type_tag}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            data[f.name] = dict(value) if isinstance(value, Mapping) else value
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            # `dict` first: the common case, and far cheaper than the ABC check
+            if type(value) is dict or (
+                value is not None
+                and not isinstance(value, str | int | float | bool)
+                and isinstance(value, Mapping)
+            ):
+                value = dict(value)
+            data[name] = value
         return data
 
     @classmethod
