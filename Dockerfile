@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # llm-proxy container image: `docker build -t llm-proxy .`, then
 #   docker run -p 8080:8080 -e MANAGEMENT_TOKEN=... -v llm-proxy-data:/app/data llm-proxy
-# The default database is SQLite in the /app/data volume; set DATABASE_URL to a
+# The default database, event log and tiktoken encodings (downloaded once, for usage
+# estimates) live in the /app/data volume; set DATABASE_URL to a
 # postgres:// DSN (and ENCRYPTION_KEY) for production, as docker-compose.yml does.
 
 # ---- builder: the project wheel and the wheels of its dependencies
@@ -25,7 +26,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LISTEN_ADDR=:8080 \
-    DATABASE_URL=sqlite:////app/data/llm-proxy.db
+    DATABASE_URL=sqlite:////app/data/llm-proxy.db \
+    TIKTOKEN_CACHE_DIR=/app/data/tiktoken
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels /wheels/llm_proxy-*.whl
