@@ -29,7 +29,6 @@ from .keys import (
     SETTINGS_KEY,
     TOKEN_STORE_KEY,
     TOKEN_SYNC_KEY,
-    ReadyCheck,
 )
 from .manage import create_management_app
 from .metrics import METRICS_KEY, Metrics, metrics_handler_for
@@ -43,6 +42,7 @@ from .middlewares import (
 )
 from .proxy import proxy_handler, upstream_session_ctx
 from .ratelimit import GcraLimiter
+from .readiness import RedisCheck, breaker_check
 from .repository import create_repository
 from .services import ManagementService, check_encryption_key
 from .tokens import TokenStore, TokenSync
@@ -88,6 +88,10 @@ def create_app(settings: Settings) -> web.Application:
     )
     breaker = new_breaker(settings)
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
+    if settings.redis_url:
+        redis_check = RedisCheck(settings.redis_url)
+        app[READY_CHECKS_KEY]["redis"] = redis_check
+        app.on_cleanup.append(redis_check.close_on_cleanup)
     metrics = app[METRICS_KEY] = Metrics()
     metrics.live.breaker = breaker
     bus = app[EVENT_BUS_KEY] = create_event_bus(settings)
@@ -169,15 +173,6 @@ def new_breaker(settings: Settings) -> CircuitBreaker:
         settings.breaker.cooldown_s,
         on_change=log_change,
     )
-
-
-def breaker_check(breaker: CircuitBreaker) -> ReadyCheck:
-    """A /ready entry showing the breaker state (an open breaker is not 'not ready')."""
-
-    async def check() -> str:
-        return f"ok ({breaker.state.value})"
-
-    return check
 
 
 async def repository_ctx(app: web.Application) -> AsyncIterator[None]:
