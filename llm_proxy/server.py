@@ -86,6 +86,9 @@ def serve(settings: Settings, pid_file: Path | None = None) -> None:
             shutdown_timeout=settings.shutdown_grace_s,
             access_log=None,
             print=None,
+            # A client that hangs up cancels its handler at once, so a stalled
+            # upstream stream is closed then, not when its next chunk arrives.
+            handler_cancellation=True,
             loop=new_event_loop(),
         )
     finally:

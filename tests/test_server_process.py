@@ -6,6 +6,7 @@ person types them; nothing is imported into the test's interpreter but the helpe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -13,7 +14,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from llm_proxy.bench import PROXY_ENV_NAMES
@@ -197,3 +200,70 @@ def test_newcomer_setup_serve_generate_token_and_chat(
     finally:
         fake.terminate()
         fake.wait(10)
+
+
+async def test_served_proxy_closes_a_stalled_upstream_stream_when_the_client_leaves(
+    tmp_path: Path, fake: Any, proxy_env: dict[str, str]
+) -> None:
+    """`llm-proxy serve` as a real process: a client hanging up mid-stream cancels at once."""
+    port = free_port()
+    env = clean_environ(
+        MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        OPENAI_API_URL=proxy_env["OPENAI_API_URL"],
+        FILE_EVENT_LOG="off",
+    )
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "serve",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_healthy(session, base)
+            token = await _mint_token(session, base)
+            body = {
+                "model": "gpt-4o-mini",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "x-fake-behaviour": "stall-after-first-event",
+            }
+            response = await session.post(
+                f"{base}/v1/chat/completions", json=body, headers=headers
+            )
+            await response.content.readuntil(b"\n\n")
+            response.close()  # the client hangs up while the upstream is stalled
+            await fake.wait_for(lambda state: state.streams_cancelled == 1, 5)
+    finally:
+        process.terminate()
+        await process.wait()
+    assert fake.open_streams == 0
+
+
+async def _wait_healthy(session: aiohttp.ClientSession, base: str) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with session.get(f"{base}/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def _mint_token(session: aiohttp.ClientSession, base: str) -> str:
+    auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    project = {"name": "served", "openai_api_key": UPSTREAM_KEY}
+    async with session.post(f"{base}/manage/projects", json=project, headers=auth) as r:
+        project_id = (await r.json())["project_id"]
+    token = {"project_id": project_id, "duration_minutes": 5}
+    async with session.post(f"{base}/manage/tokens", json=token, headers=auth) as r:
+        return str((await r.json())["token"])
