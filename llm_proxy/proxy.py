@@ -292,6 +292,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     )
     if exchange.usage_injected:
         headers.popall(hdrs.CONTENT_LENGTH, None)  # aiohttp sets the new length
+        # The usage-only chunk we asked for must be taken out again, which needs the
+        # stream uncompressed; identity is acceptable to every client.
+        headers[hdrs.ACCEPT_ENCODING] = "identity"
     url = upstream_url(settings.upstream.base_text, exchange.path, request.raw_path)
     exchange.upstream_started = time.perf_counter()
     exchange.reached_upstream = True

@@ -386,3 +386,17 @@ async def test_request_without_principal_never_logs_token(
     await proxy.get("/v1/nothing", headers=bearer(token))
     assert token not in caplog.text and UPSTREAM_KEY not in caplog.text
     assert orjson.dumps(caplog.text)
+
+
+async def test_streams_with_injected_usage_are_asked_for_uncompressed(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    _, token = await proxy_token(proxy)
+    headers = {**bearer(token), "Accept-Encoding": "gzip, br"}
+    body = {**CHAT, "stream": True}
+    response = await proxy.post("/v1/chat/completions", json=body, headers=headers)
+    assert await response.read() == load_fixture("chat_stream_no_usage.sse")
+    assert fake.requests[0].headers["Accept-Encoding"] == "identity"
+    asked = {**body, "stream_options": {"include_usage": False}}
+    await proxy.post("/v1/chat/completions", json=asked, headers=headers)
+    assert fake.requests[1].headers["Accept-Encoding"] == "gzip, br"
