@@ -20,7 +20,6 @@ TOKEN_STORE_KEY = web.AppKey("token_store", TokenStore)
 TOKEN_SYNC_KEY = web.AppKey("token_sync", TokenSync)
 
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
-REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 ReadyCheck = Callable[[], Awaitable[str]]
 READY_CHECKS_KEY = web.AppKey[dict[str, ReadyCheck]]("ready_checks")

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .exchange import Exchange
 from .instrumentation import Instrumentation
-from .keys import EXCHANGE_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
+from .keys import EXCHANGE_KEY, PRINCIPAL_KEY
 from .proxy import request_id_of
 from .ratelimit import Limiter
 from .tokens import AuthFailure, TokenStore
@@ -92,9 +92,7 @@ def instrumentation_middleware(instrumentation: Instrumentation) -> Middleware:
         record = Exchange(
             request_id_of(request.headers), time.perf_counter(), request.method
         )
-        record.path = request.path
         request[EXCHANGE_KEY] = record
-        request[REQUEST_ID_KEY] = record.request_id
         instrumentation.in_flight += 1
         try:
             return await handler(request)
@@ -141,6 +139,9 @@ def allowlist_middleware(allowlist: Allowlist) -> Middleware:
         request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         path = normalise_path(request.raw_path)
+        exchange = request[EXCHANGE_KEY]
+        # A refused path is recorded as it came, without its query.
+        exchange.path = path if path is not None else request.raw_path.split("?")[0]
         verdict = (
             allowlist.match(request.method, path) if path is not None else NOT_FOUND
         )
@@ -155,8 +156,6 @@ def allowlist_middleware(allowlist: Allowlist) -> Middleware:
                 code="method_not_allowed",
                 headers={"Allow": verdict.allow_header},
             )
-        exchange = request[EXCHANGE_KEY]
-        exchange.path = path or ""
         exchange.endpoint = verdict.endpoint
         exchange.models = verdict.models
         return await handler(request)

@@ -36,7 +36,6 @@ from .exchange import Exchange
 from .keys import (
     EXCHANGE_KEY,
     PRINCIPAL_KEY,
-    REQUEST_ID_KEY,
     SETTINGS_KEY,
     UPSTREAM_SESSION_KEY,
 )
@@ -179,7 +178,7 @@ def upstream_headers(
 
 
 def downstream_headers(
-    headers: CIMultiDictProxy[str], exchange: Exchange, request_id: str
+    headers: CIMultiDictProxy[str], exchange: Exchange, is_sse: bool
 ) -> CIMultiDict[str]:
     """Upstream headers minus hop-by-hop and cookies, plus ours."""
     out: CIMultiDict[str] = CIMultiDict()
@@ -189,8 +188,8 @@ def downstream_headers(
             out.add(name, value)
     _drop_connection_listed(headers, out)
     out.update(exchange.rate_headers)
-    out["X-Request-ID"] = request_id
-    if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+    out["X-Request-ID"] = exchange.request_id
+    if is_sse:
         out["X-Accel-Buffering"] = "no"
         out.setdefault(hdrs.CACHE_CONTROL, "no-cache")
     return out
@@ -277,7 +276,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Forward one request upstream and relay the response chunk by chunk."""
     settings = request.app[SETTINGS_KEY]
     exchange = request[EXCHANGE_KEY]
-    request_id = request[REQUEST_ID_KEY]
     body = await read_body(request, exchange)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
@@ -287,7 +285,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     headers = upstream_headers(
         request.headers,
         request[PRINCIPAL_KEY].upstream_authorization,
-        request_id,
+        exchange.request_id,
         client_ip,
     )
     if exchange.usage_injected:
@@ -307,19 +305,21 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         settings.upstream.retries,
     )
     async with upstream:
-        return await relay(request, upstream, exchange, request_id)
+        return await relay(request, upstream, exchange)
 
 
 async def relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     exchange: Exchange,
-    request_id: str,
 ) -> web.StreamResponse:
     """Send upstream's status and headers at once, then each chunk as it arrives."""
     exchange.status = upstream.status
-    headers = downstream_headers(upstream.headers, exchange, request_id)
-    stripper = _usage_stripper(upstream, exchange)
+    content_type = upstream.content_type
+    is_sse = content_type == "text/event-stream"
+    exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
+    headers = downstream_headers(upstream.headers, exchange, is_sse)
+    stripper = _usage_stripper(upstream.status, exchange, is_sse)
     if stripper is not None:
         headers.popall(hdrs.CONTENT_LENGTH, None)
     response = web.StreamResponse(
@@ -327,7 +327,7 @@ async def relay(
     )
     if upstream.content_length is not None and stripper is None:
         response.content_length = upstream.content_length
-    exchange.capture = _capture_for(upstream, exchange, request)
+    exchange.capture = _capture_for(content_type, exchange, request, is_sse)
     try:
         await response.prepare(request)
     except ConnectionResetError as exc:  # the client left before the status line
@@ -389,31 +389,26 @@ async def _relay_body(
             exchange.bytes_out += len(rest)
 
 
-def _is_sse(upstream: aiohttp.ClientResponse) -> bool:
-    return upstream.content_type == "text/event-stream"
-
-
 def _usage_stripper(
-    upstream: aiohttp.ClientResponse, exchange: Exchange
+    status: int, exchange: Exchange, is_sse: bool
 ) -> UsageChunkStripper | None:
     """A stripper when we asked for usage the client did not ask for."""
-    if not exchange.usage_injected or upstream.status != 200:
+    if not exchange.usage_injected or status != 200:
         return None
-    if not _is_sse(upstream) or upstream.headers.get(hdrs.CONTENT_ENCODING):
+    if not is_sse or exchange.content_encoding:
         return None
     return UsageChunkStripper()
 
 
 def _capture_for(
-    upstream: aiohttp.ClientResponse, exchange: Exchange, request: web.Request
+    content_type: str, exchange: Exchange, request: web.Request, is_sse: bool
 ) -> ResponseCapture | None:
     """Bounded capture of JSON and SSE answers (usage, estimates, logged bodies)."""
-    exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
-    if _is_sse(upstream):
+    if is_sse:
         exchange.response_kind = "sse"
         limit = request.app[SETTINGS_KEY].events.stream_capture_max_bytes
         return ResponseCapture(limit)
-    if upstream.content_type == "application/json":
+    if content_type == "application/json":
         exchange.response_kind = "json"
         return ResponseCapture(JSON_PEEK_LIMIT)
     return None
