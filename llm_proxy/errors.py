@@ -18,11 +18,17 @@ Upstream 4xx/5xx answers are not ours: they pass through byte for byte.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+
+def retry_after(seconds: float) -> str:
+    """A `Retry-After` value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
 
 
 class ProxyError(Exception):
@@ -76,7 +82,7 @@ class RateLimitedError(ApiError):
     def __init__(
         self, message: str, *, retry_after_s: float, code: str, extra: Mapping[str, str]
     ) -> None:
-        headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999))), **extra}
+        headers = {"Retry-After": retry_after(retry_after_s), **extra}
         super().__init__(
             429, message, type="rate_limit_error", code=code, headers=headers
         )
@@ -111,7 +117,7 @@ class CircuitOpenError(UpstreamError):
             "The upstream API is failing; requests are paused for a moment.",
             type="api_error",
             code="circuit_open",
-            headers={"Retry-After": str(max(1, int(retry_after_s + 0.999)))},
+            headers={"Retry-After": retry_after(retry_after_s)},
         )
 
 
