@@ -136,15 +136,3 @@ def error_body(
         "code": code,
     }
     return orjson.dumps({"error": error})
-
-
-def bad_request(
-    message: str, *, param: str | None = None, code: str = "invalid_request"
-) -> ApiError:
-    """400 naming the offending field."""
-    return ApiError(400, message, param=param, code=code)
-
-
-def not_found(message: str = "Not found.", code: str = "not_found") -> ApiError:
-    """404 in OpenAI's shape."""
-    return NotAllowedError(404, message, code=code)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -301,12 +301,10 @@ class TokenSync:
         await self.flush()
 
     @staticmethod
-    async def _every(interval_s: float, work: Callable[[], object]) -> None:
+    async def _every(interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                result = work()
-                if asyncio.iscoroutine(result):
-                    await result
+                await work()
             except Exception:
                 log.exception("background token sync failed; retrying next interval")
