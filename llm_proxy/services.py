@@ -317,20 +317,20 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
         )
 
 
-def has_nul(value: Any) -> bool:
+def _has_nul(value: Any) -> bool:
     """Whether a JSON value holds a NUL character anywhere (keys included)."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(has_nul(key) or has_nul(item) for key, item in value.items())
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
     if isinstance(value, list):
-        return any(has_nul(item) for item in value)
+        return any(_has_nul(item) for item in value)
     return False
 
 
 def _no_nul(param: str, value: Any) -> None:
     """PostgreSQL text and JSONB cannot hold NUL: refuse it for every backend alike."""
-    if has_nul(value):
+    if _has_nul(value):
         raise ServiceError(f"{param} must not contain NUL characters.", param=param)
 
 

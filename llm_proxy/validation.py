@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .errors import ApiError
-from .services import ServiceError, has_nul
+from .services import ServiceError
 
 MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
 
@@ -62,10 +62,6 @@ def check_fields(data: Mapping[str, Any], schema: Mapping[str, Field]) -> None:
                 raise ServiceError(f"Missing required field {name!r}.", param=name)
             continue
         _check_type(name, data[name], spec)
-        if has_nul(data[name]):
-            raise ServiceError(
-                f"Field {name!r} must not contain NUL characters.", param=name
-            )
 
 
 def query_text(request: web.Request, name: str) -> str | None:
