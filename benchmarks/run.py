@@ -2,7 +2,8 @@
 
 Starts, on loopback:
 - nginx as the upstream (static chat completion JSON, so the upstream is never the
-  bottleneck) and a 20-event SSE upstream behind it on /v1/responses;
+  bottleneck) and, for requests that accept text/event-stream, a 20-event SSE
+  upstream behind it;
 - the baseline forwarder (benchmarks/baseline.py) and the real proxy (token auth,
   rate limit, allowlist, breaker, instrumentation with a JSONL event log), each
   pinned to CPU 0 in turn, while nginx, wrk and this script run on the other CPU.
@@ -38,7 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGEMENT_TOKEN = "benchmark-management-token-0123456789"
 UPSTREAM_KEY = "sk-benchmark-upstream-key-0123456789"
 CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
-STREAM_BODY = '{"model":"gpt-4o-mini","input":"Say hi","stream":true}'
+STREAM_BODY = (
+    '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}],'
+    '"stream":true}'
+)
+STREAM_EVENTS = 20
 TARGETS = {"throughput_ratio": 0.9, "throughput_floor": 0.8, "p50_added_ms": 0.1}
 TARGET_TTFB_MS = 1.0
 TARGET_RSS_MIB = 80.0
@@ -104,18 +109,18 @@ http {{
         listen 127.0.0.1:{port} reuseport;
         keepalive_requests 1000000;
         location = /v1/chat/completions {{
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
             default_type application/json;
-            return 200 '{chat}';
+            if ($http_accept != "text/event-stream") {{
+                return 200 '{chat}';
+            }}
+            proxy_pass http://sse;
         }}
         location = /v1/models {{
             default_type application/json;
             return 200 '{models}';
-        }}
-        location = /v1/responses {{
-            proxy_pass http://sse;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
         }}
     }}
 }}
@@ -212,16 +217,26 @@ def _percentile(out: str, label: str) -> float:
 
 
 async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
-    """Time to the first body chunk of `count` sequential 20-event streams, in ms."""
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    """Time to the first body chunk of `count` sequential 20-event streams, in ms.
+
+    Each stream is read to its end and checked: a 200 with all 20 events and [DONE].
+    """
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+    }
     samples: list[float] = []
     async with aiohttp.ClientSession() as session:
         for _ in range(count):
             started = time.perf_counter()
             async with session.post(url, data=STREAM_BODY, headers=headers) as response:
-                await response.content.readany()
+                first = await response.content.readany()
                 samples.append((time.perf_counter() - started) * 1000)
-                await response.read()
+                body = first + await response.read()
+                deltas = body.count(b'"content":"tok "')
+                if response.status != 200 or deltas != STREAM_EVENTS:
+                    raise RuntimeError(f"bad stream from {url}: {response.status}")
     return samples
 
 
@@ -276,7 +291,7 @@ def measure(
     result.p50_ms_c1.append(p50)
     result.p99_ms_c1.append(p99)
     result.ttfb_ms.extend(
-        asyncio.run(ttfb_samples(f"{base}/v1/responses", token, stream_n))
+        asyncio.run(ttfb_samples(f"{base}/v1/chat/completions", token, stream_n))
     )
 
 

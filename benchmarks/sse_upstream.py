@@ -1,5 +1,8 @@
 """A benchmark upstream that streams 20 chat-completion SSE events, 1 ms apart.
 
+Like OpenAI, it ends with a usage chunk when the request asked for one
+(`stream_options.include_usage`), then `data: [DONE]`.
+
 python benchmarks/sse_upstream.py --port 9002
 """
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 import uvloop
 from aiohttp import web
@@ -18,16 +22,25 @@ _CHUNK = (
     b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"tok "},'
     b'"finish_reason":null}]}\n\n'
 )
+_USAGE = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+    b'"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":9,'
+    b'"completion_tokens":20,"total_tokens":29}}\n\n'
+)
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    """20 events then [DONE], as OpenAI streams them."""
-    await request.read()
+    """20 events, the usage chunk when asked for, then [DONE]."""
+    body = json.loads(await request.read())
+    if not body.get("stream"):
+        raise web.HTTPBadRequest(text="this upstream only streams")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     for _ in range(EVENTS):
         await response.write(_CHUNK)
         await asyncio.sleep(GAP_S)
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(_USAGE)
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
