@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -33,6 +34,9 @@ DEFAULT_PID_FILE: Final = Path("llm-proxy.pid")
 DEFAULT_LOG_FILE: Final = Path("llm-proxy.log")
 POLL_INTERVAL_S: Final = 0.05
 WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# CPython's default (700) runs a young-generation collection every few requests under
+# load, and every in-flight request's objects survive it into older generations.
+GC_GEN0_THRESHOLD: Final = 10_000
 
 
 class PidFileError(Exception):
@@ -55,6 +59,19 @@ def start_summary(settings: Settings) -> dict[str, Any]:
     }
 
 
+def tune_gc() -> None:
+    """Freeze what start-up created and collect the young generation less often.
+
+    The modules, settings and pools made at start live as long as the process; frozen,
+    no collection walks them again. Under load this cut the proxy's CPU per request by
+    about a tenth (see the README's benchmark section). Cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (Linux, macOS), the stdlib loop elsewhere."""
     try:
@@ -73,6 +90,7 @@ def serve(settings: Settings, pid_file: Path | None = None) -> None:
     app = create_app(settings)
 
     async def announce(_: web.Application) -> None:
+        tune_gc()
         if pid_file is not None:
             write_pid_file(pid_file, os.getpid())
         log.info("llm-proxy started", extra=start_summary(settings))
