@@ -8,7 +8,9 @@ bus lives in `redis_bus.py` and implements the same protocol.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -16,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Final, Protocol, Self, TypeAlias
 
 import orjson
@@ -40,24 +42,59 @@ def new_event_id() -> str:
     return f"{_EVENT_ID_PREFIX}{next(_event_ids):016x}"
 
 
+@functools.lru_cache(maxsize=8)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+@functools.lru_cache(maxsize=8)
+def _second_epoch(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+def utc_iso_at(epoch_s: float) -> str:
+    """`epoch_s` as ISO-8601 UTC with milliseconds and a `Z` (like 2026-11-27T10:49:19.123Z).
+
+    Every event gets one; the date and time part is formatted once per second, which
+    makes this about five times cheaper than `datetime.isoformat`.
+    """
+    second = int(epoch_s)
+    return f"{_second_text(second)}.{int((epoch_s - second) * 1000):03d}Z"
+
+
 def utc_now_iso() -> str:
-    """Return the current UTC time as ISO-8601 with milliseconds and a `Z` suffix."""
-    now = datetime.now(UTC).isoformat(timespec="milliseconds")
-    return now.replace("+00:00", "Z")
+    """The current UTC time as ISO-8601 with milliseconds and a `Z` suffix."""
+    return utc_iso_at(time.time())
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+def iso_epoch_s(stamp: str) -> float:
+    """Epoch seconds of an ISO-8601 time; raises `ValueError` when it is not one.
+
+    Our own form (`utc_iso_at`) is read with one cached conversion per second; any
+    other ISO form goes through `datetime.fromisoformat`.
+    """
+    millis = stamp[20:23]
+    if len(stamp) == 24 and stamp[19] == "." and stamp[23] == "Z" and millis.isdigit():
+        return _second_epoch(stamp[:19]) + int(millis) / 1000
+    return datetime.fromisoformat(stamp).timestamp()
 
 
-def _field_names(cls: type) -> tuple[str, ...]:
-    """The dataclass field names of an event class (computed once per class)."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
+_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def _fields_of(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """An event class's field names, and those holding mappings (computed once)."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        fields = dataclasses.fields(cls)
+        known = _FIELDS[cls] = (
+            tuple(f.name for f in fields),
+            tuple(f.name for f in fields if "Mapping" in str(f.type)),
+        )
+    return known
+
+
+@dataclass(slots=True, kw_only=True)
 class BaseEvent:
     """Fields and JSON (de)serialisation shared by every event type.
 
@@ -74,17 +111,14 @@ class BaseEvent:
 
     def to_json_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of every field plus the `type` tag."""
+        names, mappings = _fields_of(type(self))
         data: dict[str, Any] = {"type": self.type_tag}
-        for name in _field_names(type(self)):
-            value = getattr(self, name)
-            # `dict` first: the common case, and far cheaper than the ABC check
-            if type(value) is dict or (
-                value is not None
-                and not isinstance(value, str | int | float | bool)
-                and isinstance(value, Mapping)
-            ):
-                value = dict(value)
-            data[name] = value
+        for name in names:
+            data[name] = getattr(self, name)
+        for name in mappings:  # any Mapping becomes a plain dict (a copy)
+            value = data[name]
+            if value is not None:
+                data[name] = dict(value)
         return data
 
     @classmethod
@@ -101,7 +135,7 @@ class BaseEvent:
             raise ValueError(f"invalid {cls.__name__} event: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RequestCompleted(BaseEvent):
     """One proxied call: who made it, what it was, how long it took, what it used."""
 

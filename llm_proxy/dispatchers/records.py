@@ -10,10 +10,9 @@ the top level.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
-from ..events import Event
+from ..events import Event, iso_epoch_s
 
 
 def event_record(event: Event) -> dict[str, Any]:
@@ -37,7 +36,7 @@ def event_record(event: Event) -> dict[str, Any]:
 def event_time_s(event: Event) -> float:
     """The event's timestamp (when the call ended) in epoch seconds, 0 if unreadable."""
     try:
-        return datetime.fromisoformat(event.timestamp).timestamp()
+        return iso_epoch_s(event.timestamp)
     except ValueError:
         return 0.0
 
