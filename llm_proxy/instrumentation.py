@@ -292,27 +292,29 @@ def _access_line(exchange: Exchange, event: RequestCompleted) -> None:
 def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
     """Update the request, latency and token metrics for one finished call."""
     endpoint = exchange.endpoint or "unknown"
-    child = metrics.labelled
-    child(metrics.requests, endpoint, exchange.method, str(exchange.status)).inc()
-    child(metrics.duration, endpoint).observe(exchange.finished - exchange.started)
+    metrics.requests.labels(endpoint, exchange.method, str(exchange.status)).inc()
+    metrics.duration.labels(endpoint).observe(exchange.finished - exchange.started)
     if exchange.reached_upstream and exchange.upstream_finished:
-        child(metrics.upstream_duration, endpoint).observe(
+        metrics.upstream_duration.labels(endpoint).observe(
             exchange.upstream_finished - exchange.upstream_started
         )
         metrics.pre_upstream.observe(exchange.upstream_started - exchange.started)
     if exchange.ttfb_s is not None:
-        child(metrics.ttfb, endpoint).observe(exchange.ttfb_s)
+        metrics.ttfb.labels(endpoint).observe(exchange.ttfb_s)
     if usage is not None:
-        project, model = exchange.project_id or "", exchange.model or ""
-        counts = {
-            "prompt": usage.prompt_tokens,
-            "completion": usage.completion_tokens,
-            "cached": usage.cached_tokens,
-            "reasoning": usage.reasoning_tokens,
-        }
-        for kind, count in counts.items():
+        tokens, project, model = (
+            metrics.tokens,
+            exchange.project_id or "",
+            exchange.model or "",
+        )
+        for kind, count in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached", usage.cached_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ):
             if count:
-                child(metrics.tokens, project, model, kind, usage.source).inc(count)
+                tokens.labels(project, model, kind, usage.source).inc(count)
 
 
 INSTRUMENTATION_KEY: Final = web.AppKey("instrumentation", Instrumentation)

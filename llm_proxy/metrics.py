@@ -8,19 +8,23 @@ counters, breaker state) are read only when scraped.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
-from typing import Any, Final
+import itertools
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .breaker import BreakerState, CircuitBreaker
 from .errors import InvalidTokenError
@@ -52,6 +56,118 @@ BREAKER_STATE_VALUES: Final = {
     BreakerState.HALF_OPEN: 1.0,
     BreakerState.OPEN: 2.0,
 }
+
+
+class _HistogramChild:
+    """One label set's bucket counts and sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count `value` in the first bucket whose bound is >= it."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class FastHistogram(Collector):
+    """A Prometheus histogram for one thread: `observe` is a bisect and two adds.
+
+    prometheus-client's `Histogram` takes a lock and walks every bucket per
+    observation; the event consumer observes four per call, all on the event loop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(bound) for bound in buckets)
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        """The child of one label set (created on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HistogramChild(self.bounds)
+        return child
+
+    def observe(self, value: float) -> None:
+        """Observe on the histogram without labels."""
+        self.labels().observe(value)
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            self.name, self.documentation, labels=self.labelnames
+        )
+        les = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for values, child in self._children.items():
+            cumulative = list(itertools.accumulate(child.counts))
+            family.add_metric(
+                list(values), list(zip(les, cumulative, strict=True)), child.sum
+            )
+        return [family]
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class FastCounter(Collector):
+    """A Prometheus counter for one thread, without prometheus-client's lock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        """The child of one label set (created on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _CounterChild()
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            self.name, self.documentation, labels=self.labelnames
+        )
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        return [family]
 
 
 class _LiveState(Collector):
@@ -111,44 +227,45 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         registry = self.registry
         self.live = _LiveState()
         registry.register(self.live)
-        self.requests = Counter(
+        # Updated per proxied call by the event consumer: the lock-free kinds.
+        self.requests = FastCounter(
             "llm_proxy_requests",
             "Proxied requests by endpoint, method and status.",
             ["endpoint", "method", "status"],
             registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "llm_proxy_request_duration_seconds",
             "End-to-end time of proxied requests.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = FastHistogram(
             "llm_proxy_upstream_duration_seconds",
             "Time from sending upstream to the end of the relayed answer.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.pre_upstream = Histogram(
+        self.pre_upstream = FastHistogram(
             "llm_proxy_pre_upstream_seconds",
             "The proxy's own time before the upstream call (auth, limits, body).",
+            [],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.ttfb = Histogram(
+        self.ttfb = FastHistogram(
             "llm_proxy_time_to_first_byte_seconds",
             "Time to the first body byte sent to the client.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.tokens = Counter(
+        self.tokens = FastCounter(
             "llm_proxy_tokens",
             "Tokens used, by project, model, kind and usage source.",
             ["project_id", "model", "kind", "source"],
@@ -178,14 +295,6 @@ class Metrics:
             ["service"],
             registry=registry,
         )
-
-    def labelled(self, metric: Any, *values: str) -> Any:
-        """`metric.labels(*values)`, cached: prometheus-client takes a lock each call."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

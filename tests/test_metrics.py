@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from llm_proxy.instrumentation import INSTRUMENTATION_KEY
+from llm_proxy.metrics import FastCounter, FastHistogram
 
 from .support import bearer, proxy_token
 
@@ -80,3 +81,39 @@ async def test_metrics_token_protects_the_endpoint(
     assert "llm_proxy_in_flight_requests" in await scrape(
         client, bearer("metrics-secret-123")
     )
+
+
+def test_fast_histogram_matches_prometheus_bucket_semantics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    histogram = FastHistogram(
+        "demo_seconds", "Demo.", ["endpoint"], buckets=(0.1, 1.0), registry=registry
+    )
+    child = histogram.labels("/v1/a")
+    for value in (0.05, 0.1, 0.5, 1.0, 3.0):  # a bound itself falls in its bucket
+        child.observe(value)
+    assert histogram.labels("/v1/a") is child
+    text = generate_latest(registry).decode()
+    assert 'demo_seconds_bucket{endpoint="/v1/a",le="0.1"} 2.0' in text
+    assert 'demo_seconds_bucket{endpoint="/v1/a",le="1.0"} 4.0' in text
+    assert 'demo_seconds_bucket{endpoint="/v1/a",le="+Inf"} 5.0' in text
+    assert 'demo_seconds_count{endpoint="/v1/a"} 5.0' in text
+    assert 'demo_seconds_sum{endpoint="/v1/a"} 4.65' in text
+
+
+def test_fast_histogram_without_labels_and_fast_counter() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    plain = FastHistogram(
+        "plain_seconds", "Plain.", [], buckets=(1.0,), registry=registry
+    )
+    plain.observe(0.5)
+    counter = FastCounter("demo", "Demo.", ["kind"], registry=registry)
+    counter.labels("a").inc()
+    counter.labels("a").inc(41)
+    text = generate_latest(registry).decode()
+    assert 'plain_seconds_bucket{le="1.0"} 1.0' in text
+    assert 'demo_total{kind="a"} 42.0' in text
+    assert "# TYPE demo_total counter" in text
