@@ -768,6 +768,18 @@ async def test_repository_usage_insert_is_idempotent_on_event_id(
     assert totals.requests == 3
 
 
+async def test_repository_usage_insert_of_a_large_batch_spans_statements(
+    repository: Repository,
+) -> None:
+    """More rows than one statement carries: all in, once, even when resent."""
+    project = await add_project(repository)
+    batch = [make_event(project) for _ in range(2_345)]
+    assert await repository.insert_usage_events(batch) == len(batch)
+    assert await repository.insert_usage_events(batch[1_000:1_100]) == 0
+    totals = await repository.usage_totals(since=NOW - HOUR, until=NOW + HOUR)
+    assert totals.requests == len(batch)
+
+
 async def test_repository_usage_totals_count_errors_and_tokens_in_window(
     repository: Repository,
 ) -> None:

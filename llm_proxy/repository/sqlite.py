@@ -9,6 +9,7 @@ means a single writer, and multi-statement transactions must not interleave.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -146,16 +147,23 @@ USAGE_COLUMNS: Final = (
     " duration_ms, prompt_tokens, completion_tokens, total_tokens, usage_source"
 )
 USAGE_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-USAGE_ROWS_PER_INSERT: Final = 64  # 832 parameters: within every SQLite's limit
 # One multi-row INSERT per chunk instead of executemany: the sqlite3 module releases
 # and re-takes the GIL around every row, and under a busy event loop each re-take
-# waits; one statement per chunk made the usage recorder ~10x faster under load.
-INSERT_USAGE_EVENTS: Final = tuple(
-    f"INSERT INTO usage_events ({USAGE_COLUMNS}) VALUES "
-    + ", ".join([USAGE_ROW] * rows)
-    + " ON CONFLICT (event_id) DO NOTHING"
-    for rows in range(USAGE_ROWS_PER_INSERT + 1)
-)
+# waits. SQLite 3.32+ binds up to 32,766 parameters per statement (older builds 999),
+# so there a whole dispatcher batch is one statement and one trip to the worker thread.
+USAGE_ROWS_PER_INSERT: Final = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 64
+
+
+@functools.lru_cache(maxsize=16)
+def insert_usage_events_sql(rows: int) -> str:
+    """The INSERT of `rows` usage events that skips event ids already stored."""
+    return (
+        f"INSERT INTO usage_events ({USAGE_COLUMNS}) VALUES "
+        + ", ".join([USAGE_ROW] * rows)
+        + " ON CONFLICT (event_id) DO NOTHING"
+    )
+
+
 # ?1 since, ?2 until, ?3 project id or NULL, ?4 token id or NULL.
 USAGE_WHERE: Final = (
     "ts >= ?1 AND ts < ?2 AND (?3 IS NULL OR project_id = ?3)"
@@ -601,7 +609,7 @@ def _token(row: sqlite3.Row) -> Token:
 
 def _usage_insert(events: Sequence[UsageEvent]) -> tuple[str, Params]:
     """The multi-row INSERT for up to USAGE_ROWS_PER_INSERT events, and its values."""
-    sql = INSERT_USAGE_EVENTS[len(events)]
+    sql = insert_usage_events_sql(len(events))
     return sql, tuple(value for event in events for value in _usage_params(event))
 
 
