@@ -2,7 +2,7 @@
 
 The request path only appends the finished exchange to a bounded deque (`submit`,
 synchronous, never blocks). A background task then, off the request path, parses
-usage out of the captured bytes, estimates it with tiktoken in a worker thread when
+usage out of the captured bytes, estimates it with tiktoken in a worker process when
 upstream sent none, builds and publishes the event, updates metrics and writes the
 access log line. A full deque drops the exchange, counts and logs it.
 """
@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -76,23 +80,96 @@ def needs_estimate(exchange: Exchange) -> bool:
     )
 
 
-def estimate_for(exchange: Exchange) -> Usage:
-    """Estimate with tiktoken (blocking: run it in a worker thread)."""
+@dataclass(frozen=True, slots=True)
+class EstimateInput:
+    """What an estimate needs of a call: plain data, so it can go to another process."""
+
+    model: str | None
+    request_body: bytes | None
+    response_kind: str | None
+    head: bytes  # the captured beginning of the answer (all of it when `complete`)
+    total: int  # bytes the answer had in all
+    complete: bool
+    content_encoding: str | None
+    partial: bool  # the call failed midway: the estimate covers what was delivered
+
+
+def estimate_input(exchange: Exchange) -> EstimateInput:
+    """The snapshot of `exchange` that `estimate_from` works on."""
     capture = exchange.capture
     assert capture is not None
-    request = _request_json(exchange.request_body)
-    text, scale = "", 1.0
-    if exchange.response_kind == "sse":
-        kept = capture.head_bytes()
-        text = sse_text(kept)
-        scale = capture.total / len(kept) if kept else 1.0
-    elif capture.complete:
-        body = decode_body(capture.head_bytes(), exchange.content_encoding)
-        text = json_text(body) if body is not None else ""
-    source = PARTIAL if exchange.error is not None else ESTIMATED
-    return estimate_usage(
-        exchange.model, request, text, source=source, completion_scale=scale
+    return EstimateInput(
+        model=exchange.model,
+        request_body=exchange.request_body,
+        response_kind=exchange.response_kind,
+        head=capture.head_bytes(),
+        total=capture.total,
+        complete=capture.complete,
+        content_encoding=exchange.content_encoding,
+        partial=exchange.error is not None,
     )
+
+
+def estimate_from(data: EstimateInput) -> Usage:
+    """Estimate with tiktoken (blocking: runs in the estimator's worker process)."""
+    request = _request_json(data.request_body)
+    text, scale = "", 1.0
+    if data.response_kind == "sse":
+        text = sse_text(data.head)
+        scale = data.total / len(data.head) if data.head else 1.0
+    elif data.complete:
+        body = decode_body(data.head, data.content_encoding)
+        text = json_text(body) if body is not None else ""
+    source = PARTIAL if data.partial else ESTIMATED
+    return estimate_usage(
+        data.model, request, text, source=source, completion_scale=scale
+    )
+
+
+def estimate_for(exchange: Exchange) -> Usage:
+    """Estimate one call in this process (blocking)."""
+    return estimate_from(estimate_input(exchange))
+
+
+Estimator = Callable[[Exchange], Awaitable[Usage]]
+
+
+class ProcessEstimator:
+    """tiktoken in one worker process, started on the first estimate.
+
+    The encodings take about 70 MiB and loading them a second or more of CPU; in a
+    child process neither lands in the proxy, and its event loop never waits on
+    tiktoken for the GIL. A worker that dies is replaced on the next estimate.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def __call__(self, exchange: Exchange) -> Usage:
+        if self._pool is None:
+            context = multiprocessing.get_context(
+                "spawn"
+            )  # never fork a threaded process
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._pool, estimate_from, estimate_input(exchange)
+            )
+        except BrokenProcessPool:
+            self.close()
+            raise
+
+    def worker_pids(self) -> list[int]:
+        """The PIDs of the live worker processes (none before the first estimate)."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return [pid for pid, process in processes.items() if process.is_alive()]
+
+    def close(self) -> None:
+        """Stop the worker process, if one was started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def _request_json(body: bytes | None) -> Mapping[str, Any] | None:
@@ -168,10 +245,10 @@ class Instrumentation:
         settings: EventSettings,
         metrics: Metrics | None = None,
         *,
-        estimator: Callable[[Exchange], Usage] = estimate_for,
+        estimator: Estimator | None = None,
     ) -> None:
         self.bus = bus
-        self.estimator = estimator
+        self.estimator: Estimator = estimator or ProcessEstimator()
         self.settings = settings
         self.metrics = metrics
         self.in_flight = 0
@@ -234,16 +311,14 @@ class Instrumentation:
         )
 
     async def _estimate(self, exchange: Exchange) -> Usage | None:
-        """tiktoken in a worker thread, bounded in time.
+        """tiktoken in the estimator's worker process, bounded in time.
 
         The first use loads (or, without TIKTOKEN_CACHE_DIR, downloads) an encoding;
         if that fails or hangs, estimation pauses for a while and the events go out
         without usage instead of waiting behind it.
         """
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(self.estimator, exchange), ESTIMATE_TIMEOUT_S
-            )
+            return await asyncio.wait_for(self.estimator(exchange), ESTIMATE_TIMEOUT_S)
         except Exception as exc:
             self._estimation_paused_until = time.monotonic() + ESTIMATE_PAUSE_S
             log.warning(
@@ -266,6 +341,12 @@ class Instrumentation:
         """Stop after draining what was submitted so far."""
         self._closing = True
         self._wakeup.set()
+
+    def close_estimator(self) -> None:
+        """Stop the estimator's worker process (once the queue is drained)."""
+        close = getattr(self.estimator, "close", None)
+        if close is not None:
+            close()
 
 
 def _access_line(exchange: Exchange, event: RequestCompleted) -> None:
@@ -334,3 +415,5 @@ async def instrumentation_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    finally:
+        instrumentation.close_estimator()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import aiohttp
@@ -21,6 +24,7 @@ from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.instrumentation import (
     INSTRUMENTATION_KEY,
     Instrumentation,
+    ProcessEstimator,
     account_usage,
     estimate_for,
 )
@@ -297,6 +301,42 @@ def test_estimate_for_a_non_streamed_answer_without_usage(
     assert estimate_for(streamed).total_tokens == 0
 
 
+async def test_process_estimator_counts_in_a_worker_process_started_on_first_use(
+    tiktoken_encodings: None,
+) -> None:
+    """tiktoken and its encodings live in a child process, not in the proxy."""
+    exchange = _exchange("json", b'{"choices":[{"message":{"content":"hello"}}]}')
+    exchange.request_body = b'{"messages":[{"role":"user","content":"hi there"}]}'
+    estimator = ProcessEstimator()
+    assert estimator.worker_pids() == []
+    try:
+        usage = await estimator(exchange)
+        assert usage == estimate_for(exchange)
+        assert usage.completion_tokens == 1 and usage.prompt_tokens > 0
+        workers = estimator.worker_pids()
+        assert len(workers) == 1 and os.getpid() not in workers
+    finally:
+        estimator.close()
+    assert estimator.worker_pids() == []
+
+
+async def test_process_estimator_recovers_from_a_killed_worker(
+    tiktoken_encodings: None,
+) -> None:
+    exchange = _exchange("json", b'{"choices":[{"message":{"content":"hello"}}]}')
+    estimator = ProcessEstimator()
+    try:
+        await estimator(exchange)
+        os.kill(estimator.worker_pids()[0], signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            for _ in range(50):  # until the pool notices its worker is gone
+                await estimator(exchange)
+                await asyncio.sleep(0.05)
+        assert (await estimator(exchange)).completion_tokens == 1  # a fresh worker
+    finally:
+        estimator.close()
+
+
 async def test_instrumentation_drops_and_counts_when_its_queue_is_full() -> None:
     bus = InMemoryEventBus()
     instrumentation = Instrumentation(bus, EventSettings(buffer_size=2))
@@ -318,7 +358,7 @@ async def test_a_failing_estimator_pauses_estimation_and_loses_no_event(
     proxy, sub = await watched(start_proxy, USAGE_ESTIMATION="on")
     calls: list[str] = []
 
-    def broken_estimator(exchange: Exchange) -> Any:
+    async def broken_estimator(exchange: Exchange) -> Any:
         calls.append(exchange.request_id)
         raise OSError("encodings cannot be loaded")
 
