@@ -59,6 +59,7 @@ class Result:
     p99_ms_c1: list[float] = field(default_factory=list)
     ttfb_ms: list[float] = field(default_factory=list)
     peak_rss_mib: float = 0.0
+    children_rss_mib: float = 0.0
 
 
 def free_port() -> int:
@@ -167,6 +168,16 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def children_peak_rss_mib(pid: int) -> float:
+    """Summed VmHWM of the direct children of `pid` (the estimation worker), in MiB."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                total += peak_rss_mib(int(stat.parent.name))
+    return total
 
 
 def wrk_lua(path: Path, token: str, body: str) -> Path:
@@ -361,6 +372,7 @@ def run(duration_s: float, rounds: int, stream_n: int) -> dict[str, object]:
                 measure(result, base, token, workdir, duration_s, stream_n)
         for result, _, process in servers:
             result.peak_rss_mib = peak_rss_mib(process.pid)
+            result.children_rss_mib = children_peak_rss_mib(process.pid)
         events = workdir / "events.jsonl"
         event_lines = sum(1 for _ in events.open()) if events.exists() else 0
         return summarise(servers[0][0], servers[1][0], event_lines)
@@ -392,6 +404,8 @@ def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, ob
         "p99_ms_c1": med(proxy.p99_ms_c1),
         "ttfb_ms_p50": med(proxy.ttfb_ms),
         "peak_rss_mib": round(proxy.peak_rss_mib, 1),
+        # the tiktoken worker, started by the estimates of calls cut when wrk stops
+        "estimator_rss_mib": round(proxy.children_rss_mib, 1),
     }
     comparison = {
         "throughput_ratio": round(ours["rps_c64"] / base["rps_c64"], 3),
@@ -435,6 +449,7 @@ def print_report(report: dict[str, object]) -> None:
         delta = f"x{o / b:.3f}" if key == "rps_c64" else f"{o - b:+.3f}"
         print(f"{label:<22}{b:>12.3f}{o:>12.3f}{delta:>14}")
     print("events written:", report["comparison"]["events_written"])  # type: ignore[index]
+    print("estimation worker peak RSS MiB:", ours["estimator_rss_mib"])
     for name, ok in report["targets_met"].items():  # type: ignore[union-attr]
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 

@@ -373,3 +373,25 @@ async def test_a_failing_estimator_pauses_estimation_and_loses_no_event(
     events = await next_events(sub, 2)
     assert [event.usage for event in events] == [None, None]
     assert len(calls) == 1, "after one failure estimation pauses"
+
+
+async def test_instrumentation_gathers_calls_that_end_close_together() -> None:
+    """Work starts a moment after the first call ends, so it runs once for several."""
+    bus = InMemoryEventBus()
+    instrumentation = Instrumentation(bus, EventSettings())
+    task = asyncio.create_task(instrumentation.run())
+    await asyncio.sleep(0)  # the consumer is idle, waiting for work
+    try:
+        for index in range(3):  # three calls ending on three turns of the loop
+            instrumentation.submit(Exchange(f"r{index}", 0.0))
+            await asyncio.sleep(0)
+        assert instrumentation.processed == 0
+        async with asyncio.timeout(2):
+            while True:
+                if instrumentation.processed == 3:
+                    break
+                await asyncio.sleep(0.001)
+        assert bus.stats.published == 3
+    finally:
+        instrumentation.close()
+        await task
