@@ -13,7 +13,7 @@ import gzip
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import orjson
 
@@ -59,20 +59,26 @@ class Usage:
 
 
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """`value` when it is an int (not a bool, which is an int subclass)."""
+    return value if type(value) is int else None
+
+
+def _is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
+    """A JSON object: parsed JSON gives plain dicts, so check that first (cheaper)."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _detail(obj: Mapping[str, Any], key: str, field: str) -> int | None:
     details = obj.get(key)
-    return _int(details.get(field)) if isinstance(details, Mapping) else None
+    return _int(details.get(field)) if _is_mapping(details) else None
 
 
 def usage_from_object(obj: object) -> Usage | None:
     """Usage from an OpenAI `usage` object (chat, responses, embeddings, audio)."""
-    if not isinstance(obj, Mapping):
+    if not _is_mapping(obj):
         return None
-    if _int(obj.get("prompt_tokens")) is not None:
-        prompt = _int(obj.get("prompt_tokens")) or 0
+    prompt = _int(obj.get("prompt_tokens"))
+    if prompt is not None:
         completion = _int(obj.get("completion_tokens")) or 0
         return Usage(
             prompt,
@@ -81,8 +87,8 @@ def usage_from_object(obj: object) -> Usage | None:
             _detail(obj, "prompt_tokens_details", "cached_tokens"),
             _detail(obj, "completion_tokens_details", "reasoning_tokens"),
         )
-    if _int(obj.get("input_tokens")) is not None:
-        prompt = _int(obj.get("input_tokens")) or 0
+    prompt = _int(obj.get("input_tokens"))
+    if prompt is not None:
         completion = _int(obj.get("output_tokens")) or 0
         return Usage(
             prompt,
