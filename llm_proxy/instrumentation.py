@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -138,6 +140,21 @@ def estimate_for(exchange: Exchange) -> Usage:
 Estimator = Callable[[Exchange], Awaitable[Usage]]
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """In a worker process: exit once `parent_pid` is gone, even after a SIGKILL.
+
+    A killed proxy cannot stop its pool, and an orphaned worker would keep its
+    encodings' memory until the machine restarts.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class ProcessEstimator:
     """tiktoken in one worker process, started on the first estimate.
 
@@ -151,10 +168,12 @@ class ProcessEstimator:
 
     async def __call__(self, exchange: Exchange) -> Usage:
         if self._pool is None:
-            context = multiprocessing.get_context(
-                "spawn"
-            )  # never fork a threaded process
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork: threads
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(

@@ -6,8 +6,12 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -395,3 +399,50 @@ async def test_instrumentation_gathers_calls_that_end_close_together() -> None:
     finally:
         instrumentation.close()
         await task
+
+
+ORPHAN_SCRIPT = """
+import asyncio, sys, time
+from llm_proxy.capture import ResponseCapture
+from llm_proxy.exchange import Exchange
+from llm_proxy.instrumentation import ProcessEstimator
+
+async def main():
+    exchange = Exchange("r", 0.0)
+    exchange.response_kind = "json"
+    exchange.capture = ResponseCapture(1024)
+    exchange.capture.feed(b'{"choices":[{"message":{"content":"hello"}}]}')
+    estimator = ProcessEstimator()
+    await estimator(exchange)
+    print(estimator.worker_pids()[0], flush=True)
+    time.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_estimation_worker_exits_when_the_proxy_is_killed(
+    tiktoken_encodings: None,
+) -> None:
+    """A SIGKILLed proxy leaves no tiktoken worker (and its memory) behind."""
+    with subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    ) as proxy:
+        try:
+            assert proxy.stdout is not None
+            worker = int(proxy.stdout.readline())
+            assert _alive(worker)
+        finally:
+            proxy.kill()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived the process that started it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
