@@ -880,3 +880,14 @@ async def test_repository_recent_usage_events_newest_first_and_errors_only(
     assert await repository.recent_usage_events(2) == [new, old]
     errors = await repository.recent_usage_events(10, errors_only=True)
     assert errors == [new, anonymous]
+
+
+def test_usage_rows_per_insert_stay_within_this_sqlite_s_variable_limit() -> None:
+    import contextlib
+    import sqlite3
+
+    from llm_proxy.repository.sqlite import USAGE_ROW, USAGE_ROWS_PER_INSERT
+
+    with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+        limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    assert 1 <= USAGE_ROWS_PER_INSERT * USAGE_ROW.count("?") <= limit

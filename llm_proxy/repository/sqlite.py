@@ -9,6 +9,7 @@ means a single writer, and multi-statement transactions must not interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -147,11 +148,20 @@ USAGE_COLUMNS: Final = (
     " duration_ms, prompt_tokens, completion_tokens, total_tokens, usage_source"
 )
 USAGE_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
 # One multi-row INSERT per chunk instead of executemany: the sqlite3 module releases
 # and re-takes the GIL around every row, and under a busy event loop each re-take
-# waits. SQLite 3.32+ binds up to 32,766 parameters per statement (older builds 999),
-# so there a whole dispatcher batch is one statement and one trip to the worker thread.
-USAGE_ROWS_PER_INSERT: Final = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 64
+# waits. SQLite 3.32+ binds up to 32,766 parameters per statement by default (older
+# builds 999; distributions may change it), so the limit of the library in use decides:
+# usually a whole dispatcher batch is one statement and one trip to the worker thread.
+def _max_usage_rows_per_insert() -> int:
+    with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+        variables = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(1000, variables // USAGE_ROW.count("?")))
+
+
+USAGE_ROWS_PER_INSERT: Final = _max_usage_rows_per_insert()
 
 
 @functools.lru_cache(maxsize=16)
