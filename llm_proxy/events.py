@@ -115,9 +115,9 @@ class BaseEvent:
         data: dict[str, Any] = {"type": self.type_tag}
         for name in names:
             data[name] = getattr(self, name)
-        for name in mappings:  # any Mapping becomes a plain dict (a copy)
+        for name in mappings:  # a Mapping becomes a plain dict (a copy)
             value = data[name]
-            if value is not None:
+            if type(value) is dict or isinstance(value, Mapping):
                 data[name] = dict(value)
         return data
 

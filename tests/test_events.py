@@ -694,3 +694,31 @@ def test_iso_epoch_s_reads_every_iso_form(stamp: str) -> None:
 def test_iso_epoch_s_refuses_what_is_not_a_time() -> None:
     with pytest.raises(ValueError):
         iso_epoch_s("yesterday")
+
+
+def test_to_json_dict_copies_mappings_and_keeps_malformed_values() -> None:
+    """A producer's odd `usage` (not an object) is carried, not a consumer crash."""
+    usage = {"prompt_tokens": 1}
+    event = _event(usage=usage)
+    data = event.to_json_dict()
+    assert data["usage"] == usage and data["usage"] is not usage
+    odd = decode_event(orjson.dumps(data | {"usage": [1, 2]}))
+    assert odd.to_json_dict()["usage"] == [1, 2]
+
+
+def test_file_record_of_an_event_with_a_malformed_usage() -> None:
+    from llm_proxy.dispatchers.records import event_record
+
+    odd = decode_event(orjson.dumps(_event().to_json_dict() | {"usage": "n/a"}))
+    record = event_record(odd)
+    assert record["usage"] == "n/a"
+    assert record["metadata"]["prompt_tokens"] is None
+
+
+def test_usage_row_of_an_event_with_a_malformed_usage() -> None:
+    from llm_proxy.dispatchers.usage import usage_row
+
+    odd = decode_event(orjson.dumps(_event().to_json_dict() | {"usage": [3]}))
+    row = usage_row(odd)
+    assert (row.prompt_tokens, row.total_tokens) == (None, None)
+    assert row.event_id == odd.event_id

@@ -22,7 +22,8 @@ def event_record(event: Event) -> dict[str, Any]:
     for key, value in extra.items():
         data.setdefault(key, value)
     data.setdefault("usage_source", None)
-    usage = data.get("usage") or {}
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     data["metadata"] = {
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),

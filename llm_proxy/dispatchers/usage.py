@@ -6,7 +6,7 @@ stored, so a batch redelivered by the Redis bus is not counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from ..events import Event
@@ -17,7 +17,7 @@ from .records import event_time_s, extra_field
 
 def usage_row(event: Event) -> UsageEvent:
     """The `usage_events` row of one event."""
-    usage = event.usage or {}
+    usage = event.usage if isinstance(event.usage, Mapping) else {}
     source = extra_field(event, "usage_source")
     return UsageEvent(
         event_id=event.event_id,
