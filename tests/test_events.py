@@ -722,3 +722,12 @@ def test_usage_row_of_an_event_with_a_malformed_usage() -> None:
     row = usage_row(odd)
     assert (row.prompt_tokens, row.total_tokens) == (None, None)
     assert row.event_id == odd.event_id
+
+
+def test_helicone_and_lunary_payloads_of_an_event_with_a_malformed_usage() -> None:
+    from llm_proxy.dispatchers.helicone import helicone_log
+    from llm_proxy.dispatchers.lunary import lunary_runs
+
+    odd = decode_event(orjson.dumps(_event().to_json_dict() | {"usage": "n/a"}))
+    assert "usage" not in orjson.dumps(helicone_log(odd, 1.0)).decode()
+    assert all("tokensUsage" not in run for run in lunary_runs(odd))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
@@ -49,7 +49,7 @@ def _json(text: object) -> Any:
 
 def openai_usage(usage: Any) -> dict[str, Any] | None:
     """Our usage mapping in OpenAI's `usage` shape (with the token details)."""
-    if not usage:
+    if not usage or not isinstance(usage, Mapping):
         return None
     return {
         "prompt_tokens": usage.get("prompt_tokens", 0),

@@ -9,7 +9,7 @@ delivered too (retries stay idempotent).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -84,7 +84,7 @@ def lunary_runs(event: Event) -> list[dict[str, Any]]:
         end["event"] = "end"
         end["output"] = _output(event)
     usage = event.usage
-    if usage:
+    if usage and isinstance(usage, Mapping):
         end["tokensUsage"] = {
             "prompt": usage.get("prompt_tokens", 0),
             "completion": usage.get("completion_tokens", 0),
