@@ -11,7 +11,7 @@ import hmac
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -74,7 +74,38 @@ class _HistogramChild:
         self.sum += value
 
 
-class FastHistogram(Collector):
+Child = TypeVar("Child")
+
+
+class _OneThreadFamily(Collector, Generic[Child]):
+    """Named children per label set, updated without locks: for one thread only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
+        registry.register(self)
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Child:
+        """The child of one label set (created on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._new_child()
+        return child
+
+
+class FastHistogram(_OneThreadFamily[_HistogramChild]):
     """A Prometheus histogram for one thread: `observe` is a bisect and two adds.
 
     prometheus-client's `Histogram` takes a lock and walks every bucket per
@@ -90,19 +121,11 @@ class FastHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = tuple(float(bound) for bound in buckets)
-        self._children: dict[tuple[str, ...], _HistogramChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry=registry)
 
-    def labels(self, *values: str) -> _HistogramChild:
-        """The child of one label set (created on first use)."""
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = _HistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> _HistogramChild:
+        return _HistogramChild(self.bounds)
 
     def observe(self, value: float) -> None:
         """Observe on the histogram without labels."""
@@ -134,29 +157,11 @@ class _CounterChild:
         self.value += amount
 
 
-class FastCounter(Collector):
+class FastCounter(_OneThreadFamily[_CounterChild]):
     """A Prometheus counter for one thread, without prometheus-client's lock."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _CounterChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> _CounterChild:
-        """The child of one label set (created on first use)."""
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = _CounterChild()
-        return child
+    def _new_child(self) -> _CounterChild:
+        return _CounterChild()
 
     def describe(self) -> Iterable[Metric]:
         return [CounterMetricFamily(self.name, self.documentation)]
