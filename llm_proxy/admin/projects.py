@@ -13,7 +13,7 @@ from ..repository import Project, TokenFilter
 from ..services import ServiceError
 from .forms import PAGE_SIZE, Pager, page_number, text
 from .pages import bars
-from .render import render, repository, service, state
+from .render import render, render_confirm, repository, service, state
 
 USAGE_DAYS: Final = 7
 
@@ -120,18 +120,14 @@ async def activation_action(request: web.Request) -> web.Response:
 async def confirm_delete_page(request: web.Request) -> web.Response:
     """Ask before deleting a project and all of its tokens."""
     project = await service(request).get_project(request.match_info["project_id"])
-    return render(request, "confirm.html", _confirm_delete(project))
-
-
-def _confirm_delete(project: Project) -> dict[str, Any]:
-    return {
-        "title": f"Delete project {project.name}?",
-        "message": "The project and all of its tokens are deleted; its tokens stop "
+    return render_confirm(
+        request,
+        title=f"Delete project {project.name}?",
+        message="The project and all of its tokens are deleted; its tokens stop "
         "working at once. Usage history is kept. This cannot be undone.",
-        "action": f"{project_url(project.id)}/delete",
-        "button": "Delete project",
-        "cancel": project_url(project.id),
-    }
+        action=f"{project_url(project.id)}/delete",
+        button="Delete project",
+    )
 
 
 async def delete_project_action(request: web.Request) -> web.Response:
@@ -143,15 +139,14 @@ async def delete_project_action(request: web.Request) -> web.Response:
 async def confirm_revoke_all_page(request: web.Request) -> web.Response:
     """Ask before revoking every token of a project."""
     project = await service(request).get_project(request.match_info["project_id"])
-    context = {
-        "title": f"Revoke all tokens of {project.name}?",
-        "message": "Every token of this project stops working at once. The project "
+    return render_confirm(
+        request,
+        title=f"Revoke all tokens of {project.name}?",
+        message="Every token of this project stops working at once. The project "
         "stays; new tokens can be generated afterwards.",
-        "action": f"{project_url(project.id)}/revoke-tokens",
-        "button": "Revoke all tokens",
-        "cancel": project_url(project.id),
-    }
-    return render(request, "confirm.html", context)
+        action=f"{project_url(project.id)}/revoke-tokens",
+        button="Revoke all tokens",
+    )
 
 
 async def revoke_all_action(request: web.Request) -> web.Response:

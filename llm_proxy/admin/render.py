@@ -86,6 +86,21 @@ def render(
     )
 
 
+def render_confirm(
+    request: web.Request, *, title: str, message: str, action: str, button: str
+) -> web.Response:
+    """The page that asks before a destructive `action`; cancelling goes back."""
+    back = action.rsplit("/", 1)[0]
+    context = {
+        "title": title,
+        "message": message,
+        "action": action,
+        "button": button,
+        "cancel": back,
+    }
+    return render(request, "confirm.html", context)
+
+
 def utc_text(moment: datetime | None) -> str:
     """`2025-01-31 12:00:00 UTC`, or an em dash for no time."""
     if moment is None:

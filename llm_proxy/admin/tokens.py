@@ -12,7 +12,7 @@ from aiohttp import web
 from ..repository import Project, TokenFilter
 from ..services import ServiceError
 from .forms import PAGE_SIZE, Pager, optional_int, page_number, required_int, text
-from .render import proxy_base_url, render, repository, service, state
+from .render import proxy_base_url, render, render_confirm, repository, service, state
 
 STATUS_FILTERS: Final[dict[str, bool | None]] = {
     "": None,
@@ -131,15 +131,14 @@ async def token_page(request: web.Request) -> web.Response:
 async def confirm_revoke_page(request: web.Request) -> web.Response:
     """Ask before revoking a token."""
     token = await service(request).get_token(request.match_info["token_id"])
-    context = {
-        "title": f"Revoke token …{token.token_hint}?",
-        "message": "The token stops working at once, for every client using it. "
+    return render_confirm(
+        request,
+        title=f"Revoke token …{token.token_hint}?",
+        message="The token stops working at once, for every client using it. "
         "This cannot be undone.",
-        "action": f"{token_url(token.id)}/revoke",
-        "button": "Revoke token",
-        "cancel": token_url(token.id),
-    }
-    return render(request, "confirm.html", context)
+        action=f"{token_url(token.id)}/revoke",
+        button="Revoke token",
+    )
 
 
 async def revoke_token_action(request: web.Request) -> web.Response:
