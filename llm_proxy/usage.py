@@ -73,29 +73,34 @@ def _detail(obj: Mapping[str, Any], key: str, field: str) -> int | None:
     return _int(details.get(field)) if _is_mapping(details) else None
 
 
+# The key names of a usage object: chat completions and embeddings, then the
+# Responses API (prompt, completion, and the details holding cached and reasoning).
+_USAGE_KEYS: Final = (
+    (
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+    ),
+    ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
+)
+
+
 def usage_from_object(obj: object) -> Usage | None:
     """Usage from an OpenAI `usage` object (chat, responses, embeddings, audio)."""
     if not _is_mapping(obj):
         return None
-    prompt = _int(obj.get("prompt_tokens"))
-    if prompt is not None:
-        completion = _int(obj.get("completion_tokens")) or 0
+    for prompt_key, completion_key, prompt_details, completion_details in _USAGE_KEYS:
+        prompt = _int(obj.get(prompt_key))
+        if prompt is None:
+            continue
+        completion = _int(obj.get(completion_key)) or 0
         return Usage(
             prompt,
             completion,
             _int(obj.get("total_tokens")) or prompt + completion,
-            _detail(obj, "prompt_tokens_details", "cached_tokens"),
-            _detail(obj, "completion_tokens_details", "reasoning_tokens"),
-        )
-    prompt = _int(obj.get("input_tokens"))
-    if prompt is not None:
-        completion = _int(obj.get("output_tokens")) or 0
-        return Usage(
-            prompt,
-            completion,
-            _int(obj.get("total_tokens")) or prompt + completion,
-            _detail(obj, "input_tokens_details", "cached_tokens"),
-            _detail(obj, "output_tokens_details", "reasoning_tokens"),
+            _detail(obj, prompt_details, "cached_tokens"),
+            _detail(obj, completion_details, "reasoning_tokens"),
         )
     return None  # e.g. whisper's {"type": "duration", "seconds": 7}
 
