@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 MANAGEMENT_TOKEN = "test-management-token-0123456789"
@@ -42,6 +43,21 @@ async def proxy_token(client: TestClient[Any, Any], **fields: Any) -> tuple[str,
     project_id: str = project["project_id"]
     token = await create_token(client, project_id, **fields)
     return project_id, token["token"]
+
+
+async def open_stalled_stream(client: TestClient[Any, Any]) -> ClientResponse:
+    """A streamed chat call whose fake upstream holds the rest after its first event.
+
+    Release the rest with the fake upstream's `release()` (or its `gate`).
+    """
+    _, token = await proxy_token(client)
+    headers = {**bearer(token), "x-fake-behaviour": "stall-after-first-event"}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    return await client.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from llm_proxy.instrumentation import (
     estimate_for,
 )
 
-from .support import bearer, proxy_token
+from .support import bearer, open_stalled_stream, proxy_token
 
 Client = TestClient[Any, Any]
 StartProxy = Callable[..., Any]
@@ -223,9 +223,7 @@ async def test_client_leaving_a_stream_is_recorded(
     start_proxy: StartProxy, fake: FakeUpstreamState
 ) -> None:
     proxy, sub = await watched(start_proxy)
-    _, token = await proxy_token(proxy)
-    headers = {**bearer(token), "x-fake-behaviour": "stall-after-first-event"}
-    response = await proxy.post("/v1/chat/completions", json=STREAM, headers=headers)
+    response = await open_stalled_stream(proxy)
     await response.content.readline()
     response.close()
     event = await one_event(sub)

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.keys import TOKEN_STORE_KEY
 
-from .support import AUTH, UPSTREAM_KEY, bearer, proxy_token
+from .support import AUTH, UPSTREAM_KEY, bearer, open_stalled_stream, proxy_token
 
 Client = TestClient[Any, Any]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -77,10 +77,7 @@ async def test_proxy_keeps_a_sane_client_request_id(
 async def test_proxy_streams_first_event_before_upstream_finishes(
     proxy: Client, fake: FakeUpstreamState
 ) -> None:
-    _, token = await proxy_token(proxy)
-    headers = {**bearer(token), "x-fake-behaviour": "stall-after-first-event"}
-    body = {**CHAT, "stream": True}
-    response = await proxy.post("/v1/chat/completions", json=body, headers=headers)
+    response = await open_stalled_stream(proxy)
     assert response.status == 200
     assert response.headers["X-Accel-Buffering"] == "no"
     assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -331,10 +328,7 @@ async def test_breaker_opens_after_consecutive_upstream_5xx(
 async def test_client_disconnect_mid_stream_releases_upstream(
     proxy: Client, fake: FakeUpstreamState
 ) -> None:
-    _, token = await proxy_token(proxy)
-    headers = {**bearer(token), "x-fake-behaviour": "stall-after-first-event"}
-    body = {**CHAT, "stream": True}
-    response = await proxy.post("/v1/chat/completions", json=body, headers=headers)
+    response = await open_stalled_stream(proxy)
     await response.content.readuntil(b"\n\n")
     response.close()
     await fake.wait_for(lambda state: state.streams_cancelled == 1, timeout_s=5)
