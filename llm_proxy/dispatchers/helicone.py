@@ -20,7 +20,7 @@ import orjson
 from ..events import Event
 from .base import DeliveryError, SendResult, is_transient_status
 from .http import HttpPoster
-from .records import event_time_s, extra_field
+from .records import event_time_s, event_usage, extra_field
 
 DEFAULT_ENDPOINT: Final = "https://api.worker.helicone.ai/custom/v1/log"
 
@@ -47,9 +47,9 @@ def _json(text: object) -> Any:
         return None
 
 
-def openai_usage(usage: Any) -> dict[str, Any] | None:
+def openai_usage(usage: Mapping[str, Any]) -> dict[str, Any] | None:
     """Our usage mapping in OpenAI's `usage` shape (with the token details)."""
-    if not usage or not isinstance(usage, Mapping):
+    if not usage:
         return None
     return {
         "prompt_tokens": usage.get("prompt_tokens", 0),
@@ -67,7 +67,7 @@ def helicone_log(event: Event, end_s: float) -> dict[str, Any]:
     request = _json(extra_field(event, "request_body"))
     response_text = extra_field(event, "response_body")
     truncated = bool(extra_field(event, "body_truncated"))
-    usage = openai_usage(event.usage)
+    usage = openai_usage(event_usage(event))
     request_json = request if isinstance(request, dict) else {"model": event.model}
     response: dict[str, Any] = {"status": event.status_code, "headers": {}}
     if event.stream and isinstance(response_text, str) and not truncated:

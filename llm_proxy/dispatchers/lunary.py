@@ -9,7 +9,7 @@ delivered too (retries stay idempotent).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ from ..usage import json_text, sse_text
 from .base import DeliveryError, SendResult
 from .helicone import as_uuid
 from .http import HttpPoster, raise_for_status
-from .records import event_time_s, extra_field
+from .records import event_time_s, event_usage, extra_field
 
 DEFAULT_ENDPOINT: Final = "https://api.lunary.ai/v1/runs/ingest"
 _DUPLICATE: Final = "already exists"
@@ -83,8 +83,8 @@ def lunary_runs(event: Event) -> list[dict[str, Any]]:
     else:
         end["event"] = "end"
         end["output"] = _output(event)
-    usage = event.usage
-    if usage and isinstance(usage, Mapping):
+    usage = event_usage(event)
+    if usage:
         end["tokensUsage"] = {
             "prompt": usage.get("prompt_tokens", 0),
             "completion": usage.get("completion_tokens", 0),

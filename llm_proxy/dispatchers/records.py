@@ -22,8 +22,7 @@ def event_record(event: Event) -> dict[str, Any]:
     for key, value in extra.items():
         data.setdefault(key, value)
     data.setdefault("usage_source", None)
-    usage = data.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
+    usage = event_usage(event)
     data["metadata"] = {
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
@@ -45,6 +44,16 @@ def event_time_s(event: Event) -> float:
 def epoch_s(event: Event) -> int:
     """The event's timestamp in whole epoch seconds."""
     return int(event_time_s(event))
+
+
+def event_usage(event: Event) -> Mapping[str, Any]:
+    """The event's usage object, empty when there is none.
+
+    Also empty when a foreign producer sent something else than an object there: the
+    backends skip it (the file record carries it as it came) instead of crashing.
+    """
+    usage = event.usage
+    return usage if isinstance(usage, Mapping) else {}
 
 
 def extra_field(event: Event, name: str) -> Any:

@@ -6,18 +6,18 @@ stored, so a batch redelivered by the Redis bus is not counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from ..events import Event
 from ..repository import Repository, UsageEvent
 from .base import DeliveryError, SendResult
-from .records import event_time_s, extra_field
+from .records import event_time_s, event_usage, extra_field
 
 
 def usage_row(event: Event) -> UsageEvent:
     """The `usage_events` row of one event."""
-    usage = event.usage if isinstance(event.usage, Mapping) else {}
+    usage = event_usage(event)
     source = extra_field(event, "usage_source")
     return UsageEvent(
         event_id=event.event_id,
