@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,6 +31,7 @@ from llm_proxy.instrumentation import (
     account_usage,
     estimate_for,
 )
+from llm_proxy.server import process_alive
 
 from .support import bearer, open_stalled_stream, proxy_token
 
@@ -429,18 +429,10 @@ def test_estimation_worker_exits_when_the_proxy_is_killed(
         try:
             assert proxy.stdout is not None
             worker = int(proxy.stdout.readline())
-            assert _alive(worker)
+            assert process_alive(worker)
         finally:
             proxy.kill()
     deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
+    while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(worker), "the worker outlived the process that started it"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+    assert not process_alive(worker), "the worker outlived the process that started it"
