@@ -132,11 +132,6 @@ def estimate_from(data: EstimateInput) -> Usage:
     )
 
 
-def estimate_for(exchange: Exchange) -> Usage:
-    """Estimate one call in this process (blocking)."""
-    return estimate_from(estimate_input(exchange))
-
-
 Estimator = Callable[[Exchange], Awaitable[Usage]]
 
 

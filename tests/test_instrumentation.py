@@ -29,14 +29,23 @@ from llm_proxy.instrumentation import (
     Instrumentation,
     ProcessEstimator,
     account_usage,
-    estimate_for,
+    estimate_from,
+    estimate_input,
 )
 from llm_proxy.server import process_alive
+from llm_proxy.usage import Usage
 
 from .support import bearer, open_stalled_stream, proxy_token
 
 Client = TestClient[Any, Any]
 StartProxy = Callable[..., Any]
+
+
+def estimate_here(exchange: Exchange) -> Usage:
+    """The estimate, computed in this process."""
+    return estimate_from(estimate_input(exchange))
+
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
 FAST = {"EVENT_FLUSH_INTERVAL": "0.01"}
@@ -292,7 +301,7 @@ def test_estimate_for_a_non_streamed_answer_without_usage(
 ) -> None:
     exchange = _exchange("json", b'{"choices":[{"message":{"content":"hello"}}]}')
     exchange.request_body = b"not json"
-    usage = estimate_for(exchange)
+    usage = estimate_here(exchange)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (
         0,
         1,
@@ -300,7 +309,7 @@ def test_estimate_for_a_non_streamed_answer_without_usage(
     )
     streamed = _exchange("sse", b"", head_max=10)
     exchange.request_body = b"[]"
-    assert estimate_for(streamed).total_tokens == 0
+    assert estimate_here(streamed).total_tokens == 0
 
 
 async def test_process_estimator_counts_in_a_worker_process_started_on_first_use(
@@ -313,7 +322,7 @@ async def test_process_estimator_counts_in_a_worker_process_started_on_first_use
     assert estimator.worker_pids() == []
     try:
         usage = await estimator(exchange)
-        assert usage == estimate_for(exchange)
+        assert usage == estimate_here(exchange)
         assert usage.completion_tokens == 1 and usage.prompt_tokens > 0
         workers = estimator.worker_pids()
         assert len(workers) == 1 and os.getpid() not in workers
