@@ -1,11 +1,12 @@
-"""HTTP adapters for cross-cutting concerns, each a factory returning a middleware.
+"""HTTP adapters for cross-cutting concerns: the root middleware and the /v1 chain.
 
-Root chain: `json_errors` (every error we generate is OpenAI-shaped JSON). The `/v1`
-chain, outermost first: instrumentation (request id, the call's record, one event per
-call, whatever the outcome), allowlist (cheapest,
-needs no secret), token auth (a dict lookup), rate limit (needs the principal), circuit
-breaker (innermost, so it counts only real upstream attempts). The maths lives in
-`allowlist.py`, `tokens.py`, `ratelimit.py` and `breaker.py`.
+Root: the `json_errors` middleware (every error we generate is OpenAI-shaped JSON).
+The `/v1` chain (`proxy_chain`), outermost first: instrumentation (request id, the
+call's record, one event per call, whatever the outcome), allowlist (cheapest, needs
+no secret), token auth (a dict lookup), rate limit (needs the principal), circuit
+breaker (innermost, so it counts only real upstream attempts). Each link is a `Stage`
+of plain calls; the maths lives in `allowlist.py`, `tokens.py`, `ratelimit.py` and
+`breaker.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -80,36 +83,56 @@ def _as_api_error(exc: web.HTTPException) -> ApiError:
 # -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, circuit breaker --
 
 
-def instrumentation_middleware(instrumentation: Instrumentation) -> Middleware:
-    """Outermost on /v1: start the call's `Exchange`, hand it over when it ends.
+class Stage(Protocol):
+    """One link of the /v1 chain: may refuse a call before it goes upstream.
 
-    Every outcome is recorded, our own refusals (401/403/404/429/503) included, and
-    the hand-over in `finally` is a synchronous append: no await, no parsing.
+    `enter` runs in chain order and raises an `ApiError` to refuse; `leave` runs in
+    reverse order for each stage whose `enter` returned, with the exception that
+    ended the call (None when it was answered), so a stage can undo or record.
+    Both are synchronous: the chain's only awaits are the client's and upstream's I/O.
     """
 
-    @web.middleware
-    async def instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def enter(self, request: web.Request, exchange: Exchange) -> None: ...
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None: ...
+
+
+def proxy_chain(
+    instrumentation: Instrumentation, stages: Sequence[Stage], handler: Handler
+) -> Handler:
+    """The /v1 handler: the stages around `handler`, instrumented, in one coroutine.
+
+    The outermost link starts the call's `Exchange` and hands it over when the call
+    ends, whatever the outcome (our own refusals included); the hand-over is a
+    synchronous append: no await, no parsing. Running the stages as plain calls
+    instead of nested middleware coroutines keeps every resume of the relay loop
+    from passing through five more frames.
+    """
+    chain = tuple(stages)
+
+    async def proxy_call(request: web.Request) -> web.StreamResponse:
         record = Exchange(
             request_id_of(request.headers), time.perf_counter(), request.method
         )
         request[EXCHANGE_KEY] = record
         instrumentation.in_flight += 1
+        entered = 0
+        error: BaseException | None = None
         try:
+            for stage in chain:
+                stage.enter(request, record)
+                entered += 1
             return await handler(request)
-        except ApiError as exc:
-            _record_failure(record, exc.status, exc.code, type(exc).__name__)
-            exc.headers["X-Request-ID"] = record.request_id
-            raise
-        except web.HTTPException as exc:
-            _record_failure(record, exc.status, None, type(exc).__name__)
-            raise
-        except asyncio.CancelledError:
-            _record_failure(record, 499, "client_disconnected", "CancelledError")
-            raise
-        except Exception as exc:
-            _record_failure(record, 500, "internal_error", type(exc).__name__)
+        except BaseException as exc:
+            error = exc
+            _record_outcome(record, exc)
             raise
         finally:
+            while entered:
+                entered -= 1
+                chain[entered].leave(request, record, error)
             instrumentation.in_flight -= 1
             record.finished = time.perf_counter()
             principal = request.get(PRINCIPAL_KEY)
@@ -118,7 +141,20 @@ def instrumentation_middleware(instrumentation: Instrumentation) -> Middleware:
                 record.token_id = principal.token_id
             instrumentation.submit(record)
 
-    return instrument
+    return proxy_call
+
+
+def _record_outcome(record: Exchange, exc: BaseException) -> None:
+    """Note how a call failed; an `ApiError` also gets the call's request id."""
+    if isinstance(exc, ApiError):
+        _record_failure(record, exc.status, exc.code, type(exc).__name__)
+        exc.headers["X-Request-ID"] = record.request_id
+    elif isinstance(exc, web.HTTPException):
+        _record_failure(record, exc.status, None, type(exc).__name__)
+    elif isinstance(exc, asyncio.CancelledError):
+        _record_failure(record, 499, "client_disconnected", "CancelledError")
+    elif isinstance(exc, Exception):
+        _record_failure(record, 500, "internal_error", type(exc).__name__)
 
 
 def _record_failure(
@@ -131,19 +167,22 @@ def _record_failure(
     record.error_class = record.error_class or error_class
 
 
-def allowlist_middleware(allowlist: Allowlist) -> Middleware:
+class AllowlistStage:
     """404 for paths outside the allowlist (and any path trick), 405 for methods."""
 
-    @web.middleware
-    async def allowlist_check(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
+    __slots__ = ("allowlist",)
+
+    def __init__(self, allowlist: Allowlist) -> None:
+        self.allowlist = allowlist
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
         path = normalise_path(request.raw_path)
-        exchange = request[EXCHANGE_KEY]
         # A refused path is recorded as it came, without its query.
         exchange.path = path if path is not None else request.raw_path.split("?")[0]
         verdict = (
-            allowlist.match(request.method, path) if path is not None else NOT_FOUND
+            self.allowlist.match(request.method, path)
+            if path is not None
+            else NOT_FOUND
         )
         if verdict.kind is MatchKind.NOT_FOUND:
             raise NotAllowedError(
@@ -158,9 +197,11 @@ def allowlist_middleware(allowlist: Allowlist) -> Middleware:
             )
         exchange.endpoint = verdict.endpoint
         exchange.models = verdict.models
-        return await handler(request)
 
-    return allowlist_check
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """Nothing to undo."""
 
 
 def bearer_token(value: str | None) -> str | None:
@@ -172,11 +213,15 @@ def bearer_token(value: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def token_auth_middleware(store: TokenStore) -> Middleware:
+class TokenAuthStage:
     """Refuse unknown, expired, revoked or spent tokens; give back unused quota."""
 
-    @web.middleware
-    async def token_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    __slots__ = ("store",)
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
         if token is None:
             raise InvalidTokenError(
@@ -184,17 +229,16 @@ def token_auth_middleware(store: TokenStore) -> Middleware:
                 code="missing_api_key",
             )
         try:
-            principal = store.authenticate(token)
+            request[PRINCIPAL_KEY] = self.store.authenticate(token)
         except AuthFailure as failure:
             raise _auth_error(failure) from None
-        request[PRINCIPAL_KEY] = principal
-        try:
-            return await handler(request)
-        finally:
-            if not request[EXCHANGE_KEY].reached_upstream:
-                store.refund(principal)
 
-    return token_auth
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """A call that never reached upstream does not count against the quota."""
+        if not exchange.reached_upstream:
+            self.store.refund(request[PRINCIPAL_KEY])
 
 
 def _auth_error(failure: AuthFailure) -> ApiError:
@@ -207,14 +251,19 @@ def _auth_error(failure: AuthFailure) -> ApiError:
     return NotAllowedError(failure.status, failure.message, code=failure.code)
 
 
-def rate_limit_middleware(limiter: Limiter, default_per_hour: int) -> Middleware:
+class RateLimitStage:
     """Per-token hourly window; 429 with Retry-After; headers on every answer."""
 
-    @web.middleware
-    async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    __slots__ = ("default_per_hour", "limiter")
+
+    def __init__(self, limiter: Limiter, default_per_hour: int) -> None:
+        self.limiter = limiter
+        self.default_per_hour = default_per_hour
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
         principal = request[PRINCIPAL_KEY]
-        limit = principal.rate_limit_per_hour or default_per_hour
-        decision = limiter.try_acquire(principal.token_id, limit)
+        limit = principal.rate_limit_per_hour or self.default_per_hour
+        decision = self.limiter.try_acquire(principal.token_id, limit)
         headers = {
             "x-ratelimit-limit-requests": str(decision.limit),
             "x-ratelimit-remaining-requests": str(decision.remaining),
@@ -227,36 +276,39 @@ def rate_limit_middleware(limiter: Limiter, default_per_hour: int) -> Middleware
                 code="rate_limit_exceeded",
                 extra=headers,
             )
-        request[EXCHANGE_KEY].rate_headers = headers
-        return await handler(request)
+        exchange.rate_headers = headers
 
-    return rate_limit
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """A granted slot stays spent, as with any limiter of requests."""
 
 
-def circuit_breaker_middleware(breaker: CircuitBreaker) -> Middleware:
+class CircuitBreakerStage:
     """503 while the upstream is failing; counts only real upstream outcomes."""
 
-    @web.middleware
-    async def circuit_breaker(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        if not breaker.allow():
-            raise CircuitOpenError(breaker.retry_after_s())
-        exchange = request[EXCHANGE_KEY]
-        try:
-            response = await handler(request)
-        except UpstreamError:
-            breaker.record_failure()
-            raise
+    __slots__ = ("breaker",)
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpenError(self.breaker.retry_after_s())
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        if error is not None:
+            if isinstance(error, UpstreamError):
+                self.breaker.record_failure()
+            return
         if not exchange.reached_upstream:
-            return response
+            return
         if exchange.status >= 500 or exchange.error not in (
             None,
             "client_disconnected",
         ):
-            breaker.record_failure()
+            self.breaker.record_failure()
         else:
-            breaker.record_success()
-        return response
-
-    return circuit_breaker
+            self.breaker.record_success()
