@@ -10,8 +10,10 @@ Starts, on loopback:
 
 Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk), added
 time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios.
+`--variants` adds the proxy without events and without its stages
+(benchmarks/variant.py), measured in the same rounds, to show what each part costs.
 
-    python benchmarks/run.py [--duration 8] [--json]
+    python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +63,20 @@ class Result:
     ttfb_ms: list[float] = field(default_factory=list)
     peak_rss_mib: float = 0.0
     children_rss_mib: float = 0.0
+
+
+@dataclass
+class Server:
+    """One server under test: where it listens and the token it accepts."""
+
+    result: Result
+    port: int
+    process: subprocess.Popen[bytes]
+    token: str
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 def free_port() -> int:
@@ -252,20 +269,30 @@ async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
 
 
 def start_proxy(
-    stack: Stack, upstream_port: int
+    stack: Stack, upstream_port: int, variant: str | None = None
 ) -> tuple[int, str, subprocess.Popen[bytes]]:
-    """The real proxy with events on, plus a project and a token for it."""
+    """The real proxy with events on (or a `variant.py` variant), plus a token for it."""
     port = free_port()
+    name = f"proxy-{variant}" if variant else "proxy"
     env = {
         "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
         "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{stack.workdir / 'proxy.db'}",
+        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
         "OPENAI_API_URL": f"http://127.0.0.1:{upstream_port}",
-        "FILE_EVENT_LOG": str(stack.workdir / "events.jsonl"),
+        "FILE_EVENT_LOG": str(stack.workdir / f"{name}-events.jsonl"),
         "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
         "LOG_LEVEL": "warning",
+        "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
     }
-    process = stack.start([sys.executable, "-m", "llm_proxy", "serve"], cpu=0, env=env)
+    command = [sys.executable, "-m", "llm_proxy", "serve"]
+    if variant:
+        command = [
+            sys.executable,
+            str(ROOT / "benchmarks/variant.py"),
+            variant,
+            "serve",
+        ]
+    process = stack.start(command, cpu=0, env=env)
     wait_port(port)
     token = asyncio.run(_create_token(port))
     return port, token, process
@@ -306,7 +333,9 @@ def measure(
     )
 
 
-def run(duration_s: float, rounds: int, stream_n: int) -> dict[str, object]:
+def run(
+    duration_s: float, rounds: int, stream_n: int, variants: Sequence[str] = ()
+) -> dict[str, object]:
     """Start everything, measure both servers in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
@@ -355,27 +384,39 @@ def run(duration_s: float, rounds: int, stream_n: int) -> dict[str, object]:
             cpu=0,
         )
         wait_port(baseline_port)
-        proxy_port, token, proxy = start_proxy(stack, upstream_port)
-        servers = [
-            (Result("baseline"), f"http://127.0.0.1:{baseline_port}", baseline),
-            (Result("proxy"), f"http://127.0.0.1:{proxy_port}", proxy),
-        ]
-        for _, base, _ in servers:  # warm-up: connection pools and caches
+        servers = [Server(Result("baseline"), baseline_port, baseline, "unused")]
+        for variant in (None, *variants):
+            port, token, process = start_proxy(stack, upstream_port, variant)
+            name = f"proxy-{variant}" if variant else "proxy"
+            servers.append(Server(Result(name), port, process, token))
+        for server in servers:  # warm-up: connection pools and caches
             run_wrk(
-                f"{base}/v1/chat/completions",
-                wrk_lua(workdir / "w.lua", token, CHAT_BODY),
+                f"{server.base}/v1/chat/completions",
+                wrk_lua(workdir / "w.lua", server.token, CHAT_BODY),
                 64,
                 2,
             )
         for _ in range(rounds):
-            for result, base, _ in servers:
-                measure(result, base, token, workdir, duration_s, stream_n)
-        for result, _, process in servers:
-            result.peak_rss_mib = peak_rss_mib(process.pid)
-            result.children_rss_mib = children_peak_rss_mib(process.pid)
-        events = workdir / "events.jsonl"
+            for server in servers:
+                measure(
+                    server.result,
+                    server.base,
+                    server.token,
+                    workdir,
+                    duration_s,
+                    stream_n,
+                )
+        for server in servers:
+            server.result.peak_rss_mib = peak_rss_mib(server.process.pid)
+            server.result.children_rss_mib = children_peak_rss_mib(server.process.pid)
+        events = workdir / "proxy-events.jsonl"
         event_lines = sum(1 for _ in events.open()) if events.exists() else 0
-        return summarise(servers[0][0], servers[1][0], event_lines)
+        report = summarise(servers[0].result, servers[1].result, event_lines)
+        report["variants"] = {
+            server.result.name: compare_variant(servers[0].result, server.result)
+            for server in servers[2:]
+        }
+        return report
     except Exception:
         for log in sorted(workdir.glob("proc-*.log")):
             print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
@@ -433,6 +474,17 @@ def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, ob
     }
 
 
+def compare_variant(baseline: Result, variant: Result) -> dict[str, float]:
+    """A variant's throughput and p50, against the baseline of the same rounds."""
+    rps = statistics.median(variant.rps_c64)
+    p50 = statistics.median(variant.p50_ms_c1)
+    return {
+        "rps_c64": round(rps, 1),
+        "throughput_ratio": round(rps / statistics.median(baseline.rps_c64), 3),
+        "p50_added_ms": round(p50 - statistics.median(baseline.p50_ms_c1), 3),
+    }
+
+
 def print_report(report: dict[str, object]) -> None:
     """A small human-readable table."""
     base, ours = report["baseline"], report["proxy"]
@@ -450,8 +502,18 @@ def print_report(report: dict[str, object]) -> None:
         print(f"{label:<22}{b:>12.3f}{o:>12.3f}{delta:>14}")
     print("events written:", report["comparison"]["events_written"])  # type: ignore[index]
     print("estimation worker peak RSS MiB:", ours["estimator_rss_mib"])
-    for name, ok in report["targets_met"].items():  # type: ignore[union-attr]
+    targets = report["targets_met"]
+    assert isinstance(targets, dict)
+    for name, ok in targets.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    variants = report.get("variants") or {}
+    assert isinstance(variants, dict)
+    for name, numbers in variants.items():
+        print(
+            f"{name:<22}{numbers['rps_c64']:>12.1f} req/s"
+            f"  x{numbers['throughput_ratio']:.3f}"
+            f"  p50 {numbers['p50_added_ms']:+.3f} ms"
+        )
 
 
 def main() -> None:
@@ -465,13 +527,20 @@ def main() -> None:
         "--streams", type=int, default=200, help="streams per TTFB sample"
     )
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also measure the proxy without events and without its stages"
+        " (benchmarks/variant.py), to see what each part costs",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(
                 f"benchmark needs {tool} (apt-get install {tool if tool != 'taskset' else 'util-linux'})"
             )
-    report = run(args.duration, args.rounds, args.streams)
+    variants = ("events-off", "bare") if args.variants else ()
+    report = run(args.duration, args.rounds, args.streams, variants)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
