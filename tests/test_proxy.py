@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.keys import TOKEN_STORE_KEY
+from llm_proxy.proxy import media_type
 
 from .support import AUTH, UPSTREAM_KEY, bearer, open_stalled_stream, proxy_token
 
@@ -59,6 +60,35 @@ async def test_proxy_forwards_chat_byte_for_byte_with_project_key(
     assert response.headers["x-ratelimit-limit-requests"] == "1000"
     assert response.headers["x-ratelimit-remaining-requests"] == "999"
     assert response.headers["x-ratelimit-limit-tokens"] == "150000000"
+
+
+async def test_proxy_adds_no_default_headers_of_its_http_client(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    _, token = await proxy_token(proxy)
+    bare = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+    body = orjson.dumps(CHAT)
+    response = await proxy.post(
+        "/v1/chat/completions",
+        data=body,
+        headers=bearer(token),
+        skip_auto_headers=bare,
+    )
+    assert response.status == 200, await response.text()
+    sent = {
+        "User-Agent": "my-sdk/1.0",
+        "Accept": "application/json",
+        "Accept-Encoding": "br",
+        "Content-Type": "application/json",
+    }
+    response = await proxy.post(
+        "/v1/chat/completions", data=body, headers={**bearer(token), **sent}
+    )
+    assert response.status == 200, await response.text()
+    first, second = fake.requests
+    for name in bare:
+        assert name not in first.headers, name
+    assert {name: second.headers[name] for name in sent} == sent
 
 
 async def test_proxy_keeps_a_sane_client_request_id(
@@ -394,3 +424,34 @@ async def test_streams_with_injected_usage_are_asked_for_uncompressed(
     asked = {**body, "stream_options": {"include_usage": False}}
     await proxy.post("/v1/chat/completions", json=asked, headers=headers)
     assert fake.requests[1].headers["Accept-Encoding"] == "gzip, br"
+
+
+@pytest.mark.parametrize(
+    ("header", "media"),
+    [
+        ("application/json", "application/json"),
+        ("Application/JSON ; charset=utf-8", "application/json"),
+        ("text/event-stream;charset=utf-8", "text/event-stream"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_media_type_ignores_case_and_parameters(header: str | None, media: str) -> None:
+    assert media_type(header) == media
+
+
+async def test_json_body_with_charset_is_still_peeked_for_its_model(
+    start_proxy: Callable[..., Any], fake: FakeUpstreamState, tmp_path: Any
+) -> None:
+    config = tmp_path / "apis.yaml"
+    config.write_text(
+        "apis:\n  openai:\n    allowed_methods: [GET, POST]\n    allowed_endpoints:\n"
+        "      - path: /v1/chat/completions\n        models: ['gpt-4o-*']\n"
+    )
+    proxy = await start_proxy(API_CONFIG_PATH=str(config))
+    _, token = await proxy_token(proxy)
+    headers = {**bearer(token), "Content-Type": "Application/JSON; charset=utf-8"}
+    refused = orjson.dumps({**CHAT, "model": "o1-preview"})
+    response = await proxy.post("/v1/chat/completions", data=refused, headers=headers)
+    assert (await error_of(response, 403))["code"] == "model_not_allowed"
+    assert fake.requests == []
