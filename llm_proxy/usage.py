@@ -33,7 +33,7 @@ _TERMINAL_RESPONSE_EVENTS: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per proxied call, and that is slower
 class Usage:
     """Token counts of one call and where they come from (`usage_source`)."""
 

@@ -891,3 +891,13 @@ def test_usage_rows_per_insert_stay_within_this_sqlite_s_variable_limit() -> Non
     with contextlib.closing(sqlite3.connect(":memory:")) as probe:
         limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     assert 1 <= USAGE_ROWS_PER_INSERT * USAGE_ROW.count("?") <= limit
+
+
+def test_sqlite_time_text_is_the_same_for_utc_and_other_offsets() -> None:
+    from llm_proxy.repository.sqlite import _to_text
+
+    moment = datetime(2026, 11, 27, 10, 49, 19, 123000, tzinfo=UTC)
+    elsewhere = moment.astimezone(timezone(timedelta(hours=2)))
+    assert _to_text(moment) == _to_text(elsewhere) == "2026-11-27T10:49:19.123000Z"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        _to_text(moment.replace(tzinfo=None))

@@ -94,7 +94,7 @@ class TokenFilter:
     active: bool | None = None  # True: is_active and not expired; False: the rest
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per proxied call, and that is slower
 class UsageEvent:
     """One proxied request as the usage pages count it; `event_id` makes it unique."""
 

@@ -527,6 +527,8 @@ def _raise_if_duplicate_name(exc: sqlite3.IntegrityError, name: str | None) -> N
 
 
 def _to_text(moment: datetime) -> str:
+    if moment.tzinfo is UTC:  # the common case (a row per proxied call): no conversion
+        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     if moment.tzinfo is None:
         raise ValueError("repository times must be timezone-aware")
     naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
