@@ -130,9 +130,8 @@ def proxy_chain(
             _record_outcome(record, exc)
             raise
         finally:
-            while entered:
-                entered -= 1
-                chain[entered].leave(request, record, error)
+            if entered:
+                _leave(chain[:entered], request, record, error)
             instrumentation.in_flight -= 1
             record.finished = time.perf_counter()
             principal = request.get(PRINCIPAL_KEY)
@@ -142,6 +141,28 @@ def proxy_chain(
             instrumentation.submit(record)
 
     return proxy_call
+
+
+def _leave(
+    entered: Sequence[Stage],
+    request: web.Request,
+    record: Exchange,
+    error: BaseException | None,
+) -> None:
+    """Leave the entered stages, innermost first; a failing one is logged, not fatal.
+
+    The answer is decided by now: a bug in one stage's `leave` must not skip the
+    others (a quota refund, the breaker's count) nor the call's event.
+    """
+    for stage in reversed(entered):
+        try:
+            stage.leave(request, record, error)
+        except Exception:
+            log.exception(
+                "stage %s failed to leave call %s",
+                type(stage).__name__,
+                record.request_id,
+            )
 
 
 def _record_outcome(record: Exchange, exc: BaseException) -> None:

@@ -445,3 +445,47 @@ def test_estimation_worker_exits_when_the_proxy_is_killed(
     while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not process_alive(worker), "the worker outlived the process that started it"
+
+
+class _LeaveRecorder:
+    """A stage that notes that it was left."""
+
+    def __init__(self) -> None:
+        self.left = 0
+
+    def enter(self, request: Any, exchange: Exchange) -> None:
+        """Lets every call through."""
+
+    def leave(self, request: Any, exchange: Exchange, error: Any) -> None:
+        self.left += 1
+
+
+class _BrokenLeave(_LeaveRecorder):
+    def leave(self, request: Any, exchange: Exchange, error: Any) -> None:
+        raise RuntimeError("bug in a stage")
+
+
+async def test_a_stage_that_fails_to_leave_loses_neither_the_event_nor_the_others(
+    aiohttp_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiohttp import web
+
+    from llm_proxy.middlewares import proxy_chain
+
+    instrumentation = Instrumentation(InMemoryEventBus(), EventSettings())
+    outer = _LeaveRecorder()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get(
+        "/v1/x", proxy_chain(instrumentation, [outer, _BrokenLeave()], answer)
+    )
+    client = await aiohttp_client(app)
+    response = await client.get("/v1/x")
+    assert response.status == 200 and await response.json() == {"ok": True}
+    assert outer.left == 1
+    assert instrumentation.in_flight == 0
+    assert len(instrumentation._queue) == 1  # the call's event is still on its way
+    assert "_BrokenLeave" in caplog.text and "bug in a stage" in caplog.text
