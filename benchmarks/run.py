@@ -426,11 +426,13 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def med(values: list[float]) -> float:
+    """The median, rounded to 3 decimals, as every reported figure is."""
+    return round(statistics.median(values), 3)
+
+
 def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, object]:
     """Medians per server and the proxy/baseline comparison against the targets."""
-
-    def med(values: list[float]) -> float:
-        return round(statistics.median(values), 3)
 
     base = {
         "rps_c64": med(baseline.rps_c64),
@@ -476,12 +478,11 @@ def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, ob
 
 def compare_variant(baseline: Result, variant: Result) -> dict[str, float]:
     """A variant's throughput and p50, against the baseline of the same rounds."""
-    rps = statistics.median(variant.rps_c64)
-    p50 = statistics.median(variant.p50_ms_c1)
+    rps = med(variant.rps_c64)
     return {
-        "rps_c64": round(rps, 1),
-        "throughput_ratio": round(rps / statistics.median(baseline.rps_c64), 3),
-        "p50_added_ms": round(p50 - statistics.median(baseline.p50_ms_c1), 3),
+        "rps_c64": rps,
+        "throughput_ratio": round(rps / med(baseline.rps_c64), 3),
+        "p50_added_ms": round(med(variant.p50_ms_c1) - med(baseline.p50_ms_c1), 3),
     }
 
 
