@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class UpstreamSettings:
     read_idle_timeout_s: float = 600.0
     max_connections: int = 1000
     retries: int = 2
+    # Longest wait for a free pooled connection before a fast 503 (the pool is full).
+    pool_timeout_s: float = 5.0
     base_text: str = field(init=False, repr=False)  # base_url as text, no trailing /
 
     def __post_init__(self) -> None:
@@ -53,6 +56,27 @@ class BreakerSettings:
 
     failure_threshold: int = 5
     cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """Bounds on client connections: header deadline, connection cap, header size."""
+
+    header_timeout_s: float = 60.0
+    # None: derived at start from the process's file-descriptor limit.
+    max_connections: int | None = None
+    max_header_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """Default caps on calls in flight at once, per token and per project."""
+
+    token_max_concurrent: int = 100
+    project_max_concurrent: int = 250
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +136,9 @@ class Settings:
     usage_flush_interval_s: float = 1.0
     shutdown_grace_s: float = 30.0
     forward_client_ip: bool = False
+    trusted_proxies: tuple[IpNetwork, ...] = ()
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)
     metrics_token: str | None = field(default=None, repr=False)
     file_event_log: Path | None = None
     db_pool_max_size: int = 10
@@ -257,6 +284,14 @@ def _parse(env: _Env) -> Settings:
         usage_flush_interval_s=env.seconds("USAGE_FLUSH_INTERVAL", 1.0),
         shutdown_grace_s=env.seconds("SHUTDOWN_GRACE_PERIOD", 30.0),
         forward_client_ip=env.boolean("FORWARD_CLIENT_IP", False),
+        trusted_proxies=_trusted_proxies(env.text("TRUSTED_PROXIES")),
+        listener=_listener(env),
+        tenant_limits=TenantLimits(
+            token_max_concurrent=env.integer("TOKEN_MAX_CONCURRENT", 100, minimum=1),
+            project_max_concurrent=env.integer(
+                "PROJECT_MAX_CONCURRENT", 250, minimum=1
+            ),
+        ),
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=_event_log_path(env.text("FILE_EVENT_LOG", DEFAULT_EVENT_LOG)),
         db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
@@ -375,7 +410,41 @@ def _upstream(env: _Env) -> UpstreamSettings:
         read_idle_timeout_s=env.seconds("UPSTREAM_READ_TIMEOUT", 600.0),
         max_connections=env.integer("UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
         retries=env.integer("UPSTREAM_RETRIES", 2, minimum=0),
+        pool_timeout_s=env.seconds("UPSTREAM_POOL_TIMEOUT", 5.0),
     )
+
+
+def _listener(env: _Env) -> ListenerSettings:
+    raw_cap = env.text("MAX_CLIENT_CONNECTIONS", "auto") or "auto"
+    cap = (
+        None
+        if raw_cap.lower() == "auto"
+        else env.integer("MAX_CLIENT_CONNECTIONS", 0, minimum=1)
+    )
+    return ListenerSettings(
+        header_timeout_s=env.seconds("CLIENT_HEADER_TIMEOUT", 60.0),
+        max_connections=cap,
+        max_header_bytes=env.integer("MAX_HEADER_BYTES", 64 * 1024, minimum=1024),
+    )
+
+
+def _trusted_proxies(value: str | None) -> tuple[IpNetwork, ...]:
+    """TRUSTED_PROXIES: comma-separated addresses or CIDR networks."""
+    if value is None:
+        return ()
+    networks: list[IpNetwork] = []
+    for item in value.split(","):
+        text = item.strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(
+                "TRUSTED_PROXIES must be comma-separated addresses or networks "
+                f"(127.0.0.1, 10.0.0.0/8), got {text!r}"
+            ) from None
+    return tuple(networks)
 
 
 def parse_encryption_key(value: str | None) -> bytes | None:

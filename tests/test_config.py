@@ -104,6 +104,13 @@ def test_listen_addr_errors_name_the_variable(value: str) -> None:
         ("DISPATCHER_TIMEOUT", "-5"),
         ("DISPATCHER_DRAIN_TIMEOUT", "x"),
         ("LOGGING_URL", "ftp://collector"),
+        ("TRUSTED_PROXIES", "nginx"),
+        ("TOKEN_MAX_CONCURRENT", "0"),
+        ("PROJECT_MAX_CONCURRENT", "lots"),
+        ("UPSTREAM_POOL_TIMEOUT", "0"),
+        ("CLIENT_HEADER_TIMEOUT", "-1"),
+        ("MAX_CLIENT_CONNECTIONS", "0"),
+        ("MAX_HEADER_BYTES", "100"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(name: str, value: str) -> None:
@@ -247,3 +254,37 @@ def test_event_log_defaults_to_a_jsonl_file_and_can_be_turned_off() -> None:
         assert Settings.from_env(env).file_event_log is None
     env = {"MANAGEMENT_TOKEN": TOKEN, "FILE_EVENT_LOG": "/var/log/e.jsonl"}
     assert Settings.from_env(env).file_event_log == Path("/var/log/e.jsonl")
+
+
+def test_hostile_traffic_limits_have_defaults_and_are_read() -> None:
+    default = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN})
+    assert default.trusted_proxies == ()
+    assert default.listener.header_timeout_s == 60.0
+    assert default.listener.max_connections is None  # auto: from the fd limit
+    assert default.listener.max_header_bytes == 64 * 1024
+    assert default.tenant_limits.token_max_concurrent == 100
+    assert default.tenant_limits.project_max_concurrent == 250
+    assert default.upstream.pool_timeout_s == 5.0
+    settings = Settings.from_env(
+        {
+            "MANAGEMENT_TOKEN": TOKEN,
+            "TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8,::1",
+            "TOKEN_MAX_CONCURRENT": "3",
+            "PROJECT_MAX_CONCURRENT": "7",
+            "UPSTREAM_POOL_TIMEOUT": "0.5",
+            "CLIENT_HEADER_TIMEOUT": "2s",
+            "MAX_CLIENT_CONNECTIONS": "500",
+            "MAX_HEADER_BYTES": "8192",
+        }
+    )
+    assert [str(n) for n in settings.trusted_proxies] == [
+        "127.0.0.1/32",
+        "10.0.0.0/8",
+        "::1/128",
+    ]
+    assert settings.tenant_limits.token_max_concurrent == 3
+    assert settings.tenant_limits.project_max_concurrent == 7
+    assert settings.upstream.pool_timeout_s == 0.5
+    assert settings.listener.header_timeout_s == 2.0
+    assert settings.listener.max_connections == 500
+    assert settings.listener.max_header_bytes == 8192
