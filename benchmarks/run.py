@@ -12,8 +12,11 @@ Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk), added
 time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios.
 `--variants` adds the proxy without events and without its stages
 (benchmarks/variant.py), measured in the same rounds, to show what each part costs.
+`--reference DIR` adds the proxy of another checkout (e.g. the commit before a change,
+from `git worktree add /tmp/before HEAD~3`), also in the same rounds, so a change is
+judged against its own "before" on the same machine at the same moment.
 
-    python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--json]
+    python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--reference DIR] [--json]
 """
 
 from __future__ import annotations
@@ -269,11 +272,17 @@ async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
 
 
 def start_proxy(
-    stack: Stack, upstream_port: int, variant: str | None = None
+    stack: Stack,
+    upstream_port: int,
+    variant: str | None = None,
+    tree: Path | None = None,
 ) -> tuple[int, str, subprocess.Popen[bytes]]:
-    """The real proxy with events on (or a `variant.py` variant), plus a token for it."""
+    """The real proxy with events on (or a `variant.py` variant, or the proxy of the
+    checkout `tree`), plus a token for it."""
     port = free_port()
     name = f"proxy-{variant}" if variant else "proxy"
+    if tree is not None:
+        name = "proxy-reference"
     env = {
         "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
         "LISTEN_ADDR": f"127.0.0.1:{port}",
@@ -284,6 +293,8 @@ def start_proxy(
         "LOG_LEVEL": "warning",
         "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
     }
+    if tree is not None:  # its package first on the path, ahead of the installed one
+        env["PYTHONPATH"] = str(tree.resolve())
     command = [sys.executable, "-m", "llm_proxy", "serve"]
     if variant:
         command = [
@@ -334,7 +345,11 @@ def measure(
 
 
 def run(
-    duration_s: float, rounds: int, stream_n: int, variants: Sequence[str] = ()
+    duration_s: float,
+    rounds: int,
+    stream_n: int,
+    variants: Sequence[str] = (),
+    reference: Path | None = None,
 ) -> dict[str, object]:
     """Start everything, measure both servers in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
@@ -389,6 +404,9 @@ def run(
             port, token, process = start_proxy(stack, upstream_port, variant)
             name = f"proxy-{variant}" if variant else "proxy"
             servers.append(Server(Result(name), port, process, token))
+        if reference is not None:
+            port, token, process = start_proxy(stack, upstream_port, tree=reference)
+            servers.append(Server(Result("proxy-reference"), port, process, token))
         for server in servers:  # warm-up: connection pools and caches
             run_wrk(
                 f"{server.base}/v1/chat/completions",
@@ -416,6 +434,10 @@ def run(
             server.result.name: compare_variant(servers[0].result, server.result)
             for server in servers[2:]
         }
+        if reference is not None:
+            report["reference"] = compare_reference(
+                servers[1].result, servers[-1].result
+            )
         return report
     except Exception:
         for log in sorted(workdir.glob("proc-*.log")):
@@ -486,6 +508,20 @@ def compare_variant(baseline: Result, variant: Result) -> dict[str, float]:
     }
 
 
+def compare_reference(proxy: Result, reference: Result) -> dict[str, float]:
+    """This checkout's proxy against the reference checkout's, same rounds."""
+    return {
+        "rps_c64": med(reference.rps_c64),
+        "throughput_vs_reference": round(
+            med(proxy.rps_c64) / med(reference.rps_c64), 3
+        ),
+        "p50_vs_reference_ms": round(
+            med(proxy.p50_ms_c1) - med(reference.p50_ms_c1), 3
+        ),
+        "ttfb_vs_reference_ms": round(med(proxy.ttfb_ms) - med(reference.ttfb_ms), 3),
+    }
+
+
 def print_report(report: dict[str, object]) -> None:
     """A small human-readable table."""
     base, ours = report["baseline"], report["proxy"]
@@ -515,6 +551,14 @@ def print_report(report: dict[str, object]) -> None:
             f"  x{numbers['throughput_ratio']:.3f}"
             f"  p50 {numbers['p50_added_ms']:+.3f} ms"
         )
+    reference = report.get("reference")
+    if isinstance(reference, dict):
+        print(
+            f"{'reference checkout':<22}{reference['rps_c64']:>12.1f} req/s;"
+            f" this checkout x{reference['throughput_vs_reference']:.3f},"
+            f" p50 {reference['p50_vs_reference_ms']:+.3f} ms,"
+            f" TTFB {reference['ttfb_vs_reference_ms']:+.3f} ms"
+        )
 
 
 def main() -> None:
@@ -534,6 +578,12 @@ def main() -> None:
         help="also measure the proxy without events and without its stages"
         " (benchmarks/variant.py), to see what each part costs",
     )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DIR",
+        help="also measure the proxy of the checkout DIR (a 'before'), same rounds",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -541,7 +591,7 @@ def main() -> None:
                 f"benchmark needs {tool} (apt-get install {tool if tool != 'taskset' else 'util-linux'})"
             )
     variants = ("events-off", "bare") if args.variants else ()
-    report = run(args.duration, args.rounds, args.streams, variants)
+    report = run(args.duration, args.rounds, args.streams, variants, args.reference)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
