@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from .allowlist import Allowlist, default_allowlist, load_allowlist
 from .breaker import BreakerState, CircuitBreaker
@@ -64,6 +66,7 @@ def master_key(settings: Settings) -> bytes:
 
 def create_app(settings: Settings) -> web.Application:
     """The whole proxy application; connections open in its cleanup contexts."""
+    settings = with_allowlist_upstream(settings)
     key = master_key(settings)
     repository = create_repository(
         settings.database_url, pool_max_size=settings.db_pool_max_size
@@ -128,6 +131,21 @@ def load_endpoint_allowlist(settings: Settings) -> Allowlist:
     if settings.api_config_path is None:
         return default_allowlist()
     return load_allowlist(settings.api_config_path)
+
+
+def with_allowlist_upstream(settings: Settings) -> Settings:
+    """The settings with the allowlist file's `base_url` as the upstream, unless
+    OPENAI_API_URL was set (the environment wins over the file)."""
+    if settings.api_config_path is None or settings.upstream.base_url_set:
+        return settings
+    base_url = load_endpoint_allowlist(settings).upstream_base_url
+    if base_url is None:
+        return settings
+    url = URL(base_url)
+    upstream = dataclasses.replace(
+        settings.upstream, base_url=url.with_path(url.path.rstrip("/"))
+    )
+    return dataclasses.replace(settings, upstream=upstream)
 
 
 def create_proxy_handler(

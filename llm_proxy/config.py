@@ -44,6 +44,8 @@ class UpstreamSettings:
     retries: int = 2
     # Longest wait for a free pooled connection before a fast 503 (the pool is full).
     pool_timeout_s: float = 5.0
+    # OPENAI_API_URL was given: it then wins over an allowlist file's `base_url`.
+    base_url_set: bool = False
     base_text: str = field(init=False, repr=False)  # base_url as text, no trailing /
 
     def __post_init__(self) -> None:
@@ -411,6 +413,7 @@ def _upstream(env: _Env) -> UpstreamSettings:
         max_connections=env.integer("UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
         retries=env.integer("UPSTREAM_RETRIES", 2, minimum=0),
         pool_timeout_s=env.seconds("UPSTREAM_POOL_TIMEOUT", 5.0),
+        base_url_set=env.text("OPENAI_API_URL") is not None,
     )
 
 
