@@ -110,6 +110,10 @@ class DispatcherSettings:
     dead_letter_dir: Path = Path("./data")
     endpoint: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    helicone_api_key: str | None = field(default=None, repr=False)
+    helicone_url: str | None = None
+    lunary_public_key: str | None = field(default=None, repr=False)
+    lunary_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,10 +346,15 @@ def _events(env: _Env) -> EventSettings:
     )
 
 
+def _http_url(env: _Env, name: str) -> str | None:
+    value = env.text(name)
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value
+
+
 def _dispatcher(env: _Env) -> DispatcherSettings:
-    endpoint = env.text("LOGGING_URL")
-    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"LOGGING_URL must be an http(s) URL, got {endpoint!r}")
+    endpoint = _http_url(env, "LOGGING_URL")
     settings = DispatcherSettings(
         max_retries=env.integer("DISPATCHER_MAX_RETRIES", 5),
         retry_base_s=env.seconds("DISPATCHER_RETRY_BASE", 0.5),
@@ -355,6 +364,10 @@ def _dispatcher(env: _Env) -> DispatcherSettings:
         dead_letter_dir=Path(env.text("DEAD_LETTER_DIR", "./data") or ""),
         endpoint=endpoint,
         api_key=env.text("DISPATCHER_API_KEY"),
+        helicone_api_key=env.text("HELICONE_API_KEY"),
+        helicone_url=_http_url(env, "HELICONE_URL"),
+        lunary_public_key=env.text("LUNARY_PUBLIC_KEY"),
+        lunary_url=_http_url(env, "LUNARY_URL"),
     )
     if settings.retry_max_s < settings.retry_base_s:
         raise ConfigError(

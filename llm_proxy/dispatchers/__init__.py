@@ -1,7 +1,8 @@
 """Bus consumers that deliver events: file, Helicone, Lunary, HTTP, usage recorder.
 
 In the proxy process, `dispatchers_ctx` runs the usage recorder (always, so the
-admin pages have data) and the file dispatcher (when FILE_EVENT_LOG is set). As a
+admin pages have data), the file dispatcher (when FILE_EVENT_LOG is set) and, on the
+memory bus, the http, Helicone and Lunary dispatchers whose settings are given. As a
 process of its own, `run_dispatcher` runs one backend on the Redis bus until SIGTERM.
 """
 
@@ -60,6 +61,7 @@ __all__ = [
     "UsageRecorder",
     "create_backend",
     "create_event_bus",
+    "in_process_services",
     "dispatchers_ctx",
     "event_bus_ctx",
     "event_record",
@@ -95,9 +97,14 @@ def create_backend(
     endpoint: str | None = None,
     api_key: str | None = None,
 ) -> Backend:
-    """The backend of `service`; flags win over LOGGING_URL / DISPATCHER_API_KEY."""
+    """The backend of `service`; flags win over the settings.
+
+    Helicone and Lunary take their own key (HELICONE_API_KEY, LUNARY_PUBLIC_KEY) before
+    DISPATCHER_API_KEY, and the http backend only DISPATCHER_API_KEY: one backend's
+    credential is never sent to another.
+    """
     dispatcher = settings.dispatcher
-    api_key = api_key or dispatcher.api_key
+    api_key = api_key or _service_key(service, settings) or dispatcher.api_key
     if service == "file":
         path = endpoint or settings.file_event_log
         if not path:
@@ -117,9 +124,42 @@ def create_backend(
                 f"the {service} dispatcher needs --api-key or DISPATCHER_API_KEY"
             )
         cls = HeliconeBackend if service == "helicone" else LunaryBackend
-        url = endpoint or _default_endpoint(service)
+        url = endpoint or _service_url(service, settings) or _default_endpoint(service)
         return cls(HttpPoster(url, api_key, timeout_s=dispatcher.timeout_s))
     raise ConfigError(f"unknown dispatcher service {service!r}; use one of {SERVICES}")
+
+
+def _service_key(service: str, settings: Settings) -> str | None:
+    if service == "helicone":
+        return settings.dispatcher.helicone_api_key
+    if service == "lunary":
+        return settings.dispatcher.lunary_public_key
+    return None
+
+
+def _service_url(service: str, settings: Settings) -> str | None:
+    if service == "helicone":
+        return settings.dispatcher.helicone_url
+    return settings.dispatcher.lunary_url
+
+
+def in_process_services(settings: Settings) -> list[str]:
+    """The backends the proxy process delivers to itself, besides the usage rows.
+
+    On the Redis bus the http, Helicone and Lunary backends run as `llm-proxy
+    dispatcher` processes, one delivery per event for the whole fleet.
+    """
+    services = ["file"] if settings.file_event_log is not None else []
+    if settings.event_bus != "memory":
+        return services
+    dispatcher = settings.dispatcher
+    if dispatcher.endpoint:
+        services.append("http")
+    if dispatcher.helicone_api_key:
+        services.append("helicone")
+    if dispatcher.lunary_public_key:
+        services.append("lunary")
+    return services
 
 
 def _default_endpoint(service: str) -> str:
@@ -181,10 +221,11 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
         )
     ]
-    if settings.file_event_log is not None:
-        backend = create_backend("file", settings)
+    _remind_of_fleet_dispatchers(settings)
+    for service in in_process_services(settings):
+        backend = create_backend(service, settings)
         dispatchers.append(
-            new_dispatcher(backend, bus, settings, group="file", metrics=metrics)
+            new_dispatcher(backend, bus, settings, group=service, metrics=metrics)
         )
     app[DISPATCHERS_KEY] = dispatchers
     tasks = [
@@ -192,6 +233,26 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
     ]
     yield
     await _stop(tasks, settings.dispatcher.drain_timeout_s)
+
+
+def _remind_of_fleet_dispatchers(settings: Settings) -> None:
+    """On the Redis bus, backends with settings need their own dispatcher process."""
+    if settings.event_bus == "memory":
+        return
+    dispatcher = settings.dispatcher
+    given = {
+        "http": dispatcher.endpoint,
+        "helicone": dispatcher.helicone_api_key,
+        "lunary": dispatcher.lunary_public_key,
+    }
+    for service, value in given.items():
+        if value:
+            log.info(
+                "event bus is redis: run `llm-proxy dispatcher --service %s` to "
+                "deliver to %s",
+                service,
+                service,
+            )
 
 
 async def _stop(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
