@@ -30,7 +30,11 @@ async def live_handler(request: web.Request) -> web.Response:
 
 
 async def ready_handler(request: web.Request) -> web.Response:
-    """GET /ready: 200 when the database answers, 503 naming what fails."""
+    """GET /ready: 200 when the database answers, 503 naming what fails.
+
+    `status` is `ready`, `degraded` (200: serving, with a part named in `degraded`) or
+    `not_ready` (503: the parts named in `failing`).
+    """
     checks: dict[str, str] = {}
     started = time.perf_counter()
     try:
@@ -42,14 +46,13 @@ async def ready_handler(request: web.Request) -> web.Response:
         checks["database"] = f"failing: {type(exc).__name__}"
     for name, check in request.app.get(READY_CHECKS_KEY, {}).items():
         checks[name] = await check()
-    failing = [
-        name
-        for name, state in checks.items()
-        if state != "ok" and not state.startswith("ok")
-    ]
+    failing = [name for name, state in checks.items() if state.startswith("failing")]
+    degraded = [name for name, state in checks.items() if state.startswith("degraded")]
+    status = "not_ready" if failing else "degraded" if degraded else "ready"
     body = {
-        "status": "ready" if not failing else "not_ready",
+        "status": status,
         "failing": failing,
+        "degraded": degraded,
         "checks": checks,
         "duration_ms": round((time.perf_counter() - started) * 1000, 2),
     }

@@ -1,23 +1,40 @@
-"""Extra `/ready` checks: Redis when configured, the upstream breaker's state."""
+"""Extra `/ready` checks: Redis when configured, the upstream breaker's state.
+
+A check answers `ok`, `degraded: <why>` (still ready) or `failing: <why>` (not ready).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Final
 
 from aiohttp import web
 
-from .breaker import CircuitBreaker
+from .breaker import BreakerState, CircuitBreaker
 from .keys import ReadyCheck
 
 REDIS_PING_TIMEOUT_S: Final = 2.0
 
 
 def breaker_check(breaker: CircuitBreaker) -> ReadyCheck:
-    """The breaker state; an open breaker is shown but does not make us unready."""
+    """The breaker state: `degraded` while not closed, never a readiness failure.
+
+    Every instance shares the upstream, so taking this one out of the load balancer
+    would help nobody; `/v1` calls get a fast 503 `circuit_open` meanwhile.
+    """
 
     async def check() -> str:
-        return f"ok ({breaker.state.value})"
+        state = breaker.state
+        if state is BreakerState.CLOSED:
+            return "ok"
+        if state is BreakerState.HALF_OPEN:
+            return "degraded: upstream circuit breaker half-open, one probe call let through"
+        wait = math.ceil(breaker.retry_after_s())
+        return (
+            "degraded: upstream circuit breaker open after repeated upstream failures;"
+            f" /v1 calls answer 503 circuit_open for about {wait} s more"
+        )
 
     return check
 

@@ -61,3 +61,20 @@ async def test_ready_names_redis_when_it_does_not_answer(
     assert ready.status == 503
     assert body["failing"] == ["redis"]
     assert body["checks"]["redis"].startswith("failing: ")
+
+
+async def test_breaker_check_reads_ok_degraded_open_and_half_open() -> None:
+    from llm_proxy.breaker import CircuitBreaker
+    from llm_proxy.readiness import breaker_check
+
+    now = [100.0]
+    breaker = CircuitBreaker(1, 30.0, clock=lambda: now[0])
+    check = breaker_check(breaker)
+    assert await check() == "ok"
+    breaker.record_failure()
+    opened = await check()
+    assert opened.startswith("degraded: upstream circuit breaker open")
+    assert "for about 30 s more" in opened
+    now[0] += 31.0
+    assert breaker.allow()  # the cooldown is over: one probe goes through
+    assert (await check()).startswith("degraded: upstream circuit breaker half-open")
