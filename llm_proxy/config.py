@@ -95,6 +95,8 @@ class EventSettings:
     log_body_max_bytes: int = 64 * 1024
     stream_capture_max_bytes: int = 256 * 1024
     stream_key: str = "llm-proxy:events"
+    # Approximate cap on the Redis stream's entries; None never trims.
+    stream_maxlen: int | None = 1_000_000
     usage_estimation: bool = True
 
 
@@ -335,6 +337,7 @@ def _events(env: _Env) -> EventSettings:
         flush_interval_s=env.seconds("EVENT_FLUSH_INTERVAL", 1.0),
         spool_path=Path(env.text("EVENT_SPOOL_PATH", "./data/event-spool.jsonl") or ""),
         stream_key=env.text("EVENT_STREAM_KEY", "llm-proxy:events") or "",
+        stream_maxlen=env.integer("EVENT_STREAM_MAXLEN", 1_000_000) or None,
         usage_estimation=env.boolean("USAGE_ESTIMATION", True),
         log_max_bytes=env.integer("EVENT_LOG_MAX_BYTES", 100 * 1024 * 1024),
         log_backups=env.integer("EVENT_LOG_BACKUPS", 5),

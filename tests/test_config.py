@@ -256,6 +256,14 @@ def test_event_log_defaults_to_a_jsonl_file_and_can_be_turned_off() -> None:
     assert Settings.from_env(env).file_event_log == Path("/var/log/e.jsonl")
 
 
+def test_redis_stream_is_capped_by_default_and_zero_never_trims() -> None:
+    assert (
+        Settings.from_env({"MANAGEMENT_TOKEN": TOKEN}).events.stream_maxlen == 1_000_000
+    )
+    env = {"MANAGEMENT_TOKEN": TOKEN, "EVENT_STREAM_MAXLEN": "0"}
+    assert Settings.from_env(env).events.stream_maxlen is None
+
+
 def test_hostile_traffic_limits_have_defaults_and_are_read() -> None:
     default = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN})
     assert default.trusted_proxies == ()

@@ -731,3 +731,37 @@ def test_helicone_and_lunary_payloads_of_an_event_with_a_malformed_usage() -> No
     odd = decode_event(orjson.dumps(_event().to_json_dict() | {"usage": "n/a"}))
     assert "usage" not in orjson.dumps(helicone_log(odd, 1.0)).decode()
     assert all("tokensUsage" not in run for run in lunary_runs(odd))
+
+
+@pytest.mark.redis
+async def test_event_stream_maxlen_setting_bounds_the_redis_stream(
+    redis_stream: str, tmp_path: Path
+) -> None:
+    from redis.asyncio import Redis
+
+    from llm_proxy.config import Settings
+    from llm_proxy.dispatchers import create_event_bus
+
+    settings = Settings.from_env(
+        {
+            "MANAGEMENT_TOKEN": "0123456789abcdef",
+            "LLM_PROXY_EVENT_BUS": "redis",
+            "REDIS_URL": REDIS_URL,
+            "EVENT_STREAM_KEY": redis_stream,
+            "EVENT_STREAM_MAXLEN": "10",
+            "EVENT_SPOOL_PATH": str(tmp_path / "spool.jsonl"),
+            "EVENT_FLUSH_INTERVAL": "0.01",
+        }
+    )
+    bus = create_event_bus(settings)
+    await bus.start()
+    for n in range(1000):
+        bus.publish(_event(n))
+    await bus.close()
+    client = Redis.from_url(REDIS_URL)
+    try:
+        length = await client.xlen(redis_stream)
+    finally:
+        await client.aclose()
+    # Trimming is approximate (whole stream nodes of 100 entries), never unbounded.
+    assert 0 < length <= 200

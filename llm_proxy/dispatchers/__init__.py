@@ -82,6 +82,7 @@ def create_event_bus(settings: Settings) -> EventBus:
             batch_size=events.batch_size,
             flush_interval_s=events.flush_interval_s,
             stream_key=events.stream_key,
+            maxlen=events.stream_maxlen,
         )
     return InMemoryEventBus(
         buffer_size=events.buffer_size,
