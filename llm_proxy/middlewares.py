@@ -62,14 +62,16 @@ def json_errors_middleware() -> Middleware:
             raise _as_api_error(exc) from None
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.path)
-            raise ApiError(
-                500,
-                "Internal error in llm-proxy.",
-                type="api_error",
-                code="internal_error",
-            ) from None
+            raise internal_error() from None
 
     return json_errors
+
+
+def internal_error() -> ApiError:
+    """The 500 answer to an exception nobody handled (it is logged, not shown)."""
+    return ApiError(
+        500, "Internal error in llm-proxy.", type="api_error", code="internal_error"
+    )
 
 
 def _as_api_error(exc: web.HTTPException) -> ApiError:
@@ -166,16 +168,28 @@ def _leave(
 
 
 def _record_outcome(record: Exchange, exc: BaseException) -> None:
-    """Note how a call failed; an `ApiError` also gets the call's request id."""
+    """Note how a call failed; an `ApiError` also gets the call's request id.
+
+    An answer we make ourselves is sent after the call's record is handed over, so
+    its body's length is counted here (when nothing of an answer was sent before).
+    """
     if isinstance(exc, ApiError):
         _record_failure(record, exc.status, exc.code, type(exc).__name__)
         exc.headers["X-Request-ID"] = record.request_id
+        _count_body(record, exc)
     elif isinstance(exc, web.HTTPException):
         _record_failure(record, exc.status, None, type(exc).__name__)
+        _count_body(record, _as_api_error(exc))
     elif isinstance(exc, asyncio.CancelledError):
         _record_failure(record, 499, "client_disconnected", "CancelledError")
     elif isinstance(exc, Exception):
         _record_failure(record, 500, "internal_error", type(exc).__name__)
+        _count_body(record, internal_error())
+
+
+def _count_body(record: Exchange, answer: web.HTTPException) -> None:
+    if not record.bytes_out and isinstance(answer.body, bytes):
+        record.bytes_out = len(answer.body)
 
 
 def _record_failure(
