@@ -52,6 +52,7 @@ TOKEN_CREATE = {
     "rate_limit_per_hour": Field(int, nullable=True),
 }
 TOKEN_DELETE = {"token": Field(str), "token_id": Field(str)}
+TOKEN_LOOKUP = {"token": Field(str, required=True)}
 PROJECT_DELETE = {"project_id": Field(str, required=True)}
 MAX_PAGE = 1000
 
@@ -276,6 +277,14 @@ async def get_token_handler(request: web.Request) -> web.Response:
     return json_response(token_json(token))
 
 
+async def lookup_token_handler(request: web.Request) -> web.Response:
+    """POST /manage/tokens/lookup {token}: a token by its value, kept out of URLs."""
+    data = await read_json_object(request)
+    check_fields(data, TOKEN_LOOKUP)
+    token = await request.config_dict[SERVICE_KEY].find_token_by_value(data["token"])
+    return json_response(token_json(token))
+
+
 async def delete_token_handler(request: web.Request) -> web.Response:
     """DELETE /manage/tokens/{token_id} or DELETE /manage/tokens {token|token_id}."""
     service = request.config_dict[SERVICE_KEY]
@@ -311,6 +320,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/tokens", create_token_handler),
     ("GET", "/tokens", list_tokens_handler),
     ("DELETE", "/tokens", delete_token_handler),
+    ("POST", "/tokens/lookup", lookup_token_handler),
     ("GET", "/tokens/{token_id}", get_token_handler),
     ("DELETE", "/tokens/{token_id}", delete_token_handler),
     ("GET", "/openapi.json", openapi_handler),

@@ -145,9 +145,16 @@ def _paths() -> dict[str, Any]:
                 ],
             ),
             "delete": _op(
-                "Revoke a token by value or id (idempotent)",
-                _NO_CONTENT,
+                "Revoke a token by value or id (idempotent; 404 when unknown)",
+                {**_NO_CONTENT, **_NOT_FOUND},
                 body="TokenRevoke",
+            ),
+        },
+        "/manage/tokens/lookup": {
+            "post": _op(
+                "Find a token by its value (kept out of URLs and access logs)",
+                {"200": _json(_ref("Token")), **_NOT_FOUND},
+                body="TokenLookup",
             ),
         },
         "/manage/tokens/{token_id}": {
@@ -156,7 +163,11 @@ def _paths() -> dict[str, Any]:
                 {"200": _json(_ref("Token")), **_NOT_FOUND},
                 params=token_id,
             ),
-            "delete": _op("Revoke a token (idempotent)", _NO_CONTENT, params=token_id),
+            "delete": _op(
+                "Revoke a token (idempotent; 404 when unknown)",
+                {**_NO_CONTENT, **_NOT_FOUND},
+                params=token_id,
+            ),
         },
         "/manage/openapi.json": {
             "get": {
@@ -272,6 +283,13 @@ def _schemas() -> dict[str, Any]:
             },
             ["token_id", "token_hint", "project_id", "expires_at", "is_active"],
         ),
+        "TokenLookup": {
+            "type": "object",
+            "properties": {"token": _string()},
+            "required": ["token"],
+            "additionalProperties": False,
+            "description": "The token's value.",
+        },
         "TokenRevoke": {
             "type": "object",
             "properties": {"token": _string(), "token_id": _string()},

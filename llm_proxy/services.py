@@ -298,16 +298,23 @@ class ManagementService:
         total = await self._repository.count_tokens(token_filter, now=now)
         return Page(items, total, limit, offset)
 
+    async def find_token_by_value(self, value: str) -> Token:
+        """The token whose value this is, or NotFound (the value is never echoed)."""
+        token = await self._repository.get_token_by_hash(self._hasher.hash(value))
+        if token is None:
+            raise NotFound("No token has this value.", param="token")
+        return token
+
     async def revoke_token(self, token_id: str) -> None:
-        """Revoke by id; idempotent, unknown ids are fine too."""
-        await self._repository.revoke_token(token_id)
+        """Revoke by id; idempotent for a revoked token, NotFound for an unknown id."""
         self._store.remove_token(token_id)
+        if not await self._repository.revoke_token(token_id):
+            raise NotFound(f"No token with id {token_id!r}.", param="token_id")
 
     async def revoke_token_value(self, value: str) -> None:
         """Revoke by the token's value (the seed API's DELETE body); idempotent."""
-        token = await self._repository.get_token_by_hash(self._hasher.hash(value))
-        if token is not None:
-            await self.revoke_token(token.id)
+        token = await self.find_token_by_value(value)
+        await self.revoke_token(token.id)
 
 
 def _check_range(param: str, value: int, low: int, high: int) -> None:

@@ -390,3 +390,38 @@ async def test_nul_in_search_is_refused(client: Client) -> None:
     assert (await error_of(response, 400))["param"] == "search"
     response = await client.get("/manage/tokens?project_id=%00", headers=AUTH)
     assert (await error_of(response, 400))["param"] == "project_id"
+
+
+async def test_revoking_an_unknown_token_is_a_404_not_a_silent_204(
+    client: Client,
+) -> None:
+    unknown = await client.delete("/manage/tokens/no-such-token-id", headers=AUTH)
+    assert (await error_of(unknown, 404))["param"] == "token_id"
+    by_id = await client.delete(
+        "/manage/tokens", json={"token_id": "no-such-token-id"}, headers=AUTH
+    )
+    await error_of(by_id, 404)
+    by_value = await client.delete(
+        "/manage/tokens", json={"token": "wt-not-a-real-token"}, headers=AUTH
+    )
+    body = await error_of(by_value, 404)
+    assert "wt-not-a-real-token" not in body["message"]  # a value is never echoed
+
+
+async def test_a_token_is_found_by_its_value_without_putting_it_in_a_url(
+    client: Client,
+) -> None:
+    project_id = (await create_project(client))["project_id"]
+    token = await create_token(client, project_id)
+    found = await client.post(
+        "/manage/tokens/lookup", json={"token": token["token"]}, headers=AUTH
+    )
+    assert found.status == 200
+    data = await found.json()
+    assert data["token_id"] == token["token_id"] and "token" not in data
+    missing = await client.post(
+        "/manage/tokens/lookup", json={"token": "wt-unknown"}, headers=AUTH
+    )
+    await error_of(missing, 404)
+    refused = await client.post("/manage/tokens/lookup", json={}, headers=AUTH)
+    await error_of(refused, 400)

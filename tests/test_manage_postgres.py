@@ -91,7 +91,7 @@ async def test_postgres_walk_through_create_use_revoke(
             {"name": "a\u0000", "openai_api_key": UPSTREAM_KEY},
             400,
         ),
-        ("DELETE", "/manage/tokens/zzz", None, 204),
+        ("DELETE", "/manage/tokens/zzz", None, 404),
         ("DELETE", "/manage/projects/zzz", None, 404),
         ("POST", "/manage/projects/zzz/tokens/revoke", None, 404),
         ("PATCH", "/manage/projects/zzz", {"name": "x"}, 404),
