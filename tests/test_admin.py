@@ -15,13 +15,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from pytest_aiohttp import AiohttpClient
+from yarl import URL
 
 from llm_proxy.admin import create_admin_app
+from llm_proxy.admin.flash import OneTimeSlots
 from llm_proxy.admin.forms import Pager, optional_int, page_number
 from llm_proxy.admin.render import relative, token_status
 from llm_proxy.admin.security import SECURITY_HEADERS, is_same_origin
 from llm_proxy.app import create_app
 from llm_proxy.config import Settings
+from llm_proxy.crypto import TOKEN_PREFIX
 from llm_proxy.fake_upstream import FakeUpstreamState
 from llm_proxy.keys import REPOSITORY_KEY
 from llm_proxy.repository import Repository, Token, TokenFilter, UsageEvent
@@ -34,6 +37,7 @@ ADMIN_ENV = {"ADMIN_USER": ADMIN_USER, "ADMIN_PASSWORD": ADMIN_PASSWORD}
 ADMIN_AUTH = {"Authorization": aiohttp.encode_basic_auth(ADMIN_USER, ADMIN_PASSWORD)}
 CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 TOKEN_VALUE = re.compile(r'id="token-value"[^>]*>([^<]+)</textarea>')
+NOTICE = re.compile(r'<p class="flash" role="status">([^<]+)</p>')
 XSS = "<script>alert(1)</script>"
 NEW_KEY = "sk-proj-ROTATEDSECRETKEY9876543210wxyz"
 
@@ -41,11 +45,10 @@ Client = TestClient[Any, Any]
 
 
 def with_admin(settings: Settings) -> web.Application:
-    """The whole app with the admin sub-app mounted (as app.py does when enabled)."""
+    """The whole app, checking that `create_app` mounted /admin exactly when enabled."""
     app = create_app(settings)
     mounted = any(r.canonical == "/admin" for r in app.router.resources())
-    if settings.admin_enabled and not mounted:
-        app.add_subapp("/admin", create_admin_app(settings))
+    assert mounted is settings.admin_enabled, "create_app must mount /admin iff enabled"
     return app
 
 
@@ -111,17 +114,34 @@ async def new_project(client: Client, name: str | None = None) -> str:
     data = {"name": name, "description": "for tests", "openai_api_key": UPSTREAM_KEY}
     response = await post(client, "/admin/projects", data)
     assert response.status == 303, await response.text()
-    return response.headers["Location"].rsplit("/", 1)[-1]
+    return URL(response.headers["Location"]).path.rsplit("/", 1)[-1]
+
+
+async def mint(client: Client, project_id: str, **fields: str) -> str:
+    """Post the generate form; the 303's Location (the page showing the value)."""
+    data = {"project_id": project_id, "duration_minutes": "60", **fields}
+    response = await post(client, "/admin/tokens", data)
+    assert response.status == 303, await response.text()
+    return response.headers["Location"]
 
 
 async def new_token(client: Client, project_id: str, **fields: str) -> str:
-    data = {"project_id": project_id, "duration_minutes": "60", **fields}
-    response = await post(client, "/admin/tokens", data)
-    body = await response.text()
-    assert response.status == 200, body
+    body = await page(client, await mint(client, project_id, **fields))
     match = TOKEN_VALUE.search(body)
     assert match is not None
     return match.group(1)
+
+
+async def follow(client: Client, response: aiohttp.ClientResponse) -> str:
+    """The page a 303 leads to."""
+    assert response.status == 303, await response.text()
+    return await page(client, response.headers["Location"])
+
+
+def notice_of(body: str) -> str | None:
+    """The one-time confirmation message of a page, if it has one."""
+    match = NOTICE.search(body)
+    return None if match is None else match.group(1)
 
 
 async def first_token(client: Client, project_id: str) -> Token:
@@ -145,6 +165,19 @@ async def test_admin_challenges_without_credentials(admin: Client) -> None:
     assert response.status == 401
     assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
     assert_secure(response)
+
+
+async def test_admin_challenge_page_says_how_to_sign_in(admin: Client) -> None:
+    wrong = {"Authorization": aiohttp.encode_basic_auth(ADMIN_USER, "not-it-at-all")}
+    for headers in ({}, wrong):
+        response = await admin.get("/admin/tokens", headers=headers)
+        body = await response.text()
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="llm-proxy admin"'
+        assert response.content_type == "text/html"
+        assert "<title>Sign in required" in body
+        assert "Authentication required" in body and "Reload the page" in body
+        assert_secure(response)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +232,7 @@ async def test_admin_every_page_renders_with_security_headers(admin: Client) -> 
     await new_token(admin, project_id)
     token = await first_token(admin, project_id)
     paths = [
+        f"/admin/tokens/{token.id}/created",
         "/admin/",
         "/admin/projects",
         "/admin/projects?q=project&page=2",
@@ -427,7 +461,7 @@ async def test_admin_revokes_all_project_tokens_and_deletes_project(
     assert "revoked" in await page(admin, url)
     response = await post(admin, f"{url}/delete")
     assert response.status == 303
-    assert response.headers["Location"] == "/admin/projects"
+    assert URL(response.headers["Location"]).path == "/admin/projects"
     await page(admin, url, status=404)
 
 
@@ -438,8 +472,8 @@ async def test_admin_token_is_shown_once_and_works_until_revoked(
     admin: Client, fake: FakeUpstreamState
 ) -> None:
     project_id = await new_project(admin)
-    data = {"project_id": project_id, "duration_minutes": "15", "max_requests": "5"}
-    response = await post(admin, "/admin/tokens", data)
+    location = await mint(admin, project_id, duration_minutes="15", max_requests="5")
+    response = await admin.get(location, headers=ADMIN_AUTH)
     body = await response.text()
     assert response.headers["Cache-Control"] == "no-store"
     value = TOKEN_VALUE.search(body).group(1)  # type: ignore[union-attr]
@@ -458,7 +492,7 @@ async def test_admin_token_is_shown_once_and_works_until_revoked(
     )
     assert "Revoke token" in await page(admin, f"/admin/tokens/{token.id}/revoke")
     revoked = await post(admin, f"/admin/tokens/{token.id}/revoke")
-    assert revoked.headers["Location"] == f"/admin/tokens/{token.id}"
+    assert URL(revoked.headers["Location"]).path == f"/admin/tokens/{token.id}"
     assert (await admin.get("/v1/models", headers=bearer(value))).status == 401
     assert "revoked" in await page(admin, f"/admin/tokens/{token.id}")
 
@@ -475,10 +509,13 @@ async def test_admin_snippets_use_forwarded_host(admin: Client) -> None:
         "X-Forwarded-Proto": "https",
         "X-Forwarded-Host": "llm.example.com",
     }
+    headers = {**ADMIN_AUTH, **headers}
     response = await admin.post(
-        "/admin/tokens", data=data, headers={**ADMIN_AUTH, **headers}
+        "/admin/tokens", data=data, headers=headers, allow_redirects=False
     )
-    assert "curl https://llm.example.com/v1/chat/completions" in await response.text()
+    assert response.status == 303
+    shown = await admin.get(response.headers["Location"], headers=headers)
+    assert "curl https://llm.example.com/v1/chat/completions" in await shown.text()
 
 
 @pytest.mark.parametrize(
@@ -523,6 +560,155 @@ async def test_admin_filters_and_pages_tokens(admin: Client) -> None:
     assert f"…{token.token_hint}" in revoked and "1 in all" in revoked
     active = await page(admin, f"/admin/tokens?project_id={quiet}&status=active")
     assert "No tokens match" in active
+
+
+# -- post/redirect/get, the one-time value and confirmations ---------------------------
+
+
+async def count_tokens(client: Client, project_id: str) -> int:
+    repository: Repository = client.app[REPOSITORY_KEY]
+    token_filter = TokenFilter(project_id=project_id)
+    return await repository.count_tokens(token_filter, now=datetime.now(UTC))
+
+
+async def test_admin_reloading_the_created_page_neither_mints_nor_shows_again(
+    admin: Client,
+) -> None:
+    project_id = await new_project(admin)
+    location = await mint(admin, project_id)
+    token = await first_token(admin, project_id)
+    assert URL(location).path == f"/admin/tokens/{token.id}/created"
+    first = await page(admin, location)
+    value = TOKEN_VALUE.search(first).group(1)  # type: ignore[union-attr]
+    assert value[-4:] == token.token_hint and value not in location
+    again = await page(admin, location)
+    assert TOKEN_VALUE.search(again) is None and value not in again
+    assert "shown once" in again and "cannot be shown again" in again
+    assert f"/admin/tokens/{token.id}" in again
+    assert await count_tokens(admin, project_id) == 1
+
+
+async def test_admin_token_value_is_only_for_its_own_get_page(admin: Client) -> None:
+    project_id = await new_project(admin)
+    first = URL(await mint(admin, project_id))
+    head = await admin.head(first, headers=ADMIN_AUTH, allow_redirects=False)
+    assert head.status == 405  # a HEAD must not use up the one showing
+    second = URL(await mint(admin, project_id))
+    borrowed = second.with_query(first.query)
+    body = await page(admin, str(borrowed))
+    assert TOKEN_VALUE.search(body) is None
+    assert TOKEN_VALUE.search(await page(admin, str(second))) is not None
+    forged = await page(admin, str(second.with_query(show="guessed-slot-id")))
+    assert TOKEN_VALUE.search(forged) is None
+
+
+def test_admin_one_time_slots_are_single_use_bounded_and_short_lived() -> None:
+    clock = [100.0]
+    slots: OneTimeSlots[str] = OneTimeSlots(
+        capacity=2, lifetime_s=10.0, clock=lambda: clock[0]
+    )
+    first = slots.put("a")
+    assert len(first) >= 22 and slots.take(first) == "a"
+    assert slots.take(first) is None
+    oldest, kept, newest = slots.put("b"), slots.put("c"), slots.put("d")
+    assert len(slots) == 2 and len({oldest, kept, newest}) == 3
+    assert slots.take(oldest) is None  # evicted to stay within capacity
+    assert slots.take(kept) == "c"
+    clock[0] += 10.0
+    assert slots.take(newest) is None  # expired
+    slots.put("e")
+    assert len(slots) == 1  # expired slots are dropped on the next put
+    assert slots.take("") is None
+
+
+async def test_admin_generate_form_never_preselects_another_project(
+    admin: Client,
+) -> None:
+    awake = await new_project(admin, "awake")
+    asleep = await new_project(admin, "asleep")
+    await post(admin, f"/admin/projects/{asleep}/active", {"is_active": "0"})
+    placeholder = '<option value="" selected>Choose a project…</option>'
+    inactive = await page(admin, f"/admin/tokens/new?project_id={asleep}", 403)
+    assert "Project “asleep” is inactive" in inactive
+    assert placeholder in inactive and f'value="{awake}" selected' not in inactive
+    unknown = await page(admin, f"/admin/tokens/new?project_id={uuid.uuid4()}", 404)
+    assert "No project with id" in unknown
+    assert placeholder in unknown and f'value="{awake}" selected' not in unknown
+    chosen = await page(admin, f"/admin/tokens/new?project_id={awake}")
+    assert f'value="{awake}" selected' in chosen and placeholder not in chosen
+    assert placeholder in await page(admin, "/admin/tokens/new")
+
+
+async def test_admin_generate_token_refuses_inactive_project_by_name(
+    admin: Client,
+) -> None:
+    awake = await new_project(admin, "awake")
+    asleep = await new_project(admin, "asleep")
+    await post(admin, f"/admin/projects/{asleep}/active", {"is_active": "0"})
+    data = {"project_id": asleep, "duration_minutes": "60"}
+    response = await post(admin, "/admin/tokens", data)
+    body = await response.text()
+    assert response.status == 403
+    assert (
+        "Project “asleep” is inactive" in body and "no token can be generated" in body
+    )
+    assert f'value="{awake}" selected' not in body
+    assert await count_tokens(admin, asleep) == 0
+    empty = await post(admin, "/admin/tokens", {"duration_minutes": "60"})
+    assert empty.status == 400 and "Choose a project" in await empty.text()
+
+
+async def test_admin_every_action_confirms_once_without_secrets(admin: Client) -> None:
+    data = {"name": "flashy", "openai_api_key": UPSTREAM_KEY}
+    created = await post(admin, "/admin/projects", data)
+    assert notice_of(await follow(admin, created)) == "Project “flashy” created."
+    assert notice_of(await page(admin, created.headers["Location"])) is None
+    url = URL(created.headers["Location"]).path
+    project_id = url.rsplit("/", 1)[-1]
+    value = await new_token(admin, project_id)
+    token = await first_token(admin, project_id)
+    actions = [
+        (url, {"name": "renamed", "description": ""}, "Project “renamed” saved."),
+        (
+            f"{url}/key",
+            {"openai_api_key": NEW_KEY},
+            "Upstream key of “renamed” rotated to sk-...wxyz; "
+            "the next proxied request uses it.",
+        ),
+        (
+            f"{url}/active",
+            {"is_active": "0"},
+            "Project “renamed” deactivated: its tokens are refused until it is "
+            "reactivated.",
+        ),
+        (f"{url}/active", {"is_active": "1"}, "Project “renamed” reactivated."),
+        (
+            f"/admin/tokens/{token.id}/revoke",
+            {},
+            f"Token {TOKEN_PREFIX}…{token.token_hint} revoked.",
+        ),
+        (
+            f"{url}/revoke-tokens",
+            {},
+            "No token of “renamed” was active (1 already revoked).",
+        ),
+        (f"{url}/delete", {}, "Project “renamed” deleted, with its tokens."),
+    ]
+    for path, fields, expected in actions:
+        response = await post(admin, path, fields)
+        body = await follow(admin, response)
+        assert notice_of(body) == expected, path
+        assert NEW_KEY not in body and UPSTREAM_KEY not in body and value not in body
+        assert notice_of(await page(admin, response.headers["Location"])) is None
+
+
+async def test_admin_revoking_all_tokens_counts_them(admin: Client) -> None:
+    project_id = await new_project(admin, "pair")
+    for _ in range(2):
+        await new_token(admin, project_id)
+    response = await post(admin, f"/admin/projects/{project_id}/revoke-tokens")
+    notice = notice_of(await follow(admin, response))
+    assert notice == "2 tokens of “pair” revoked."
 
 
 # -- dashboard and usage --------------------------------------------------------------

@@ -129,6 +129,22 @@ async def seed_usage(repository: Repository, project_id: str, token_id: str) -> 
     await repository.insert_usage_events(events)
 
 
+async def count_tokens(server: TestServer, project_id: str) -> int:
+    repository: Repository = server.app[REPOSITORY_KEY]
+    token_filter = TokenFilter(project_id=project_id)
+    return await repository.count_tokens(token_filter, now=datetime.now(UTC))
+
+
+async def create_project(page: Any, name: str) -> str:
+    """Create a project through the form; its id."""
+    await page.goto("/admin/projects/new")
+    await page.get_by_label("Name").fill(name)
+    await page.get_by_label("OpenAI API key").fill(UPSTREAM_KEY)
+    await page.get_by_role("button", name="Create project").click()
+    await expect(page.locator(".flash")).to_have_text(f"Project “{name}” created.")
+    return str(page.url.split("?")[0].rsplit("/", 1)[-1])
+
+
 async def test_browser_operator_manages_a_token_end_to_end(
     server: TestServer, browser_page: tuple[Any, list[str]], fake: FakeUpstreamState
 ) -> None:
@@ -143,7 +159,7 @@ async def test_browser_operator_manages_a_token_end_to_end(
     await page.get_by_role("button", name="Create project").click()
     await page.wait_for_url("**/admin/projects/*")
     assert "Research team" in await page.locator("h1").inner_text()
-    project_id = page.url.rsplit("/", 1)[-1]
+    project_id = page.url.split("?")[0].rsplit("/", 1)[-1]
 
     await page.get_by_role("link", name="Generate token").click()
     await page.get_by_label("Valid for").select_option("240")
@@ -156,6 +172,13 @@ async def test_browser_operator_manages_a_token_end_to_end(
     await expect(page.locator(".copy-status")).to_have_text("Copied to the clipboard.")
     assert await page.evaluate("navigator.clipboard.readText()") == value
     await shoot(page, "token-created")
+    assert value not in page.url
+
+    await page.reload()  # a GET: neither a second token nor the value again
+    await expect(page.locator(".alert.notice")).to_contain_text("shown once")
+    assert await page.locator("#token-value").count() == 0
+    assert value not in await page.content()
+    assert await count_tokens(server, project_id) == 1
 
     async with aiohttp.ClientSession() as session:
         url = server.make_url("/v1/models")
@@ -184,7 +207,58 @@ async def test_browser_operator_manages_a_token_end_to_end(
         await page.get_by_role("link", name="Revoke…").click()
         await page.get_by_role("button", name="Revoke token").click()
         await expect(page.locator("h1 .badge")).to_have_text("revoked")
+        flash = page.locator(".flash")
+        await expect(flash).to_have_text(f"Token wt-…{value[-4:]} revoked.")
+        await shoot(page, "token-revoked")
+        await page.reload()
+        await expect(page.locator("h1 .badge")).to_have_text("revoked")
+        assert await flash.count() == 0
         async with session.get(url, headers=bearer(value)) as response:
             assert response.status == 401
 
     assert problems == []  # no CSP violations, no script errors
+
+
+async def test_browser_inactive_project_is_named_and_never_swapped(
+    server: TestServer, browser_page: tuple[Any, list[str]]
+) -> None:
+    page, problems = browser_page
+    await create_project(page, "Awake team")
+    asleep = await create_project(page, "Asleep team")
+    await page.get_by_role("button", name="Deactivate project").click()
+    await expect(page.locator(".flash")).to_contain_text("“Asleep team” deactivated")
+
+    await page.goto(f"/admin/tokens/new?project_id={asleep}")
+    await expect(page.get_by_role("alert")).to_contain_text(
+        "Project “Asleep team” is inactive"
+    )
+    assert await page.get_by_label("Project").input_value() == ""
+    await page.get_by_role("button", name="Generate token").click()
+    assert await page.get_by_label("Project").evaluate("s => s.validity.valueMissing")
+    await expect(page.locator("h1")).to_have_text("Generate token")
+    assert "/created" not in page.url
+    assert await count_tokens(server, asleep) == 0
+    await shoot(page, "token-new-inactive-project")
+    refused = "the server responded with a status of 403 (Forbidden)"
+    assert [refused in problem for problem in problems] == [True]  # that page only
+
+
+async def test_browser_cancelled_sign_in_shows_a_page(server: TestServer) -> None:
+    _require_chromium()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        # Without any credentials Chromium aborts the navigation instead of showing
+        # the prompt (playwright#11436); wrong ones make it give up and render the
+        # 401 body, which is what a person sees after cancelling the prompt.
+        wrong = {"username": ADMIN_USER, "password": "not-the-password"}
+        try:
+            page = await browser.new_page(http_credentials=wrong)
+            response = await page.goto(str(server.make_url("/admin/")))
+            assert response is not None and response.status == 401
+            await expect(page.locator("h1")).to_have_text("Authentication required")
+            await expect(page.locator("body")).to_contain_text("Reload the page")
+            assert "Sign in required" in await page.title()
+        finally:
+            await browser.close()

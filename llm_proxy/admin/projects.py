@@ -4,16 +4,17 @@ bulk token revocation and deletion. Writes go through `ManagementService`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final
 
 from aiohttp import web
 
-from ..repository import Project, TokenFilter
+from ..repository import Project, RevokeCounts, TokenFilter
 from ..services import ServiceError
 from .forms import PAGE_SIZE, Pager, page_number, text
 from .pages import bars
-from .render import render, render_confirm, repository, service, state
+from .render import render, render_confirm, repository, see_other, service, state
 
 USAGE_DAYS: Final = 7
 
@@ -52,7 +53,9 @@ async def create_project_action(request: web.Request) -> web.Response:
     except ServiceError as exc:
         context = {"form": fields, "error": exc}
         return render(request, "project_new.html", context, status=exc.status)
-    raise web.HTTPSeeOther(project_url(project.id))
+    raise see_other(
+        request, project_url(project.id), f"Project “{project.name}” created."
+    )
 
 
 async def project_page(request: web.Request) -> web.Response:
@@ -83,38 +86,62 @@ async def _detail_context(
     }
 
 
-async def _update(request: web.Request, **changes: Any) -> web.Response:
-    """Apply changes; back to the detail page, showing the error if refused."""
+async def _update(
+    request: web.Request, done: Callable[[Project], str], **changes: Any
+) -> web.Response:
+    """Apply changes; back to the detail page with `done(project)` as its notice,
+    or showing the error if refused."""
     project_id = request.match_info["project_id"]
     try:
-        await service(request).update_project(project_id, **changes)
+        project = await service(request).update_project(project_id, **changes)
     except ServiceError as exc:
         if exc.status == 404:
             raise
         project = await service(request).get_project(project_id)
         context = await _detail_context(request, project, exc)
         return render(request, "project.html", context, status=exc.status)
-    raise web.HTTPSeeOther(project_url(project_id))
+    raise see_other(request, project_url(project_id), done(project))
 
 
 async def edit_project_action(request: web.Request) -> web.Response:
     """Change the name and description."""
     form = await request.post()
     return await _update(
-        request, name=text(form, "name"), description=text(form, "description")
+        request,
+        lambda project: f"Project “{project.name}” saved.",
+        name=text(form, "name"),
+        description=text(form, "description"),
     )
 
 
 async def rotate_key_action(request: web.Request) -> web.Response:
     """Replace the upstream key (applies to the next proxied request)."""
     form = await request.post()
-    return await _update(request, api_key=text(form, "openai_api_key"))
+    return await _update(request, _rotated, api_key=text(form, "openai_api_key"))
+
+
+def _rotated(project: Project) -> str:
+    return (
+        f"Upstream key of “{project.name}” rotated to {project.api_key_hint}; "
+        "the next proxied request uses it."
+    )
 
 
 async def activation_action(request: web.Request) -> web.Response:
     """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
     form = await request.post()
-    return await _update(request, is_active=text(form, "is_active") == "1")
+    return await _update(
+        request, _activation_notice, is_active=text(form, "is_active") == "1"
+    )
+
+
+def _activation_notice(project: Project) -> str:
+    if project.is_active:
+        return f"Project “{project.name}” reactivated."
+    return (
+        f"Project “{project.name}” deactivated: its tokens are refused until it is "
+        "reactivated."
+    )
 
 
 async def confirm_delete_page(request: web.Request) -> web.Response:
@@ -132,8 +159,10 @@ async def confirm_delete_page(request: web.Request) -> web.Response:
 
 async def delete_project_action(request: web.Request) -> web.Response:
     """Delete the project, then back to the list."""
-    await service(request).delete_project(request.match_info["project_id"])
-    raise web.HTTPSeeOther("/admin/projects")
+    project = await service(request).get_project(request.match_info["project_id"])
+    await service(request).delete_project(project.id)
+    notice = f"Project “{project.name}” deleted, with its tokens."
+    raise see_other(request, "/admin/projects", notice)
 
 
 async def confirm_revoke_all_page(request: web.Request) -> web.Response:
@@ -151,9 +180,19 @@ async def confirm_revoke_all_page(request: web.Request) -> web.Response:
 
 async def revoke_all_action(request: web.Request) -> web.Response:
     """Revoke every token of the project, then back to it."""
-    project_id = request.match_info["project_id"]
-    await service(request).revoke_project_tokens(project_id)
-    raise web.HTTPSeeOther(project_url(project_id))
+    project = await service(request).get_project(request.match_info["project_id"])
+    counts = await service(request).revoke_project_tokens(project.id)
+    raise see_other(request, project_url(project.id), _revoked_notice(project, counts))
+
+
+def _revoked_notice(project: Project, counts: RevokeCounts) -> str:
+    revoked, already = counts.revoked_count, counts.already_revoked_count
+    if revoked:
+        plural = "s" if revoked != 1 else ""
+        head = f"{revoked} token{plural} of “{project.name}” revoked"
+    else:
+        head = f"No token of “{project.name}” was active"
+    return head + (f" ({already} already revoked)." if already else ".")
 
 
 def add_routes(app: web.Application) -> None:

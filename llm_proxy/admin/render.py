@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp_jinja2
 from aiohttp import web
+from yarl import URL
 
 from ..keys import REPOSITORY_KEY, SERVICE_KEY
 from ..repository import Repository, Token
 from ..services import ManagementService
+from .flash import (
+    NOTICE_LIFETIME_S,
+    NOTICE_SLOTS,
+    VALUE_LIFETIME_S,
+    VALUE_SLOTS,
+    MintedValue,
+    OneTimeSlots,
+)
 from .security import CSRF_FIELD, forwarded_origin
 
 Now = Callable[[], datetime]
 STATIC_FILES: Final = ("admin.css", "admin.js")
+
+
+NOTICE_PARAM: Final = "notice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +44,16 @@ class AdminState:
     csrf_token: str
     now: Now
     static_urls: Mapping[str, str]  # file name -> URL with a content hash
+    notices: OneTimeSlots[str] = field(
+        default_factory=lambda: OneTimeSlots(
+            capacity=NOTICE_SLOTS, lifetime_s=NOTICE_LIFETIME_S
+        )
+    )
+    minted: OneTimeSlots[MintedValue] = field(
+        default_factory=lambda: OneTimeSlots(
+            capacity=VALUE_SLOTS, lifetime_s=VALUE_LIFETIME_S
+        )
+    )
 
 
 ADMIN_STATE_KEY: Final = web.AppKey("admin_state", AdminState)
@@ -72,6 +94,7 @@ def render(
     admin = state(request)
     now = admin.now()
     common = {
+        "notice": _notice(request, admin),
         "csrf_field": CSRF_FIELD,
         "csrf_token": admin.csrf_token,
         "static": admin.static_urls,
@@ -84,6 +107,17 @@ def render(
     return aiohttp_jinja2.render_template(
         f"admin/{template}", request, {**common, **context}, status=status
     )
+
+
+def see_other(request: web.Request, location: str, notice: str) -> web.HTTPSeeOther:
+    """The 303 after a change: to a GET page that shows `notice` once (no secrets)."""
+    key = state(request).notices.put(notice)
+    return web.HTTPSeeOther(URL(location).update_query({NOTICE_PARAM: key}))
+
+
+def _notice(request: web.Request, admin: AdminState) -> str | None:
+    key = request.query.get(NOTICE_PARAM)
+    return None if key is None else admin.notices.take(key)
 
 
 def render_confirm(

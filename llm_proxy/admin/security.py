@@ -27,6 +27,14 @@ SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
+CHALLENGE_PAGE: Final = (
+    "<!doctype html>\n"
+    '<html lang="en"><head><meta charset="utf-8">'
+    "<title>Sign in required · llm-proxy admin</title></head>\n"
+    "<body><h1>Authentication required</h1>\n"
+    "<p>The admin pages need the admin user name and password (ADMIN_USER and "
+    "ADMIN_PASSWORD). Reload the page to be asked for them again.</p></body></html>\n"
+)
 PAGE_CACHE: Final = "no-store"
 STATIC_CACHE: Final = "private, max-age=86400"  # URLs carry a content hash
 
@@ -48,6 +56,15 @@ class ConstantTimeBasicAuth(BasicAuthMiddleware):  # type: ignore[misc]
             return BasicAuth.decode(header, encoding="utf-8")
         except ValueError:
             return None
+
+    def challenge(self) -> web.Response:
+        """The 401 asking for credentials, with a page for when the prompt is cancelled."""
+        return web.Response(
+            status=401,
+            text=CHALLENGE_PAGE,
+            content_type="text/html",
+            headers={hdrs.WWW_AUTHENTICATE: f'Basic realm="{REALM}"'},
+        )
 
     async def check_credentials(
         self, username: str, password: str, request: web.Request

@@ -1,18 +1,30 @@
-"""Token pages: list with filters, generate (the one-time value page), detail and
-revoke. Writes go through `ManagementService`.
+"""Token pages: list with filters, generate (then the page that shows the value once),
+detail and revoke. Writes go through `ManagementService`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Final
 
 from aiohttp import web
+from yarl import URL
 
+from ..crypto import TOKEN_PREFIX
 from ..repository import Project, TokenFilter
-from ..services import ServiceError
+from ..services import Forbidden, NewToken, NotFound, ServiceError
+from .flash import MintedValue
 from .forms import PAGE_SIZE, Pager, optional_int, page_number, required_int, text
-from .render import proxy_base_url, render, render_confirm, repository, service, state
+from .render import (
+    proxy_base_url,
+    render,
+    render_confirm,
+    repository,
+    see_other,
+    service,
+    state,
+)
 
 STATUS_FILTERS: Final[dict[str, bool | None]] = {
     "": None,
@@ -30,11 +42,17 @@ DURATIONS: Final = (
 DEFAULT_DURATION: Final = 60
 ALL_PROJECTS: Final = 1000
 USAGE_DAYS: Final = 7
+SHOW_PARAM: Final = "show"  # the slot id of the value, never the value itself
 
 
 def token_url(token_id: str) -> str:
     """The detail page of a token."""
     return f"/admin/tokens/{token_id}"
+
+
+def created_url(token_id: str) -> str:
+    """The page that shows a new token's value (once, given the right slot id)."""
+    return f"{token_url(token_id)}/created"
 
 
 async def _projects(request: web.Request) -> list[Project]:
@@ -66,9 +84,35 @@ async def tokens_page(request: web.Request) -> web.Response:
 
 
 async def new_token_page(request: web.Request) -> web.Response:
-    """The generate-token form (a project may be preselected)."""
+    """The generate-token form; `?project_id=` preselects that project if active,
+    and an inactive or unknown one is named, never swapped for another."""
     form = {"project_id": request.query.get("project_id", "")}
-    return render(request, "token_new.html", await _form_context(request, form))
+    error = await _unusable_project(request, form["project_id"])
+    context = await _form_context(request, form, error)
+    return render(request, "token_new.html", context, status=_status(error))
+
+
+def _status(error: ServiceError | None) -> int:
+    return 200 if error is None else error.status
+
+
+async def _unusable_project(
+    request: web.Request, project_id: str
+) -> ServiceError | None:
+    """Why no token can be generated for `project_id`; None if it can (or is unset)."""
+    if not project_id:
+        return None
+    try:
+        project = await service(request).get_project(project_id)
+    except NotFound as exc:
+        return NotFound(f"{exc.message} Choose another project.", param="project_id")
+    if project.is_active:
+        return None
+    return Forbidden(
+        f"Project “{project.name}” is inactive, so no token can be generated for it. "
+        "Reactivate it on its page, or choose another project.",
+        param="project_id",
+    )
 
 
 async def _form_context(
@@ -76,11 +120,18 @@ async def _form_context(
 ) -> dict[str, Any]:
     projects = [p for p in await _projects(request) if p.is_active]
     form.setdefault("duration_minutes", str(DEFAULT_DURATION))
-    return {"projects": projects, "durations": DURATIONS, "form": form, "error": error}
+    chosen = form.get("project_id", "")
+    return {
+        "projects": projects,
+        "selected": chosen if any(p.id == chosen for p in projects) else "",
+        "durations": DURATIONS,
+        "form": form,
+        "error": error,
+    }
 
 
 async def create_token_action(request: web.Request) -> web.Response:
-    """Generate a token and show its value once (never cached, never stored)."""
+    """Generate a token, then 303 to the page that shows its value once."""
     form = await request.post()
     fields = {
         name: text(form, name)
@@ -92,20 +143,40 @@ async def create_token_action(request: web.Request) -> web.Response:
         )
     }
     try:
-        created = await service(request).create_token(
-            project_id=fields["project_id"],
-            duration_minutes=required_int(form, "duration_minutes"),
-            max_requests=optional_int(form, "max_requests"),
-            rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
-        )
+        created = await _create(request, form, fields["project_id"])
     except ServiceError as exc:
+        if isinstance(exc, Forbidden):
+            exc = await _unusable_project(request, fields["project_id"]) or exc
         context = await _form_context(request, fields, exc)
         return render(request, "token_new.html", context, status=exc.status)
-    project = await service(request).get_project(created.token.project_id)
+    key = state(request).minted.put(MintedValue(created.token.id, created.value))
+    location = URL(created_url(created.token.id)).with_query({SHOW_PARAM: key})
+    raise web.HTTPSeeOther(location)
+
+
+async def _create(
+    request: web.Request, form: Mapping[str, Any], project_id: str
+) -> NewToken:
+    if not project_id:
+        raise ServiceError("Choose a project.", param="project_id")
+    return await service(request).create_token(
+        project_id=project_id,
+        duration_minutes=required_int(form, "duration_minutes"),
+        max_requests=optional_int(form, "max_requests"),
+        rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
+    )
+
+
+async def token_created_page(request: web.Request) -> web.Response:
+    """A new token's value, the first time this page is loaded; afterwards a page
+    saying it was shown once (the value is kept nowhere else)."""
+    token = await service(request).get_token(request.match_info["token_id"])
+    minted = state(request).minted.take(request.query.get(SHOW_PARAM, ""))
+    value = minted.value if minted is not None and minted.token_id == token.id else None
     context = {
-        "token": created.token,
-        "value": created.value,
-        "project": project,
+        "token": token,
+        "value": value,
+        "project": await service(request).get_project(token.project_id),
         "base_url": proxy_base_url(request),
     }
     return render(request, "token_created.html", context)
@@ -145,7 +216,8 @@ async def revoke_token_action(request: web.Request) -> web.Response:
     """Revoke the token, then back to its page."""
     token = await service(request).get_token(request.match_info["token_id"])
     await service(request).revoke_token(token.id)
-    raise web.HTTPSeeOther(token_url(token.id))
+    notice = f"Token {TOKEN_PREFIX}…{token.token_hint} revoked."
+    raise see_other(request, token_url(token.id), notice)
 
 
 def add_routes(app: web.Application) -> None:
@@ -155,5 +227,7 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/tokens", create_token_action)
     router.add_get("/tokens/new", new_token_page)
     router.add_get("/tokens/{token_id}", token_page)
+    # GET only: a HEAD (a link checker, a prefetch) must not use up the one showing.
+    router.add_get("/tokens/{token_id}/created", token_created_page, allow_head=False)
     router.add_get("/tokens/{token_id}/revoke", confirm_revoke_page)
     router.add_post("/tokens/{token_id}/revoke", revoke_token_action)
