@@ -12,11 +12,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY llm_proxy ./llm_proxy
 COPY sql ./sql
 COPY static ./static
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel -c constraints.txt --wheel-dir /wheels .
 
 # ---- runtime: only the installed wheels, run as the unprivileged user llmproxy
 FROM python:3.11-slim
