@@ -280,8 +280,10 @@ def _auth_error(failure: AuthFailure) -> ApiError:
     if failure.status == 401:
         return InvalidTokenError(failure.message, code=failure.code)
     if failure.status == 429:
-        return RateLimitedError(
-            failure.message, retry_after_s=3600, code=failure.code, extra={}
+        # A spent lifetime quota never comes back: no Retry-After to promise one, and
+        # OpenAI's type for a spent quota, which clients treat as not worth a retry.
+        return ApiError(
+            429, failure.message, type="insufficient_quota", code=failure.code
         )
     return NotAllowedError(failure.status, failure.message, code=failure.code)
 

@@ -1,10 +1,13 @@
 """The in-memory token table the proxy authenticates against, with no database I/O.
 
-`TokenStore` holds a snapshot of live tokens keyed by the HMAC of their value and each
-project's decrypted upstream key. It is warmed at start, reloaded in the background, and
-updated at once by the management service. Lifetime quotas are reserved synchronously
-here (no await between check and increment), so they are exact within a process; the
-counts are flushed to the repository in batches by `UsageFlusher`.
+`TokenStore` holds every unrevoked token (expired ones too, so they keep answering
+`token_expired`) keyed by the HMAC of its value, and each project's decrypted upstream
+key. `TokenSync` warms it at start with a full resync, then applies only what changed
+since the last reload (change markers and tombstones, migration 004), in pages of
+`PAGE_ROWS` rows so no reload stalls the loop; the management service updates it at
+once. Lifetime quotas are reserved synchronously here (no await between check and
+increment), so they are exact within a process; `TokenSync.flush` writes the counts to
+the repository in batches, also those of tokens revoked or deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -15,14 +18,36 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Final, Protocol, TypeVar
 
 from .crypto import DecryptionError, KeyCipher, TokenHasher
-from .repository import Project, Repository, Token, TokenUsage
+from .repository import (
+    ChangeCursor,
+    ChangePage,
+    Deletion,
+    Project,
+    Repository,
+    Token,
+    TokenUsage,
+)
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+Row = TypeVar("Row")
+
+# Rows fetched and applied per loop slice of a reload: converting and applying a row
+# costs a few µs, so a slice stays near 1 ms, and each page fetch is an await that
+# lets requests run between slices.
+PAGE_ROWS: Final = 250
+# A full resync (every row, then a sweep of what is gone) runs at start and this
+# often: the safety net under the incremental reloads.
+FULL_RESYNC_INTERVAL_S: Final = 3600.0
+# Tombstones are kept this long (far longer than FULL_RESYNC_INTERVAL_S, after which a
+# process that could not reload falls back to a full resync anyway).
+DELETION_RETENTION: Final = timedelta(days=1)
 
 
 class AuthFailure(Exception):
@@ -57,6 +82,7 @@ class _TokenEntry:
     unflushed: int = 0  # counted here, not yet handed to the flusher
     last_used_at: float = 0.0
     principal: Principal | None = None
+    seen: int = 0  # the resync generation that last saw this token
 
     @property
     def used(self) -> int:
@@ -68,6 +94,7 @@ class _ProjectEntry:
     is_active: bool
     envelope: str
     authorization: str = field(repr=False)
+    seen: int = 0  # the resync generation that last saw this project
 
 
 class TokenStore:
@@ -82,28 +109,63 @@ class TokenStore:
         self._by_hash: dict[str, _TokenEntry] = {}
         self._hash_by_id: dict[str, str] = {}
         self._projects: dict[str, _ProjectEntry] = {}
+        self._hashes_by_project: dict[str, set[str]] = {}
         self._flushing: dict[str, int] = {}
+        # Counts of tokens dropped before their flush: token id -> (requests, last use).
+        self._dropped_usage: dict[str, tuple[int, float]] = {}
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
     # -- snapshot maintenance -------------------------------------------------
 
-    def load(self, tokens: Iterable[Token], projects: Iterable[Project]) -> None:
-        """Replace the snapshot (a full reload), keeping counts not yet stored."""
+    def put_projects(self, projects: Iterable[Project]) -> None:
+        """Apply a page of changed projects."""
         for project in projects:
             self.put_project(project)
-        fresh = {token.token_hash: token for token in tokens}
-        for token_hash in set(self._by_hash) - set(fresh):
-            self._drop(token_hash)
-        for token in fresh.values():
+
+    def put_tokens(self, tokens: Iterable[Token]) -> None:
+        """Apply a page of changed tokens (revoked ones are removed)."""
+        for token in tokens:
             self.put_token(token)
+
+    def apply_deletions(self, deletions: Iterable[Deletion]) -> None:
+        """Forget deleted tokens and projects (tombstones)."""
+        for deletion in deletions:
+            if deletion.kind == "project":
+                self.remove_project(deletion.id)
+            else:
+                self.remove_token(deletion.id)
+
+    def begin_resync(self) -> int:
+        """Start a full resync: what it does not see again is swept afterwards."""
+        self._generation += 1
+        return self._generation
+
+    def token_hashes(self) -> list[str]:
+        """A copy of the table's keys, for a sweep in slices."""
+        return list(self._by_hash)
+
+    def sweep_tokens(self, token_hashes: Iterable[str], generation: int) -> None:
+        """Drop those of `token_hashes` not seen since `generation` began (deleted)."""
+        for token_hash in token_hashes:
+            entry = self._by_hash.get(token_hash)
+            if entry is not None and entry.seen < generation:
+                self._drop(token_hash)
+
+    def sweep_projects(self, generation: int) -> None:
+        """Drop the projects not seen since `generation` began (deleted)."""
+        gone = [pid for pid, p in self._projects.items() if p.seen < generation]
+        for project_id in gone:
+            self.remove_project(project_id)
 
     def put_project(self, project: Project) -> None:
         """Add or refresh a project; the key is decrypted only when it changed."""
         known = self._projects.get(project.id)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
+            known.seen = self._generation
             return
         try:
             key = self._cipher.decrypt(project.encrypted_api_key)
@@ -112,7 +174,10 @@ class TokenStore:
             self._projects.pop(project.id, None)
             return
         self._projects[project.id] = _ProjectEntry(
-            project.is_active, project.encrypted_api_key, f"Bearer {key}"
+            project.is_active,
+            project.encrypted_api_key,
+            f"Bearer {key}",
+            seen=self._generation,
         )
         self._forget_principals(project.id)
 
@@ -123,9 +188,8 @@ class TokenStore:
 
     def remove_tokens_of(self, project_id: str) -> None:
         """Forget every token of a project (bulk revocation)."""
-        for token_hash, entry in list(self._by_hash.items()):
-            if entry.project_id == project_id:
-                self._drop(token_hash)
+        for token_hash in list(self._hashes_by_project.get(project_id, ())):
+            self._drop(token_hash)
 
     def put_token(self, token: Token) -> None:
         """Add or refresh a token; a revoked one is removed."""
@@ -142,15 +206,20 @@ class TokenStore:
                 token.max_requests,
                 token.rate_limit_per_hour,
                 stored,
+                seen=self._generation,
             )
             self._by_hash[token.token_hash] = entry
             self._hash_by_id[token.id] = token.token_hash
+            self._hashes_by_project.setdefault(token.project_id, set()).add(
+                token.token_hash
+            )
             return
         entry.expires_at = token.expires_at.timestamp()
         entry.max_requests = token.max_requests
         entry.rate_limit_per_hour = token.rate_limit_per_hour
         entry.stored_count = max(entry.stored_count, stored)  # counts only grow
         entry.principal = None
+        entry.seen = self._generation
 
     def remove_token(self, token_id: str) -> None:
         """Forget a revoked or deleted token: its next request is refused."""
@@ -159,14 +228,28 @@ class TokenStore:
             self._drop(token_hash)
 
     def _drop(self, token_hash: str) -> None:
+        """Forget a token, keeping its counted requests for the next flush."""
         entry = self._by_hash.pop(token_hash, None)
-        if entry is not None:
-            self._hash_by_id.pop(entry.token_id, None)
+        if entry is None:
+            return
+        self._hash_by_id.pop(entry.token_id, None)
+        hashes = self._hashes_by_project.get(entry.project_id)
+        if hashes is not None:
+            hashes.discard(token_hash)
+            if not hashes:
+                del self._hashes_by_project[entry.project_id]
+        if entry.unflushed:
+            self._keep_dropped_usage(
+                entry.token_id, entry.unflushed, entry.last_used_at
+            )
+
+    def _keep_dropped_usage(self, token_id: str, requests: int, at: float) -> None:
+        known, last = self._dropped_usage.get(token_id, (0, 0.0))
+        self._dropped_usage[token_id] = (known + requests, max(last, at))
 
     def _forget_principals(self, project_id: str) -> None:
-        for entry in self._by_hash.values():
-            if entry.project_id == project_id:
-                entry.principal = None
+        for token_hash in self._hashes_by_project.get(project_id, ()):
+            self._by_hash[token_hash].principal = None
 
     # -- the request path (synchronous, O(1)) ---------------------------------
 
@@ -211,6 +294,10 @@ class TokenStore:
     def take_usage(self) -> list[TokenUsage]:
         """Hand counted requests to the flusher; call `usage_stored` after writing."""
         batch: list[TokenUsage] = []
+        for token_id, (requests, last) in self._dropped_usage.items():
+            at = datetime.fromtimestamp(last, UTC)
+            batch.append(TokenUsage(token_id, requests, at))
+        self._dropped_usage.clear()
         for entry in self._by_hash.values():
             if entry.unflushed:
                 at = datetime.fromtimestamp(entry.last_used_at, UTC)
@@ -239,14 +326,23 @@ class TokenStore:
             if entry is not None:
                 entry.stored_count -= usage.requests
                 entry.unflushed += usage.requests
+            else:  # dropped meanwhile (or before the batch was taken)
+                at = usage.last_used_at.timestamp()
+                self._keep_dropped_usage(usage.token_id, usage.requests, at)
 
     def _by_id(self, token_id: str) -> _TokenEntry | None:
         token_hash = self._hash_by_id.get(token_id)
         return self._by_hash.get(token_hash) if token_hash else None
 
 
+class _PageLoader(Protocol[Row]):
+    async def __call__(
+        self, *, after: ChangeCursor | None, limit: int
+    ) -> ChangePage[Row]: ...
+
+
 class TokenSync:
-    """Background work around a `TokenStore`: periodic reload and usage flushing."""
+    """Background work around a `TokenStore`: incremental reloads and usage flushing."""
 
     def __init__(
         self,
@@ -255,55 +351,124 @@ class TokenSync:
         *,
         reload_interval_s: float,
         flush_interval_s: float,
+        monotonic: Clock = time.monotonic,
     ) -> None:
         self._store = store
         self._repository = repository
         self._reload_interval_s = reload_interval_s
         self._flush_interval_s = flush_interval_s
+        self._monotonic = monotonic
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._mark: int | None = None  # where the next incremental reload starts
+        self._last_resync = 0.0
+        # Held by a flush from taking counts until the store knows they are written,
+        # so a reloaded row never counts the same requests twice (row + in flight).
+        self._flush_lock = asyncio.Lock()
 
     async def reload(self) -> None:
-        """Load every live token and project from the repository."""
-        now = datetime.now(UTC)
-        tokens = await self._repository.load_live_tokens(now=now)
-        projects = await self._repository.load_projects_for_auth()
-        self._store.load(tokens, projects)
+        """Apply what changed since the last reload; a full resync when it is due."""
+        since = self._mark
+        overdue = self._monotonic() - self._last_resync >= FULL_RESYNC_INTERVAL_S
+        if since is None or overdue:
+            await self.resync()
+            return
+        mark = await self._repository.change_mark()
+        repository = self._repository
+        store = self._store
+        await self._paged(
+            partial(repository.load_projects_changed_since, since), store.put_projects
+        )
+        await self._paged(
+            partial(repository.load_tokens_changed_since, since), store.put_tokens
+        )
+        await self._paged(
+            partial(repository.load_deletions_since, since), store.apply_deletions
+        )
+        self._mark = mark
+
+    async def resync(self) -> None:
+        """Read every project and unrevoked token, then sweep out what is gone."""
+        mark = await self._repository.change_mark()
+        generation = self._store.begin_resync()
+        repository = self._repository
+        store = self._store
+        await self._paged(
+            partial(repository.load_projects_changed_since, 0), store.put_projects
+        )
+        await self._paged(
+            partial(repository.load_tokens_changed_since, 0, active_only=True),
+            store.put_tokens,
+        )
+        token_hashes = store.token_hashes()
+        for start in range(0, len(token_hashes), PAGE_ROWS):
+            store.sweep_tokens(token_hashes[start : start + PAGE_ROWS], generation)
+            await asyncio.sleep(0)
+        store.sweep_projects(generation)
+        self._mark = mark
+        self._last_resync = self._monotonic()
+        before = datetime.now(UTC) - DELETION_RETENTION
+        await self._repository.purge_deletions(before=before)
+
+    async def _paged(
+        self, load: _PageLoader[Row], apply: Callable[[list[Row]], None]
+    ) -> None:
+        """Fetch and apply pages of at most PAGE_ROWS rows, one loop slice each."""
+        after: ChangeCursor | None = None
+        while True:
+            page = await load(after=after, limit=PAGE_ROWS)
+            async with self._flush_lock:
+                apply(page.rows)
+            if page.cursor is None:
+                return
+            after = page.cursor
 
     async def flush(self) -> int:
         """Write counted requests to the repository; return how many were written."""
-        batch = self._store.take_usage()
-        if not batch:
-            return 0
-        try:
-            await self._repository.record_token_usage(batch)
-        except Exception:
-            self._store.usage_failed(batch)
-            raise
-        self._store.usage_stored(batch)
+        async with self._flush_lock:
+            batch = self._store.take_usage()
+            if not batch:
+                return 0
+            try:
+                await self._repository.record_token_usage(batch)
+            except Exception:
+                self._store.usage_failed(batch)
+                raise
+            self._store.usage_stored(batch)
         return sum(usage.requests for usage in batch)
 
     async def start(self) -> None:
         """Warm the snapshot, then keep it fresh and flush usage in the background."""
         await self.reload()
+        self._stopping.clear()
         self._tasks = [
             asyncio.create_task(self._every(self._reload_interval_s, self.reload)),
             asyncio.create_task(self._every(self._flush_interval_s, self.flush)),
         ]
 
     async def close(self) -> None:
-        """Stop the loops, then flush what is left (nothing lost on a graceful stop)."""
-        for task in self._tasks:
-            task.cancel()
+        """Stop the loops, then flush what is left (nothing lost on a graceful stop).
+
+        A reload is cancelled where it is; a flush in progress is let finish, since
+        a write cancelled half-way could neither be retried nor counted as stored.
+        """
+        self._stopping.set()
+        if self._tasks:
+            self._tasks[0].cancel()  # the reload loop
         for task in self._tasks:
             with suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
         await self.flush()
 
-    @staticmethod
-    async def _every(interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+    async def _every(
+        self, interval_s: float, work: Callable[[], Awaitable[object]]
+    ) -> None:
+        while not self._stopping.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            if self._stopping.is_set():
+                return
             try:
                 await work()
             except Exception:

@@ -162,15 +162,19 @@ async def add_token(repository: Repository, project: Project, **fields: Any) -> 
 # -- lifecycle and migrations ---------------------------------------------------------
 
 
+def _shipped_versions() -> list[int]:
+    return [m.version for m in load_migrations(data_dir("sql"), "sqlite")]
+
+
 async def test_repository_migrate_applies_schema_once(
     new_repository: NewRepository,
 ) -> None:
     repository = new_repository()
     await repository.connect()
     assert await repository.schema_version() == 0
-    assert await repository.migrate() == [1, 2]
+    assert await repository.migrate() == _shipped_versions()
     assert await repository.migrate() == []
-    assert await repository.schema_version() == 2
+    assert await repository.schema_version() == _shipped_versions()[-1]
 
 
 async def test_repository_concurrent_migrations_apply_schema_once(
@@ -180,8 +184,10 @@ async def test_repository_concurrent_migrations_apply_schema_once(
     await asyncio.gather(first.connect(), second.connect())
     results = await asyncio.gather(first.migrate(), second.migrate())
     # each migration is applied exactly once, by whichever process got to it first
-    assert sorted(version for applied in results for version in applied) == [1, 2]
-    assert await first.schema_version() == await second.schema_version() == 2
+    applied = sorted(version for applied in results for version in applied)
+    assert applied == _shipped_versions()
+    last = _shipped_versions()[-1]
+    assert await first.schema_version() == await second.schema_version() == last
     await add_project(second)  # the schema is usable from both
     assert await first.count_projects() == 1
 
@@ -254,7 +260,7 @@ async def test_repository_project_round_trips_with_metadata(
         repository, "x'); DROP TABLE projects; --", description="d", metadata=metadata
     )
     assert await repository.get_project(project.id) == project
-    assert await repository.load_projects_for_auth() == [project]
+    assert (await repository.load_projects_changed_since(0, limit=9)).rows == [project]
 
 
 async def test_repository_get_project_unknown_returns_none(
@@ -418,7 +424,8 @@ async def test_repository_token_filters_separate_live_expired_and_revoked(
     assert await repository.count_tokens(TokenFilter(), now=NOW) == 4
     assert await repository.count_tokens(replace(mine, active=False), now=NOW) == 2
     assert await repository.count_tokens(TokenFilter(project_id="bad"), now=NOW) == 0
-    assert await repository.load_live_tokens(now=NOW) == [live, foreign]
+    page = await repository.load_tokens_changed_since(0, limit=10, active_only=True)
+    assert page.rows == [live, expired, foreign]  # the auth table keeps expired ones
 
 
 async def test_repository_list_tokens_pages_newest_first(
@@ -526,7 +533,7 @@ async def test_sqlite_repository_rejects_naive_datetimes(
     try:
         await repository.migrate()
         with pytest.raises(ValueError, match="timezone-aware"):
-            await repository.load_live_tokens(now=NOW.replace(tzinfo=None))
+            await repository.purge_deletions(before=NOW.replace(tzinfo=None))
     finally:
         await repository.close()
 
@@ -901,3 +908,123 @@ def test_sqlite_time_text_is_the_same_for_utc_and_other_offsets() -> None:
     assert _to_text(moment) == _to_text(elsewhere) == "2026-11-27T10:49:19.123000Z"
     with pytest.raises(ValueError, match="timezone-aware"):
         _to_text(moment.replace(tzinfo=None))
+
+
+# -- change tracking for the token table ----------------------------------------------
+
+
+async def _all_changed_tokens(repository: Repository, mark: int) -> list[Token]:
+    rows: list[Token] = []
+    page = await repository.load_tokens_changed_since(mark, limit=2)
+    rows += page.rows
+    while page.cursor is not None:
+        page = await repository.load_tokens_changed_since(
+            mark, after=page.cursor, limit=2
+        )
+        rows += page.rows
+    return rows
+
+
+async def test_repository_changes_since_a_mark_cover_every_kind_of_write(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    first, second = (
+        await add_token(repository, project),
+        await add_token(repository, project),
+    )
+    mark = await repository.change_mark()
+    assert await _all_changed_tokens(repository, mark) == []
+    assert (await repository.load_projects_changed_since(mark, limit=10)).rows == []
+
+    await repository.revoke_token(first.id)
+    usage = TokenUsage(second.id, 3, NOW)
+    await repository.record_token_usage([usage])
+    changed = {token.id: token for token in await _all_changed_tokens(repository, mark)}
+    assert changed.keys() == {first.id, second.id}
+    assert not changed[first.id].is_active  # a revoked token is reported, not hidden
+    assert changed[second.id].request_count == 3
+
+    later = await repository.change_mark()
+    assert later > mark
+    await repository.update_project(
+        project.id, ProjectChanges(is_active=False), now=NOW
+    )
+    [updated] = (await repository.load_projects_changed_since(later, limit=10)).rows
+    assert updated.id == project.id and not updated.is_active
+    await repository.revoke_project_tokens(project.id)  # revokes only `second`
+    assert {t.id for t in await _all_changed_tokens(repository, later)} == {second.id}
+
+
+async def test_repository_changed_tokens_page_by_marker_without_gaps(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    tokens = [await add_token(repository, project) for _ in range(5)]
+    pages = []
+    page = await repository.load_tokens_changed_since(0, limit=2)
+    pages.append(page.rows)
+    while page.cursor is not None:
+        page = await repository.load_tokens_changed_since(0, after=page.cursor, limit=2)
+        pages.append(page.rows)
+    assert [len(rows) for rows in pages] == [2, 2, 1]
+    assert [token for rows in pages for token in rows] == tokens  # write order
+
+
+async def test_repository_deletions_leave_tombstones_also_by_cascade(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository)
+    kept = await add_project(repository, "kept")
+    tokens = [await add_token(repository, project) for _ in range(3)]
+    await add_token(repository, kept)
+    mark = await repository.change_mark()
+    assert (await repository.load_deletions_since(mark, limit=10)).rows == []
+    assert await repository.delete_project(project.id)
+    page = await repository.load_deletions_since(mark, limit=2)
+    rest = await repository.load_deletions_since(mark, after=page.cursor, limit=10)
+    deleted = {(d.kind, d.id) for d in page.rows + rest.rows}
+    assert deleted == {("project", project.id)} | {("token", t.id) for t in tokens}
+    assert rest.cursor is None
+    later = await repository.change_mark()
+    assert (await repository.load_deletions_since(later, limit=10)).rows == []
+    assert await repository.purge_deletions(before=NOW) == 0  # all newer than NOW
+    assert await repository.purge_deletions(before=datetime.now(UTC) + HOUR) == 4
+    assert (await repository.load_deletions_since(mark, limit=10)).rows == []
+
+
+@pytest.mark.postgres
+async def test_postgres_change_committed_late_by_an_older_transaction_is_not_missed() -> (
+    None
+):
+    """A writer that started first but commits after a reader's pass is found next."""
+    async with _postgres_schema() as schema:
+        repository = PostgresRepository(_postgres_url(), schema=schema)
+        await repository.connect()
+        slow = await asyncpg.connect(
+            _postgres_url(), server_settings={"search_path": schema}
+        )
+        try:
+            await repository.migrate()
+            project = await add_project(repository)
+            early, late = (
+                await add_token(repository, project),
+                await add_token(repository, project),
+            )
+            start = await repository.change_mark()
+            writer = slow.transaction()
+            await writer.start()
+            await slow.execute(
+                "UPDATE tokens SET max_requests = 7 WHERE id = $1", uuid.UUID(early.id)
+            )
+            await repository.record_token_usage([TokenUsage(late.id, 1, NOW)])
+            mark = await repository.change_mark()  # taken while `slow` still runs
+            seen = await _all_changed_tokens(repository, start)
+            assert [t.id for t in seen] == [late.id]
+            await writer.commit()  # commits after the reader's pass, older xid
+            again = await _all_changed_tokens(repository, mark)
+            assert early.id in {t.id for t in again}
+            assert next(t for t in again if t.id == early.id).max_requests == 7
+        finally:
+            await slow.close()
+            await repository.close()

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .base import (
+    ChangeCursor,
+    ChangePage,
+    Deletion,
     DuplicateNameError,
     MigrationError,
     Project,
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     from .postgres import PostgresRepository
 
 __all__ = [
+    "ChangeCursor",
+    "ChangePage",
+    "Deletion",
     "DuplicateNameError",
     "MigrationError",
     "PostgresRepository",

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+
+# Where a page of changes ended: (change marker, id) of its last row.
+ChangeCursor = tuple[int, str]
 
 
 class RepositoryError(Exception):
@@ -75,6 +80,22 @@ class TokenUsage:
     token_id: str
     requests: int
     last_used_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """A tombstone: a token or project row that was deleted."""
+
+    kind: str  # "token" or "project"
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePage(Generic[T]):
+    """One page of changed rows in marker order; `cursor` is None after the last."""
+
+    rows: list[T]
+    cursor: ChangeCursor | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +225,32 @@ class Repository(Protocol):
     async def record_token_usage(self, usage: Sequence[TokenUsage]) -> None:
         """Add request counts and move last_used_at forward, in one transaction."""
 
-    async def load_live_tokens(self, *, now: datetime) -> list[Token]:
-        """Active, unexpired tokens: the proxy's in-memory auth snapshot."""
+    async def change_mark(self) -> int:
+        """A mark such that every change not visible yet will carry a marker >= it."""
 
-    async def load_projects_for_auth(self) -> list[Project]:
-        """Every project (id, key envelope, active flag) for the auth snapshot."""
+    async def load_tokens_changed_since(
+        self,
+        mark: int,
+        *,
+        after: ChangeCursor | None = None,
+        limit: int,
+        active_only: bool = False,
+    ) -> ChangePage[Token]:
+        """Tokens inserted or updated with a marker >= `mark` (expired and revoked
+        ones too, unless `active_only`), in marker order, from `after` on."""
+
+    async def load_projects_changed_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Project]:
+        """Projects inserted or updated with a marker >= `mark`, from `after` on."""
+
+    async def load_deletions_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Deletion]:
+        """Tokens and projects deleted with a marker >= `mark`, from `after` on."""
+
+    async def purge_deletions(self, *, before: datetime) -> int:
+        """Forget tombstones older than `before`; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted."""

@@ -20,6 +20,9 @@ import asyncpg
 from ..resources import data_dir
 from ._common import check_page, dump_metadata, like_pattern, load_metadata
 from .base import (
+    ChangeCursor,
+    ChangePage,
+    Deletion,
     DuplicateNameError,
     MigrationError,
     Project,
@@ -91,9 +94,6 @@ UPDATE projects SET
 WHERE id = $1
 RETURNING {PROJECT_COLUMNS}"""
 DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = $1"
-SELECT_ALL_PROJECTS: Final = (
-    f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY created_at, id"
-)
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
@@ -131,10 +131,26 @@ RECORD_TOKEN_USAGE: Final = (
     "UPDATE tokens SET request_count = request_count + $2,"
     " last_used_at = greatest(last_used_at, $3) WHERE id = $1"
 )
-SELECT_LIVE_TOKENS: Final = (
-    f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE is_active AND expires_at > $1"
-    " ORDER BY created_at, id"
+# Change markers (migration 004, which explains them): rows and tombstones carry the
+# id of the writing transaction; the mark is the xmin of the reader's snapshot, below
+# which every transaction has finished. Pages are read by keyset on (change_seq, id):
+# $1 $2 the cursor, $3 the page size.
+CHANGE_MARK: Final = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+START_ID: Final = uuid.UUID(int=0)  # sorts before every generated id
+TOKENS_CHANGED: Final = (
+    f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
+    " WHERE (change_seq, id) > ($1, $2) AND (NOT $4 OR is_active)"
+    " ORDER BY change_seq, id LIMIT $3"
 )
+PROJECTS_CHANGED: Final = (
+    f"SELECT {PROJECT_COLUMNS}, change_seq FROM projects"
+    " WHERE (change_seq, id) > ($1, $2) ORDER BY change_seq, id LIMIT $3"
+)
+DELETIONS_SINCE: Final = (
+    "SELECT kind, id, change_seq FROM deletions"
+    " WHERE (change_seq, id) > ($1, $2) ORDER BY change_seq, id LIMIT $3"
+)
+PURGE_DELETIONS: Final = "DELETE FROM deletions WHERE deleted_at < $1"
 
 USAGE_COLUMNS: Final = (
     "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
@@ -383,16 +399,43 @@ class PostgresRepository:
         async with self._connected.acquire() as con, con.transaction():
             await con.executemany(RECORD_TOKEN_USAGE, args)
 
-    async def load_live_tokens(self, *, now: datetime) -> list[Token]:
-        """Active, unexpired tokens: the proxy's in-memory auth snapshot."""
-        rows = await self._connected.fetch(SELECT_LIVE_TOKENS, now)
-        return [_token(row) for row in rows]
+    async def change_mark(self) -> int:
+        """The snapshot's xmin: every transaction below it has finished."""
+        return int(await self._connected.fetchval(CHANGE_MARK))
 
-    async def load_projects_for_auth(self) -> list[Project]:
-        """Every project, for the auth snapshot."""
-        return [
-            _project(row) for row in await self._connected.fetch(SELECT_ALL_PROJECTS)
-        ]
+    async def load_tokens_changed_since(
+        self,
+        mark: int,
+        *,
+        after: ChangeCursor | None = None,
+        limit: int,
+        active_only: bool = False,
+    ) -> ChangePage[Token]:
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        args = (*_cursor(mark, after), limit, active_only)
+        rows = await self._connected.fetch(TOKENS_CHANGED, *args)
+        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+
+    async def load_projects_changed_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Project]:
+        """Projects written with a marker >= `mark`, in marker order, from `after` on."""
+        args = (*_cursor(mark, after), limit)
+        rows = await self._connected.fetch(PROJECTS_CHANGED, *args)
+        return ChangePage([_project(row) for row in rows], _next_cursor(rows, limit))
+
+    async def load_deletions_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Deletion]:
+        """Tombstones with a marker >= `mark`, in marker order, from `after` on."""
+        args = (*_cursor(mark, after), limit)
+        rows = await self._connected.fetch(DELETIONS_SINCE, *args)
+        deletions = [Deletion(row["kind"], str(row["id"])) for row in rows]
+        return ChangePage(deletions, _next_cursor(rows, limit))
+
+    async def purge_deletions(self, *, before: datetime) -> int:
+        """Forget tombstones older than `before`; return how many."""
+        return _affected(await self._connected.execute(PURGE_DELETIONS, before))
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted."""
@@ -487,6 +530,20 @@ async def _apply(con: Any, migration: Migration) -> None:
             f"migration {migration.version:03d}_{migration.name} failed: {exc}"
         ) from exc
     log.info("applied migration %03d_%s", migration.version, migration.name)
+
+
+def _cursor(mark: int, after: ChangeCursor | None) -> tuple[int, uuid.UUID]:
+    if after is None:
+        return (mark, START_ID)
+    return (after[0], uuid.UUID(after[1]))
+
+
+def _next_cursor(rows: Sequence[Any], limit: int) -> ChangeCursor | None:
+    """Where the next page starts; None when this page was not full (the last)."""
+    if len(rows) < limit or not rows:
+        return None
+    last = rows[-1]
+    return (int(last["change_seq"]), str(last["id"]))
 
 
 def _server_settings(schema: str | None) -> dict[str, str] | None:

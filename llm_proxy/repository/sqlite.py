@@ -24,6 +24,9 @@ import aiosqlite
 from ..resources import data_dir
 from ._common import check_page, dump_metadata, like_pattern, load_metadata
 from .base import (
+    ChangeCursor,
+    ChangePage,
+    Deletion,
     DuplicateNameError,
     MigrationError,
     Project,
@@ -104,9 +107,6 @@ UPDATE projects SET
 WHERE id = ?
 RETURNING {PROJECT_COLUMNS}"""
 DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = ?"
-SELECT_ALL_PROJECTS: Final = (
-    f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY created_at, id"
-)
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
@@ -138,10 +138,25 @@ RECORD_TOKEN_USAGE: Final = (
     "UPDATE tokens SET request_count = request_count + ?1,"
     " last_used_at = max(coalesce(last_used_at, ?2), ?2) WHERE id = ?3"
 )
-SELECT_LIVE_TOKENS: Final = (
-    f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE is_active = 1 AND expires_at > ?"
-    " ORDER BY created_at, id"
+# Change markers (migration 004): rows and tombstones carry the counter value of the
+# write; every later commit gets a larger one, so the next value is the mark. Pages
+# are read by keyset on (change_seq, id): ?1 ?2 the cursor, ?3 the page size.
+CHANGE_MARK: Final = "SELECT seq + 1 FROM change_counter WHERE id = 1"
+START_ID: Final = ""  # sorts before every id, so (mark, START_ID) starts at `mark`
+TOKENS_CHANGED: Final = (
+    f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
+    " WHERE (change_seq, id) > (?1, ?2) AND (?4 = 0 OR is_active = 1)"
+    " ORDER BY change_seq, id LIMIT ?3"
 )
+PROJECTS_CHANGED: Final = (
+    f"SELECT {PROJECT_COLUMNS}, change_seq FROM projects"
+    " WHERE (change_seq, id) > (?1, ?2) ORDER BY change_seq, id LIMIT ?3"
+)
+DELETIONS_SINCE: Final = (
+    "SELECT kind, id, change_seq FROM deletions"
+    " WHERE (change_seq, id) > (?1, ?2) ORDER BY change_seq, id LIMIT ?3"
+)
+PURGE_DELETIONS: Final = "DELETE FROM deletions WHERE deleted_at < ?"
 
 USAGE_COLUMNS: Final = (
     "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
@@ -372,14 +387,43 @@ class SqliteRepository:
         async with self._transaction():
             await self._connection.executemany(RECORD_TOKEN_USAGE, params)
 
-    async def load_live_tokens(self, *, now: datetime) -> list[Token]:
-        """Active, unexpired tokens: the proxy's in-memory auth snapshot."""
-        rows = await self._fetch_all(SELECT_LIVE_TOKENS, (_to_text(now),))
-        return [_token(row) for row in rows]
+    async def change_mark(self) -> int:
+        """The counter's next value: every later commit carries at least that."""
+        return int(await self._scalar(CHANGE_MARK))
 
-    async def load_projects_for_auth(self) -> list[Project]:
-        """Every project, for the auth snapshot."""
-        return [_project(row) for row in await self._fetch_all(SELECT_ALL_PROJECTS)]
+    async def load_tokens_changed_since(
+        self,
+        mark: int,
+        *,
+        after: ChangeCursor | None = None,
+        limit: int,
+        active_only: bool = False,
+    ) -> ChangePage[Token]:
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        params = (*_cursor(mark, after), limit, active_only)
+        rows = await self._fetch_all(TOKENS_CHANGED, params)
+        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+
+    async def load_projects_changed_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Project]:
+        """Projects written with a marker >= `mark`, in marker order, from `after` on."""
+        params = (*_cursor(mark, after), limit)
+        rows = await self._fetch_all(PROJECTS_CHANGED, params)
+        return ChangePage([_project(row) for row in rows], _next_cursor(rows, limit))
+
+    async def load_deletions_since(
+        self, mark: int, *, after: ChangeCursor | None = None, limit: int
+    ) -> ChangePage[Deletion]:
+        """Tombstones with a marker >= `mark`, in marker order, from `after` on."""
+        params = (*_cursor(mark, after), limit)
+        rows = await self._fetch_all(DELETIONS_SINCE, params)
+        deletions = [Deletion(row["kind"], row["id"]) for row in rows]
+        return ChangePage(deletions, _next_cursor(rows, limit))
+
+    async def purge_deletions(self, *, before: datetime) -> int:
+        """Forget tombstones older than `before`; return how many."""
+        return await self._write(PURGE_DELETIONS, (_to_text(before),))
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted."""
@@ -506,6 +550,18 @@ class SqliteRepository:
     async def _scalar(self, sql: str, params: Params = ()) -> Any:
         row = await self._fetch_one(sql, params)
         return None if row is None else row[0]
+
+
+def _cursor(mark: int, after: ChangeCursor | None) -> Params:
+    return (mark, START_ID) if after is None else after
+
+
+def _next_cursor(rows: Sequence[sqlite3.Row], limit: int) -> ChangeCursor | None:
+    """Where the next page starts; None when this page was not full (the last)."""
+    if len(rows) < limit or not rows:
+        return None
+    last = rows[-1]
+    return (int(last["change_seq"]), str(last["id"]))
 
 
 def _statements(script: str) -> Iterable[str]:
