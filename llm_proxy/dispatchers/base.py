@@ -24,6 +24,7 @@ import orjson
 
 from ..events import Event, Subscription, utc_now_iso
 from ..metrics import Metrics
+from ..private_files import open_private_append
 from .records import event_time_s
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class RetryPolicy:
 
 
 class DeadLetterFile:
-    """Append-only JSONL of events no backend accepted, with the reason (fsynced)."""
+    """Append-only JSONL of events no backend accepted, with the reason (fsynced).
+
+    Created mode 0600 (its folders 0700): it holds whole events.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -105,8 +109,7 @@ class DeadLetterFile:
         await asyncio.to_thread(self._write, lines)
 
     def _write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
+        with open_private_append(self.path) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
