@@ -32,22 +32,31 @@ def make_private_dirs(folder: Path) -> None:
         os.chmod(path, PRIVATE_DIR_MODE)
 
 
-def open_private_append(path: Path) -> BinaryIO:
-    """`path` opened for binary appending; created 0600 (folders 0700) if missing."""
+def _create(path: Path) -> int | None:
+    """A descriptor of `path` newly created 0600 for appending; None if it exists."""
     make_private_dirs(path.parent)
     try:
         descriptor = os.open(path, _APPEND | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:
-        return os.fdopen(os.open(path, _APPEND), "ab")
-    file = os.fdopen(descriptor, "ab")
+        return None
     try:
         os.fchmod(descriptor, PRIVATE_FILE_MODE)
     except BaseException:
-        file.close()
+        os.close(descriptor)
         raise
-    return file
+    return descriptor
+
+
+def open_private_append(path: Path) -> BinaryIO:
+    """`path` opened for binary appending; created 0600 (folders 0700) if missing."""
+    descriptor = _create(path)
+    if descriptor is None:
+        descriptor = os.open(path, _APPEND)
+    return os.fdopen(descriptor, "ab")
 
 
 def create_private_file(path: Path) -> None:
     """Create `path` empty with mode 0600 (and its folders 0700) unless it exists."""
-    open_private_append(path).close()
+    descriptor = _create(path)
+    if descriptor is not None:
+        os.close(descriptor)

@@ -400,3 +400,25 @@ async def test_event_spool_is_private(tmp_path: Path) -> None:
         assert mode_of(spool.parent) == 0o700, oct(mode_of(spool.parent))
     finally:
         await bus.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+async def test_existing_files_keep_the_mode_an_operator_gave_them(
+    tmp_path: Path,
+) -> None:
+    log_file = tmp_path / "events.jsonl"
+    log_file.touch()
+    log_file.chmod(0o640)  # e.g. readable by a log shipper's group
+    backend = FileBackend(log_file)
+    await backend.start()
+    assert not (await backend.send([call_event(0)])).retry
+    assert mode_of(log_file) == 0o640 and log_file.read_bytes().count(b"\n") == 1
+    database = tmp_path / "proxy.db"
+    repository = SqliteRepository(database)
+    await repository.connect()
+    await repository.close()
+    database.chmod(0o640)
+    await repository.connect()
+    await repository.migrate()
+    await repository.close()
+    assert mode_of(database) == 0o640
