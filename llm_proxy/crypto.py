@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .private_files import make_private_dirs
+
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX: Final = "wt-"
@@ -115,7 +117,7 @@ def load_or_create_key_file(path: Path) -> bytes:
         if len(key) != 32:
             raise ValueError(f"key file {path} does not hold base64 of 32 bytes")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     key = os.urandom(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:

@@ -29,7 +29,7 @@ from aiohttp import web
 from .config import EventSettings
 from .events import EventBus, RateLimitedLog, RequestCompleted
 from .exchange import Exchange
-from .metrics import Metrics
+from .metrics import Metrics, method_label, status_label
 from .usage import (
     ESTIMATED,
     PARTIAL,
@@ -391,9 +391,16 @@ def _access_line(exchange: Exchange, event: RequestCompleted) -> None:
 
 
 def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
-    """Update the request, latency and token metrics for one finished call."""
+    """Update the request, latency and token metrics for one finished call.
+
+    Labels stay bounded: `endpoint` is the allowlist's template (or `unknown`),
+    method and status go through `method_label` and `status_label`, and the model
+    through the metrics' `BoundedLabel`.
+    """
     endpoint = exchange.endpoint or "unknown"
-    metrics.requests.labels(endpoint, exchange.method, str(exchange.status)).inc()
+    metrics.requests.labels(
+        endpoint, method_label(exchange.method), status_label(exchange.status)
+    ).inc()
     metrics.duration.labels(endpoint).observe(exchange.finished - exchange.started)
     if exchange.reached_upstream and exchange.upstream_finished:
         metrics.upstream_duration.labels(endpoint).observe(
@@ -403,19 +410,22 @@ def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
     if exchange.ttfb_s is not None:
         metrics.ttfb.labels(endpoint).observe(exchange.ttfb_s)
     if usage is not None:
-        tokens, project, model = (
-            metrics.tokens,
-            exchange.project_id or "",
-            exchange.model or "",
-        )
-        for kind, count in (
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("cached", usage.cached_tokens),
-            ("reasoning", usage.reasoning_tokens),
-        ):
-            if count:
-                tokens.labels(project, model, kind, usage.source).inc(count)
+        _observe_tokens(metrics, exchange, usage)
+
+
+def _observe_tokens(metrics: Metrics, exchange: Exchange, usage: Usage) -> None:
+    """Count the call's tokens; a model the allowlist names keeps its own label."""
+    named = exchange.models.patterns if exchange.models is not None else ()
+    model = metrics.model_label(exchange.model or "", named)
+    tokens, project = metrics.tokens, exchange.project_id or ""
+    for kind, count in (
+        ("prompt", usage.prompt_tokens),
+        ("completion", usage.completion_tokens),
+        ("cached", usage.cached_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ):
+        if count:
+            tokens.labels(project, model, kind, usage.source).inc(count)
 
 
 INSTRUMENTATION_KEY: Final = web.AppKey("instrumentation", Instrumentation)

@@ -2,7 +2,8 @@
 
 Counters and histograms are updated off the request path (by the instrumentation
 consumer and the dispatchers); gauges of live state (in-flight requests, bus
-counters, breaker state) are read only when scraped.
+counters, breaker state) are read only when scraped. Every label a client can choose
+is bounded here: unknown values share one `other` label.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hmac
 import itertools
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Final, Generic, TypeVar
 
 from aiohttp import hdrs, web
@@ -26,6 +27,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .allowlist import KNOWN_METHODS
 from .breaker import BreakerState, CircuitBreaker
 from .errors import InvalidTokenError
 from .events import BusStats
@@ -51,11 +53,49 @@ LATENCY_BUCKETS: Final = (
     300.0,
     600.0,
 )
+# The label value of everything beyond a label's bound.
+OTHER: Final = "other"
+# Distinct client-chosen models a process gives labels of their own: each one is a
+# series per project, kind and source, and 20,000 made /metrics 10 MB.
+MAX_MODEL_LABELS: Final = 100
+_STATUS_LABELS: Final = tuple(str(status) for status in range(600))
 BREAKER_STATE_VALUES: Final = {
     BreakerState.CLOSED: 0.0,
     BreakerState.HALF_OPEN: 1.0,
     BreakerState.OPEN: 2.0,
 }
+
+
+def method_label(method: str) -> str:
+    """The method itself when it is a standard one, else `other`."""
+    return method if method in KNOWN_METHODS else OTHER
+
+
+def status_label(status: int) -> str:
+    """The status code as text when it is a real one (100-599), else `other`."""
+    return _STATUS_LABELS[status] if 100 <= status < 600 else OTHER
+
+
+class BoundedLabel:
+    """Client-chosen values as labels: the first `limit` distinct ones, then `other`.
+
+    Values the configuration names (`named`) never count against the limit, so a
+    flood of junk cannot push them into `other`. For one thread (the event loop).
+    """
+
+    __slots__ = ("limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str, named: Container[str] = ()) -> str:
+        if value in self._seen or value in named:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER
 
 
 class _HistogramChild:
@@ -276,6 +316,7 @@ class Metrics:
             ["project_id", "model", "kind", "source"],
             registry=registry,
         )
+        self.model_label = BoundedLabel(MAX_MODEL_LABELS)
         self.dispatched = Counter(
             "llm_proxy_dispatcher_events",
             "Events a dispatcher handled, by outcome (delivered, dead_lettered).",

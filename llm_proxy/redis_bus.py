@@ -39,6 +39,7 @@ from .events import (
     decode_event,
     encode_event,
 )
+from .private_files import open_private_append
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ class _Spool:
 
     def append(self, payloads: Sequence[bytes]) -> None:
         """Append one line per payload and fsync, so a crash keeps them."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as f:
+        with open_private_append(self.path) as f:  # 0600: it holds whole events
             f.write(b"".join(p + b"\n" for p in payloads))
             f.flush()
             os.fsync(f.fileno())

@@ -445,3 +445,39 @@ def test_lunary_runs_carry_logged_input_and_output() -> None:
     assert start["input"] is None and end["output"] is None
     broken = make_event(3, extra={"request_body": "{bad", "response_body": 5})
     assert lunary_runs(broken)[0]["input"] is None
+
+
+class _Refusing:
+    """Refuses every event for good and counts the batches it saw."""
+
+    name = "refusing"
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    async def start(self) -> None: ...
+
+    async def send(self, batch: Any) -> SendResult:
+        self.batches += 1
+        return SendResult(rejected=[(event, "no") for event in batch])
+
+    async def close(self) -> None: ...
+
+
+async def test_dispatcher_keeps_running_when_dead_letters_cannot_be_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the dead-letter folder should be")
+    bus = InMemoryEventBus(batch_size=1, flush_interval_s=0.01)
+    backend = _Refusing()
+    dead = DeadLetterFile(blocker / "dead.jsonl")
+    dispatcher = Dispatcher(backend, bus.subscribe("d"), dead, retry=FAST_RETRY)
+    task = asyncio.create_task(dispatcher.run())
+    for n in range(3):
+        bus.publish(make_event(n))
+    await bus.close()
+    async with asyncio.timeout(10):
+        await task  # raised NotADirectoryError after the first batch
+    assert backend.batches == 3 and dispatcher.dead_lettered == 0
+    assert "could not dead-letter 1 events" in caplog.text

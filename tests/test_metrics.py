@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from llm_proxy.instrumentation import INSTRUMENTATION_KEY
-from llm_proxy.metrics import FastCounter, FastHistogram
+from llm_proxy.metrics import OTHER, BoundedLabel, FastCounter, FastHistogram
 
 from .support import bearer, proxy_token
 
@@ -117,3 +117,11 @@ def test_fast_histogram_without_labels_and_fast_counter() -> None:
     assert 'plain_seconds_bucket{le="1.0"} 1.0' in text
     assert 'demo_total{kind="a"} 42.0' in text
     assert "# TYPE demo_total counter" in text
+
+
+def test_bounded_label_keeps_named_values_outside_its_limit() -> None:
+    label = BoundedLabel(2)
+    assert [label(value) for value in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
+    assert label("named", ("named",)) == "named"  # named: no slot needed
+    assert label("c", ("named",)) == OTHER
+    assert label("named") == OTHER  # without its name in the config it is junk

@@ -24,6 +24,7 @@ from llm_proxy.repository import (
     PostgresRepository,
     Project,
     ProjectChanges,
+    RejectedRowsError,
     Repository,
     RepositoryError,
     RevokeCounts,
@@ -38,6 +39,7 @@ from llm_proxy.repository import (
     postgres,
     sqlite,
 )
+from llm_proxy.repository._common import MAX_TEXT_CHARS
 from llm_proxy.repository.migrations import load_migrations
 from llm_proxy.resources import data_dir
 
@@ -785,6 +787,64 @@ async def test_repository_usage_insert_of_a_large_batch_spans_statements(
     assert await repository.insert_usage_events(batch[1_000:1_100]) == 0
     totals = await repository.usage_totals(since=NOW - HOUR, until=NOW + HOUR)
     assert totals.requests == len(batch)
+
+
+async def test_repository_usage_text_is_stored_without_nul_and_bounded(
+    repository: Repository,
+) -> None:
+    """PostgreSQL refuses NUL in text: both backends store U+FFFD instead."""
+    nul = make_event(model="gpt\x00-4o", endpoint="/v1/\x00x", method="PO\x00ST")
+    long = make_event(model="m" * 5_000, usage_source="u\x00")
+    surrogate = make_event(model="caf\udce9")
+    assert await repository.insert_usage_events([nul, long, surrogate]) == 3
+    rows = {row.event_id: row for row in await repository.recent_usage_events(10)}
+    stored = rows[nul.event_id]
+    assert (stored.model, stored.endpoint, stored.method) == (
+        "gpt\ufffd-4o",
+        "/v1/\ufffdx",
+        "PO\ufffdST",
+    )
+    assert rows[long.event_id].model == "m" * MAX_TEXT_CHARS
+    assert rows[long.event_id].usage_source == "u\ufffd"
+    assert rows[surrogate.event_id].model == "caf?"
+    assert nul.model == "gpt\x00-4o"  # the caller's row is left as it was
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt_tokens": 2**31},
+        {"total_tokens": 2**63},
+        {"status_code": -(2**31) - 1},
+        {"completion_tokens": 1.5},
+        {"model": 12},
+        {"project_id": {"id": 1}},
+        {"event_id": ""},
+        {"event_id": "e" * 201},
+        {"duration_ms": "fast"},
+        {"endpoint": None},  # refused by the database itself: NOT NULL
+    ],
+    ids=repr,
+)
+async def test_repository_usage_insert_refuses_unstorable_rows_whole(
+    repository: Repository, fields: dict[str, Any]
+) -> None:
+    batch = [make_event(), make_event(**fields), make_event()]
+    with pytest.raises(RejectedRowsError):
+        await repository.insert_usage_events(batch)
+    totals = await repository.usage_totals(since=NOW - HOUR, until=NOW + HOUR)
+    assert totals.requests == 0
+    assert await repository.insert_usage_events([batch[0], batch[2]]) == 2
+
+
+async def test_repository_refused_row_in_a_large_batch_rolls_back_every_statement(
+    repository: Repository,
+) -> None:
+    batch = [make_event() for _ in range(2_345)] + [make_event(endpoint=None)]
+    with pytest.raises(RejectedRowsError):
+        await repository.insert_usage_events(batch)
+    totals = await repository.usage_totals(since=NOW - HOUR, until=NOW + HOUR)
+    assert totals.requests == 0
 
 
 async def test_repository_usage_totals_count_errors_and_tokens_in_window(

@@ -24,6 +24,7 @@ import orjson
 
 from ..events import Event, Subscription, utc_now_iso
 from ..metrics import Metrics
+from ..private_files import open_private_append
 from .records import event_time_s
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class RetryPolicy:
 
 
 class DeadLetterFile:
-    """Append-only JSONL of events no backend accepted, with the reason (fsynced)."""
+    """Append-only JSONL of events no backend accepted, with the reason (fsynced).
+
+    Created mode 0600 (its folders 0700): it holds whole events.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -105,8 +109,7 @@ class DeadLetterFile:
         await asyncio.to_thread(self._write, lines)
 
     def _write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
+        with open_private_append(self.path) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
@@ -152,6 +155,7 @@ class Dispatcher:
         self.dead_lettered = 0
         self.failures = 0  # consecutive failed attempts; 0 = healthy
         self.lag_s = 0.0
+        self._unwritten = False  # a dead letter of the current batch failed to write
 
     @property
     def name(self) -> str:
@@ -174,6 +178,7 @@ class Dispatcher:
             )
 
     async def _handle(self, batch: list[Event]) -> None:
+        self._unwritten = False
         try:
             await self.deliver(batch)
         except asyncio.CancelledError:
@@ -185,7 +190,8 @@ class Dispatcher:
         except Exception:  # a bug must not stop the loop; the batch is kept
             log.exception("dispatcher %s failed on a batch", self.name)
             await self._give_up(batch, "dispatcher error")
-        await self.subscription.ack(batch)
+        if not self._unwritten:  # else left to the bus: Redis delivers it again
+            await self.subscription.ack(batch)
 
     async def deliver(self, batch: Sequence[Event]) -> None:
         """Send with retries; dead-letter what cannot be delivered."""
@@ -254,7 +260,20 @@ class Dispatcher:
         ]
         if not failed:
             return
-        await self.dead_letter.append(self.name, failed)
+        try:
+            await self.dead_letter.append(self.name, failed)
+        except OSError as exc:  # a full disk must not stop the loop for good
+            self._unwritten = True
+            log.error(
+                "dispatcher %s could not dead-letter %d events to %s (%s); their "
+                "batch stays unacknowledged (the Redis bus delivers it again, the "
+                "memory bus cannot)",
+                self.name,
+                len(failed),
+                self.dead_letter.path,
+                exc,
+            )
+            return
         self.dead_lettered += len(failed)
         log.error(
             "dispatcher %s dead-lettered %d events to %s: %s",

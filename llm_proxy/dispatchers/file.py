@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 
 from ..events import Event
+from ..private_files import make_private_dirs, open_private_append
 from .base import DeliveryError, SendResult
 from .records import event_record
 
@@ -18,7 +19,8 @@ class FileBackend:
     """Appends JSONL to `path`; past `max_bytes` it rotates to `path.1` … `path.N`.
 
     `max_bytes=0` never rotates. Writes run in a worker thread; each batch is
-    flushed and fsynced before the dispatcher acknowledges it.
+    flushed and fsynced before the dispatcher acknowledges it. New files are 0600
+    (rotated ones keep that mode), new folders 0700.
     """
 
     name = "file"
@@ -29,8 +31,8 @@ class FileBackend:
         self.backups = backups
 
     async def start(self) -> None:
-        """Create the folder of the log file."""
-        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        """Create the folder of the log file (mode 0700)."""
+        await asyncio.to_thread(make_private_dirs, self.path.parent)
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
         data = b"".join(
@@ -45,7 +47,7 @@ class FileBackend:
     def _write(self, data: bytes) -> None:
         if self.max_bytes and self._size() + len(data) > self.max_bytes:
             self._rotate()
-        with self.path.open("ab") as file:
+        with open_private_append(self.path) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

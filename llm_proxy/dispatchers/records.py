@@ -34,10 +34,13 @@ def event_record(event: Event) -> dict[str, Any]:
 
 
 def event_time_s(event: Event) -> float:
-    """The event's timestamp (when the call ended) in epoch seconds, 0 if unreadable."""
+    """The event's timestamp (when the call ended) in epoch seconds, 0 if unreadable.
+
+    Unreadable includes a foreign producer's number or null where ISO text belongs.
+    """
     try:
         return iso_epoch_s(event.timestamp)
-    except ValueError:
+    except (ValueError, TypeError):
         return 0.0
 
 

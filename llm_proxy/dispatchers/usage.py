@@ -1,7 +1,10 @@
 """The usage recorder: events become `usage_events` rows for the admin pages.
 
 It writes through `Repository.insert_usage_events`, which skips event ids already
-stored, so a batch redelivered by the Redis bus is not counted twice.
+stored, so a batch redelivered by the Redis bus is not counted twice. When the
+database refuses a batch for its data (`RejectedRowsError`), the batch is bisected
+until the refused rows stand alone: the good rows land, only the bad ones are
+dead-lettered. Any other error (a lost connection) retries what is not written yet.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from ..events import Event
-from ..repository import Repository, UsageEvent
-from .base import DeliveryError, SendResult
+from ..repository import RejectedRowsError, Repository, UsageEvent
+from .base import SendResult
 from .records import event_time_s, event_usage, extra_field
 
 
@@ -48,12 +51,29 @@ class UsageRecorder:
         """The repository is opened and closed by the app."""
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
-        rows = [usage_row(event) for event in batch]
-        try:
-            await self.repository.insert_usage_events(rows)
-        except Exception as exc:  # driver errors differ per database; all transient
-            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        return SendResult()
+        result = SendResult()
+        rows = []
+        for event in batch:
+            try:
+                rows.append((event, usage_row(event)))
+            except (TypeError, ValueError, OverflowError) as exc:  # a foreign event
+                result.rejected.append((event, f"not a usage row: {exc!r:.200}"))
+        parts = [rows] if rows else []
+        while parts:  # depth first, so refused rows are isolated in O(log n) inserts
+            part = parts.pop()
+            try:
+                await self.repository.insert_usage_events([row for _, row in part])
+            except RejectedRowsError as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]
+                    continue
+                result.rejected.append((part[0][0], f"refused by the database: {exc}"))
+            except Exception as exc:  # driver errors differ per database: transient
+                result.retry = [event for rest in (part, *parts) for event, _ in rest]
+                result.retry_reason = f"{type(exc).__name__}: {exc}"
+                break
+        return result
 
     async def close(self) -> None:
         """Nothing of its own to close."""

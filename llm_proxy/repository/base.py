@@ -29,6 +29,14 @@ class MigrationError(RepositoryError):
     """A schema migration could not be applied."""
 
 
+class RejectedRowsError(RepositoryError):
+    """The database refused the rows themselves: sending them again cannot help.
+
+    Raised for bad data (NOT NULL, out-of-range numbers, undecodable text), never
+    for a lost connection or a busy database, which are worth retrying.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Project:
     """One project: who owns tokens and whose upstream key they spend."""

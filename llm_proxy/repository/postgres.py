@@ -18,7 +18,13 @@ from typing import Any, Final
 import asyncpg
 
 from ..resources import data_dir
-from ._common import check_page, dump_metadata, like_pattern, load_metadata
+from ._common import (
+    check_page,
+    dump_metadata,
+    like_pattern,
+    load_metadata,
+    storable_usage_event,
+)
 from .base import (
     ChangeCursor,
     ChangePage,
@@ -27,6 +33,7 @@ from .base import (
     MigrationError,
     Project,
     ProjectChanges,
+    RejectedRowsError,
     RepositoryError,
     RevokeCounts,
     Token,
@@ -165,6 +172,17 @@ SELECT * FROM unnest(
     $11::integer[], $12::integer[], $13::text[]
 )
 ON CONFLICT (event_id) DO NOTHING"""
+# Errors that blame the rows, not the connection: SQLSTATE classes 22 (data), 23
+# (integrity) and 54 (a value over a limit), and asyncpg's own argument encoding
+# errors (ValueError) before anything is sent.
+USAGE_DATA_ERRORS: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 # $1 since, $2 until, $3 project id or NULL, $4 token id or NULL.
 USAGE_WHERE: Final = (
     "ts >= $1 AND ts < $2 AND ($3::uuid IS NULL OR project_id = $3)"
@@ -438,11 +456,20 @@ class PostgresRepository:
         return _affected(await self._connected.execute(PURGE_DELETIONS, before))
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError` (the whole statement inserts nothing).
+        """
         if not events:
             return 0
-        columns = list(zip(*(_usage_args(event) for event in events), strict=True))
-        status = await self._connected.execute(INSERT_USAGE_EVENTS, *columns)
+        pool = self._connected
+        try:
+            rows = [_usage_args(storable_usage_event(event)) for event in events]
+            columns = list(zip(*rows, strict=True))
+            status = await pool.execute(INSERT_USAGE_EVENTS, *columns)
+        except USAGE_DATA_ERRORS as exc:
+            raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
         return _affected(status)
 
     async def usage_totals(

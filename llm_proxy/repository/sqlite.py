@@ -21,8 +21,15 @@ from typing import Any, Final
 
 import aiosqlite
 
+from ..private_files import create_private_file
 from ..resources import data_dir
-from ._common import check_page, dump_metadata, like_pattern, load_metadata
+from ._common import (
+    check_page,
+    dump_metadata,
+    like_pattern,
+    load_metadata,
+    storable_usage_event,
+)
 from .base import (
     ChangeCursor,
     ChangePage,
@@ -31,6 +38,7 @@ from .base import (
     MigrationError,
     Project,
     ProjectChanges,
+    RejectedRowsError,
     RepositoryError,
     RevokeCounts,
     Token,
@@ -163,6 +171,15 @@ USAGE_COLUMNS: Final = (
     " duration_ms, prompt_tokens, completion_tokens, total_tokens, usage_source"
 )
 USAGE_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Errors that blame the rows, not the database file: constraints, values the
+# sqlite3 module cannot bind (too large, wrong type, undecodable text).
+USAGE_DATA_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 
 
 # One multi-row INSERT per chunk instead of executemany: the sqlite3 module releases
@@ -231,10 +248,11 @@ class SqliteRepository:
         self._write_lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        """Create the file's directory, open the connection and set the pragmas."""
+        """Create the file (0600, new folders 0700), connect and set the pragmas."""
         if self._conn is not None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite gives the -wal and -shm files the database file's mode.
+        await asyncio.to_thread(create_private_file, self._path)
         conn = await aiosqlite.connect(self._path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
         self._conn = conn
@@ -426,9 +444,20 @@ class SqliteRepository:
         return await self._write(PURGE_DELETIONS, (_to_text(before),))
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError` (the whole call inserts nothing).
+        """
         if not events:
             return 0
+        try:
+            return await self._insert_usage_events(events)
+        except USAGE_DATA_ERRORS as exc:
+            raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
+        events = [storable_usage_event(event) for event in events]
         chunks = [
             events[start : start + USAGE_ROWS_PER_INSERT]
             for start in range(0, len(events), USAGE_ROWS_PER_INSERT)
