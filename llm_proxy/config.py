@@ -116,6 +116,8 @@ class DispatcherSettings:
     helicone_url: str | None = None
     lunary_public_key: str | None = field(default=None, repr=False)
     lunary_url: str | None = None
+    # Where a standalone `llm-proxy dispatcher` serves /metrics; None: nowhere.
+    metrics_addr: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +351,11 @@ def _events(env: _Env) -> EventSettings:
     )
 
 
+def _optional_addr(env: _Env, name: str) -> tuple[str, int] | None:
+    value = env.text(name)
+    return parse_listen_addr(value, name) if value is not None else None
+
+
 def _http_url(env: _Env, name: str) -> str | None:
     value = env.text(name)
     if value is not None and not value.startswith(("http://", "https://")):
@@ -371,6 +378,7 @@ def _dispatcher(env: _Env) -> DispatcherSettings:
         helicone_url=_http_url(env, "HELICONE_URL"),
         lunary_public_key=env.text("LUNARY_PUBLIC_KEY"),
         lunary_url=_http_url(env, "LUNARY_URL"),
+        metrics_addr=_optional_addr(env, "DISPATCHER_METRICS_ADDR"),
     )
     if settings.retry_max_s < settings.retry_base_s:
         raise ConfigError(
@@ -391,12 +399,12 @@ def _management_token(value: str | None) -> str:
     return value
 
 
-def parse_listen_addr(value: str) -> tuple[str, int]:
+def parse_listen_addr(value: str, name: str = "LISTEN_ADDR") -> tuple[str, int]:
     """`host:port`, `:port` or `[v6]:port` → (host, port); no host = all interfaces."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(
-            f"LISTEN_ADDR must look like ':8080' or '127.0.0.1:8080', got {value!r}"
+            f"{name} must look like ':8080' or '127.0.0.1:8080', got {value!r}"
         )
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port_text)

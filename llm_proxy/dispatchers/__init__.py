@@ -308,18 +308,44 @@ async def run_dispatcher(
         consumer_name=consumer_name,
         stream_key=stream_key or events.stream_key,
     )
-    dispatcher = new_dispatcher(backend, bus, settings, group=f"dispatcher-{service}")
+    metrics = Metrics()
+    dispatcher = new_dispatcher(
+        backend, bus, settings, group=f"dispatcher-{service}", metrics=metrics
+    )
     log.info("dispatcher %s started on %s", service, bus.stream_key)
     task = asyncio.create_task(dispatcher.run(), name=f"dispatcher-{service}")
     stop = asyncio.Event()
-    with _signals_set(stop):
-        waiter = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            await bus.close()
-            await _stop([task], settings.dispatcher.drain_timeout_s)
+    async with _metrics_server(settings, metrics):
+        with _signals_set(stop):
+            waiter = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                await bus.close()
+                await _stop([task], settings.dispatcher.drain_timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def _metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[None]:
+    """`GET /metrics` of a standalone dispatcher, at DISPATCHER_METRICS_ADDR if set."""
+    address = settings.dispatcher.metrics_addr
+    if address is None:
+        yield
+        return
+    from ..metrics import metrics_handler_for
+
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", metrics_handler_for(settings.metrics_token))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, *address).start()
+        log.info("dispatcher metrics on http://%s:%d/metrics", *address)
+        yield
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager
