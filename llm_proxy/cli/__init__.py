@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from . import manage, serving, setup_command, tools  # noqa: F401  (registers commands)
 from .base import _as_cli_error, main
-from .serving import _local_url, daemon_argv
+from .base import local_url as _local_url
+from .daemon import daemon_argv
 from .setup_command import prepare_database
 
 __all__ = ["_as_cli_error", "_local_url", "daemon_argv", "main", "prepare_database"]
