@@ -173,18 +173,29 @@ async def _bench(options: Any, mock: bool, compare_direct: bool, as_json: bool) 
     from ..bench import mock_targets, progress_printer, run_bench
 
     progress = None
+    warn = _warn
     if not as_json and sys.stderr.isatty():  # pragma: no cover - needs a terminal
         progress = progress_printer(options.duration_s, _write_err)
+        warn = _warn_below(progress)
     if not mock:
-        return await run_bench(options, progress)
+        return await run_bench(options, progress, warn)
     async with mock_targets() as targets:
         options = replace(
             options,
             base_url=targets.proxy_url,
             token=targets.token,
             compare_url=targets.upstream_url if compare_direct else options.compare_url,
+            compare_label="direct" if compare_direct else options.compare_label,
         )
-        return await run_bench(options, progress)
+        return await run_bench(options, progress, warn)
+
+
+def _warn(text: str) -> None:
+    click.secho(f"warning: {text}", fg="yellow", err=True)
+
+
+def _warn_below(progress: Any) -> Any:  # pragma: no cover - needs a terminal
+    return lambda text: progress.message(click.style(f"warning: {text}", fg="yellow"))
 
 
 def _write_err(text: str) -> None:  # pragma: no cover - needs a terminal
