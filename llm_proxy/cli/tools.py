@@ -21,6 +21,10 @@ from .base import (
 BASE_URL_HELP = (
     "Base URL of the proxy (default: from LISTEN_ADDR, else localhost:8080)."
 )
+TOKEN_HELP = (
+    "Withering token; prefer the LLM_PROXY_TOKEN variable: flags are visible in the "
+    "process list."
+)
 
 # -- openai chat ---------------------------------------------------------------------
 
@@ -32,7 +36,9 @@ def openai() -> None:
 
 @openai.command("chat")
 @click.option(
-    "--token", envvar="LLM_PROXY_TOKEN", help="Proxy token (env LLM_PROXY_TOKEN)."
+    "--token",
+    envvar="LLM_PROXY_TOKEN",
+    help=TOKEN_HELP,
 )
 @click.option("--model", default="gpt-4o-mini", show_default=True)
 @click.option("--system", help="A system message for the conversation.")
@@ -67,7 +73,9 @@ def openai_chat(
 @click.option("--base-url", help=BASE_URL_HELP)
 @click.option("--endpoint", default="/v1/chat/completions", show_default=True)
 @click.option(
-    "--token", envvar="LLM_PROXY_TOKEN", help="Proxy token (env LLM_PROXY_TOKEN)."
+    "--token",
+    envvar="LLM_PROXY_TOKEN",
+    help=TOKEN_HELP,
 )
 @click.option(
     "-r",
