@@ -170,7 +170,7 @@ class LimitWatch:
         # This answer's own request is spent already: at most remaining + 1 were left.
         if self._planned is not None and self._planned > remaining:
             self._warn(
-                f"{target.label}: the token allows {limit} requests per hour and had "
+                f"the token allows {limit} requests per hour and had "
                 f"at most {remaining + 1} left; this run sends {self._planned}, so "
                 "expect 429s and a token throttled until its hour has passed (use "
                 "fewer --requests or a token with a higher --rate-limit-per-hour)"
@@ -330,7 +330,8 @@ async def run_bench(
         target_report(t.base_url, t.samples, elapsed_s, options.stream, t.label)
         for t in targets
     ]
-    warnings.extend(w for r in reports if (w := refusal_warning(r)) is not None)
+    named = len(reports) > 1
+    warnings.extend(w for r in reports if (w := refusal_warning(r, named)) is not None)
     added = None
     if len(reports) == 2:
         added = added_latency(reports[0].latency, reports[1].latency)

@@ -139,17 +139,22 @@ def target_report(
     )
 
 
-def refusal_warning(target: TargetReport) -> str | None:
-    """A note on the answers that were not 2xx, or None when all were."""
+def refusal_warning(target: TargetReport, named: bool) -> str | None:
+    """A note on the answers that were not 2xx, or None when all were.
+
+    `named`: start with the target's label (when the run has more than one).
+    """
     if not target.non_2xx:
         return None
     shown = ", ".join(
-        f"{k}: {v}" for k, v in target.statuses.items() if not k.startswith("2")
+        f"{k}: {v}" + (" rate limited" if k == "429" else "")
+        for k, v in target.statuses.items()
+        if not k.startswith("2")
     )
-    limited = " (429: rate limited)" if "429" in target.statuses else ""
+    who = f"{target.label}: " if named else ""
     return (
-        f"{target.label}: {target.non_2xx} answers were not 2xx ({shown}){limited}; "
-        "they are counted apart and left out of the throughput and latency figures"
+        f"{who}{target.non_2xx} answers were not 2xx ({shown}); they are counted "
+        "apart and left out of the throughput and latency figures"
     )
 
 

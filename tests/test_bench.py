@@ -187,7 +187,7 @@ async def test_run_bench_keeps_refusals_apart_and_warns_about_the_token_limit(
     assert (target.rate_limit_per_hour, target.rate_limit_remaining) == (5, 4)
     assert len(said) == 1 and said[0] == report.warnings[0]
     assert "allows 5 requests per hour" in said[0] and "sends 8" in said[0]
-    assert any("3 answers were not 2xx (429: 3)" in w for w in report.warnings)
+    assert report.warnings[1].startswith("3 answers were not 2xx (429: 3 rate limited)")
     text = render_text(report)
     assert "ok 5  non-2xx 3  errors 0" in text
     assert "rate limit  5 per hour, 4 left after the first answer" in text
