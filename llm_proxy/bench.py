@@ -5,6 +5,11 @@ every time is `perf_counter_ns` taken on this client only. Headers, URL and body
 are built once. With `compare_url`, requests alternate between the two base URLs so both
 see the same load at the same moment, and the report gives the added latency.
 
+The first answer of the first target tells the token's hourly limit
+(`x-ratelimit-limit-requests` / `x-ratelimit-remaining-requests`, sent by the proxy);
+when the run would use up what is left, a warning says so at once, while there is
+still time to stop it.
+
 `--mock` runs the fake upstream and the proxy as *child processes* on loopback ports
 (`python -m llm_proxy fake-upstream` and `python -m llm_proxy serve`, a throw-away SQLite
 database, a generated management token) and mints a token through the management API.
@@ -21,16 +26,22 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from .bench_report import BenchReport, Samples, added_latency, target_report
+from .bench_report import (
+    BenchReport,
+    Samples,
+    added_latency,
+    refusal_warning,
+    target_report,
+)
 from .manage_client import ManageClient
 from .server import free_port, tail, wait_until_healthy
 
@@ -72,7 +83,20 @@ PROXY_ENV_NAMES: Final = frozenset(
     }
 )
 
-Progress = Callable[[int, int | None, float], None]
+LIMIT_HEADER: Final = "x-ratelimit-limit-requests"
+REMAINING_HEADER: Final = "x-ratelimit-remaining-requests"
+
+Warn = Callable[[str], None]
+
+
+class Progress(Protocol):
+    """Receives the measured phase's progress: updates, then one end."""
+
+    def update(self, done: int, total: int | None, elapsed_s: float) -> None:
+        """Called every `PROGRESS_INTERVAL_S`."""
+
+    def end(self, done: int, total: int | None, elapsed_s: float) -> None:
+        """Called once when the phase is over."""
 
 
 class BenchError(Exception):
@@ -104,6 +128,7 @@ class BenchOptions:
     warmup: int = 0
     timeout_s: float = 30.0
     compare_url: str | None = None
+    compare_label: str = "baseline"
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -115,9 +140,41 @@ class BenchOptions:
 
 @dataclass(slots=True)
 class _Target:
+    label: str
     base_url: str
     url: URL
     samples: Samples = field(default_factory=Samples)
+    watch_limit: bool = False  # read the rate-limit headers of the next answer
+
+
+class LimitWatch:
+    """Reads the token's limit from the first answer; warns if the run exceeds it."""
+
+    def __init__(self, planned: int | None, warn: Warn) -> None:
+        self._planned = (
+            planned  # requests this run sends to the target (None: a duration)
+        )
+        self._warn = warn
+
+    def note(self, target: _Target, headers: Mapping[str, str]) -> None:
+        """Record the first answer's limit headers (if any) and warn once."""
+        target.watch_limit = False
+        try:
+            limit, remaining = (
+                int(headers[LIMIT_HEADER]),
+                int(headers[REMAINING_HEADER]),
+            )
+        except (KeyError, ValueError):
+            return
+        target.samples.rate_limit = (limit, remaining)
+        # This answer's own request is spent already: at most remaining + 1 were left.
+        if self._planned is not None and self._planned > remaining:
+            self._warn(
+                f"the token allows {limit} requests per hour and had "
+                f"at most {remaining + 1} left; this run sends {self._planned}, so "
+                "expect 429s and a token throttled until its hour has passed (use "
+                "fewer --requests or a token with a higher --rate-limit-per-hour)"
+            )
 
 
 class LoadRun:
@@ -131,8 +188,10 @@ class LoadRun:
         *,
         total: int | None,
         deadline_ns: int | None,
+        limit_watch: LimitWatch | None = None,
     ) -> None:
         self._session = session
+        self._limit_watch = limit_watch
         self._method = options.method
         self._stream = options.stream
         self._body = options.body
@@ -173,7 +232,10 @@ class LoadRun:
             async with self._session.request(
                 self._method, target.url, data=self._body, headers=self._headers
             ) as response:
-                if self._stream:
+                status = response.status
+                if target.watch_limit and self._limit_watch is not None:
+                    self._limit_watch.note(target, response.headers)
+                if self._stream and 200 <= status < 300:
                     gaps = samples.chunk_gaps_ns
                     async for _ in response.content.iter_any():
                         now = clock()
@@ -185,7 +247,6 @@ class LoadRun:
                 else:
                     await response.read()
                 ended = clock()
-                status = response.status
         except aiohttp.ClientConnectorError:
             samples.errors["connect"] += 1
             return
@@ -217,20 +278,43 @@ def _headers(options: BenchOptions) -> CIMultiDict[str]:
     return headers
 
 
-def _target(base_url: str, endpoint: str) -> _Target:
+def _target(label: str, base_url: str, endpoint: str) -> _Target:
     url = URL(base_url.rstrip("/") + "/" + endpoint.lstrip("/"))
     if not url.is_absolute():
         raise BenchError(f"not an absolute URL: {base_url!r}")
-    return _Target(base_url, url)
+    return _Target(label, base_url, url)
+
+
+def _targets(options: BenchOptions) -> list[_Target]:
+    """The measured targets: "target" alone, or "proxy" and the compare label."""
+    if not options.compare_url:
+        return [_target("target", options.base_url, options.endpoint)]
+    return [
+        _target("proxy", options.base_url, options.endpoint),
+        _target(options.compare_label, options.compare_url, options.endpoint),
+    ]
 
 
 async def run_bench(
-    options: BenchOptions, progress: Progress | None = None
+    options: BenchOptions,
+    progress: Progress | None = None,
+    warn: Warn | None = None,
 ) -> BenchReport:
-    """Warm up, run the measured phase, and summarise it."""
-    targets = [_target(options.base_url, options.endpoint)]
-    if options.compare_url:
-        targets.append(_target(options.compare_url, options.endpoint))
+    """Warm up, run the measured phase, and summarise it.
+
+    `warn` hears each warning as it arises (they are in the report as well).
+    """
+    warnings: list[str] = []
+
+    def note(text: str) -> None:
+        warnings.append(text)
+        if warn is not None:
+            warn(text)
+
+    targets = _targets(options)
+    targets[0].watch_limit = True  # the proxy's answers carry the token's limit
+    planned = None if options.duration_s else options.requests + options.warmup
+    watch = LimitWatch(planned, note)
     connector = aiohttp.TCPConnector(limit=options.concurrency, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=options.timeout_s)
     async with aiohttp.ClientSession(
@@ -240,15 +324,14 @@ async def run_bench(
         auto_decompress=False,
     ) as session:
         if options.warmup:
-            warm = [_target(t.base_url, options.endpoint) for t in targets]
-            warm_total = options.warmup * len(warm)
-            await LoadRun(
-                session, options, warm, total=warm_total, deadline_ns=None
-            ).run(min(options.concurrency, warm_total))
-        elapsed_s = await _measure(session, options, targets, progress)
+            await _warm_up(session, options, targets, watch)
+        elapsed_s = await _measure(session, options, targets, progress, watch)
     reports = [
-        target_report(t.base_url, t.samples, elapsed_s, options.stream) for t in targets
+        target_report(t.base_url, t.samples, elapsed_s, options.stream, t.label)
+        for t in targets
     ]
+    named = len(reports) > 1
+    warnings.extend(w for r in reports if (w := refusal_warning(r, named)) is not None)
     added = None
     if len(reports) == 2:
         added = added_latency(reports[0].latency, reports[1].latency)
@@ -260,7 +343,26 @@ async def run_bench(
         elapsed_s=elapsed_s,
         targets=reports,
         added_latency_ms=added,
+        warnings=warnings,
     )
+
+
+async def _warm_up(
+    session: aiohttp.ClientSession,
+    options: BenchOptions,
+    targets: list[_Target],
+    watch: LimitWatch,
+) -> None:
+    """Unmeasured requests first; their samples are dropped, the limit is noted."""
+    warm = [_target(t.label, t.base_url, options.endpoint) for t in targets]
+    warm[0].watch_limit = True
+    total = options.warmup * len(warm)
+    await LoadRun(
+        session, options, warm, total=total, deadline_ns=None, limit_watch=watch
+    ).run(min(options.concurrency, total))
+    if warm[0].samples.rate_limit is not None:
+        targets[0].samples.rate_limit = warm[0].samples.rate_limit
+        targets[0].watch_limit = False
 
 
 async def _measure(
@@ -268,11 +370,14 @@ async def _measure(
     options: BenchOptions,
     targets: list[_Target],
     progress: Progress | None,
+    watch: LimitWatch,
 ) -> float:
     started = time.perf_counter_ns()
     total = None if options.duration_s else options.requests * len(targets)
     deadline = started + int(options.duration_s * 1e9) if options.duration_s else None
-    run = LoadRun(session, options, targets, total=total, deadline_ns=deadline)
+    run = LoadRun(
+        session, options, targets, total=total, deadline_ns=deadline, limit_watch=watch
+    )
     reporter = None
     if progress is not None:
         reporter = asyncio.create_task(_report_progress(run, total, started, progress))
@@ -285,7 +390,7 @@ async def _measure(
                 await reporter
     elapsed_s = (time.perf_counter_ns() - started) / 1e9
     if progress is not None:
-        progress(run.done, total, elapsed_s)
+        progress.end(run.done, total, elapsed_s)
     return elapsed_s
 
 
@@ -294,27 +399,56 @@ async def _report_progress(
 ) -> None:
     while True:
         await asyncio.sleep(PROGRESS_INTERVAL_S)
-        progress(run.done, total, (time.perf_counter_ns() - started_ns) / 1e9)
+        progress.update(run.done, total, (time.perf_counter_ns() - started_ns) / 1e9)
+
+
+class ProgressLine:
+    """A one-line live progress bar (for a terminal), redrawn in place.
+
+    `message` puts a line of text below the bar (which is redrawn on the next
+    update); `end` draws the bar a last time and ends its line, so what is written
+    next starts on a line of its own.
+    """
+
+    WIDTH: Final = 30
+
+    def __init__(self, duration_s: float | None, write: Callable[[str], None]) -> None:
+        self._duration_s = duration_s
+        self._write = write
+        self._open = False  # a bar is drawn and its line not ended
+
+    def update(self, done: int, total: int | None, elapsed_s: float) -> None:
+        """Redraw the bar."""
+        if total:
+            fraction = done / total
+        elif self._duration_s:
+            fraction = min(1.0, elapsed_s / self._duration_s)
+        else:
+            fraction = 0.0
+        filled = int(fraction * self.WIDTH)
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        count = f"{done}/{total}" if total else f"{done}"
+        self._write(f"\r[{bar}] {count} {rate:.0f} req/s {elapsed_s:.1f} s")
+        self._open = True
+
+    def end(self, done: int, total: int | None, elapsed_s: float) -> None:
+        """The last drawing, and the end of its line."""
+        self.update(done, total, elapsed_s)
+        self._write("\n")
+        self._open = False
+
+    def message(self, text: str) -> None:
+        """A line of text, below the bar when one is drawn."""
+        self._write(("\n" if self._open else "") + text + "\n")
+        self._open = False
 
 
 def progress_printer(
     duration_s: float | None, write: Callable[[str], None]
-) -> Progress:
-    """A one-line live progress bar (for a terminal)."""
-    width = 30
-
-    def show(done: int, total: int | None, elapsed_s: float) -> None:
-        if total:
-            fraction = done / total
-        else:
-            fraction = min(1.0, elapsed_s / duration_s) if duration_s else 0.0
-        filled = int(fraction * width)
-        rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        bar = "#" * filled + "." * (width - filled)
-        count = f"{done}/{total}" if total else f"{done}"
-        write(f"\r[{bar}] {count} {rate:.0f} req/s {elapsed_s:.1f} s")
-
-    return show
+) -> ProgressLine:
+    """A live progress bar writing through `write`."""
+    return ProgressLine(duration_s, write)
 
 
 # -- --mock: the fake upstream and a proxy as child processes ------------------------

@@ -1,7 +1,9 @@
 """Bench results: raw samples per target, percentile summaries, text and JSON reports.
 
 Pure data and arithmetic on client-side `perf_counter_ns` samples; no I/O and no clock.
-Percentiles use the nearest-rank method on the sorted samples.
+Percentiles use the nearest-rank method on the sorted samples. Only 2xx answers are
+timed and counted in the throughput; other answers and transport errors are counted
+apart, so a rate-limited run cannot pass its fast 429s off as latency.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Samples:
     errors: Counter[str] = field(default_factory=Counter)
     ok: int = 0
     failed: int = 0
+    # (x-ratelimit-limit-requests, x-ratelimit-remaining-requests) of the first answer
+    rate_limit: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +49,13 @@ class Latency:
 
 @dataclass(frozen=True, slots=True)
 class TargetReport:
-    """One base URL's outcome."""
+    """One base URL's outcome; `failed` = `non_2xx` + the transport errors."""
 
+    label: str
     base_url: str
     requests: int
     ok: int
+    non_2xx: int
     failed: int
     statuses: dict[str, int]
     errors: dict[str, int]
@@ -57,6 +63,8 @@ class TargetReport:
     latency: Latency | None
     ttfb: Latency | None = None
     chunk_gap: Latency | None = None
+    rate_limit_per_hour: int | None = None
+    rate_limit_remaining: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,7 @@ class BenchReport:
     elapsed_s: float
     targets: list[TargetReport]
     added_latency_ms: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able data (`--json`)."""
@@ -103,14 +112,21 @@ def summarize(values_ns: Sequence[int]) -> Latency | None:
 
 
 def target_report(
-    base_url: str, samples: Samples, elapsed_s: float, stream: bool
+    base_url: str,
+    samples: Samples,
+    elapsed_s: float,
+    stream: bool,
+    label: str = "target",
 ) -> TargetReport:
     """Summarise one target's samples."""
     done = samples.ok + samples.failed + sum(samples.errors.values())
+    limit, remaining = samples.rate_limit or (None, None)
     return TargetReport(
+        label=label,
         base_url=base_url,
         requests=done,
         ok=samples.ok,
+        non_2xx=samples.failed,
         failed=done - samples.ok,
         statuses={str(k): v for k, v in sorted(samples.statuses.items())},
         errors=dict(sorted(samples.errors.items())),
@@ -118,6 +134,27 @@ def target_report(
         latency=summarize(samples.latencies_ns),
         ttfb=summarize(samples.ttfb_ns) if stream else None,
         chunk_gap=summarize(samples.chunk_gaps_ns) if stream else None,
+        rate_limit_per_hour=limit,
+        rate_limit_remaining=remaining,
+    )
+
+
+def refusal_warning(target: TargetReport, named: bool) -> str | None:
+    """A note on the answers that were not 2xx, or None when all were.
+
+    `named`: start with the target's label (when the run has more than one).
+    """
+    if not target.non_2xx:
+        return None
+    shown = ", ".join(
+        f"{k}: {v}" + (" rate limited" if k == "429" else "")
+        for k, v in target.statuses.items()
+        if not k.startswith("2")
+    )
+    who = f"{target.label}: " if named else ""
+    return (
+        f"{who}{target.non_2xx} answers were not 2xx ({shown}); they are counted "
+        "apart and left out of the throughput and latency figures"
     )
 
 
@@ -140,20 +177,34 @@ def render_text(report: BenchReport) -> str:
         lines.extend(_render_target(target))
     if report.added_latency_ms is not None:
         lines.append("")
-        lines.append("added latency (first target minus compare target):")
+        lines.append(_added_latency_title(report.targets))
         lines.append(
             "  "
             + "  ".join(f"{k} {v:+.3f} ms" for k, v in report.added_latency_ms.items())
         )
+    if report.warnings:
+        lines.append("")
+        lines.extend(f"warning: {text}" for text in report.warnings)
     return "\n".join(lines)
 
 
+def _added_latency_title(targets: Sequence[TargetReport]) -> str:
+    first, second = targets[0], targets[1]
+    counts = [t.latency.count if t.latency else 0 for t in (first, second)]
+    return (
+        f"added latency ({first.label} minus {second.label}, "
+        f"{counts[0]} and {counts[1]} samples):"
+    )
+
+
 def _render_target(target: TargetReport) -> list[str]:
+    errors = sum(target.errors.values())
     lines = [
         "",
-        f"target {target.base_url}",
-        f"  requests    {target.requests}  ok {target.ok}  failed {target.failed}",
-        f"  throughput  {target.throughput_rps:.1f} req/s",
+        f"{target.label} {target.base_url}",
+        f"  requests    {target.requests}  ok {target.ok}  "
+        f"non-2xx {target.non_2xx}  errors {errors}",
+        f"  throughput  {target.throughput_rps:.1f} req/s (2xx only)",
     ]
     if target.statuses:
         shown = ", ".join(f"{k}: {v}" for k, v in target.statuses.items())
@@ -161,6 +212,11 @@ def _render_target(target: TargetReport) -> list[str]:
     if target.errors:
         shown = ", ".join(f"{k}: {v}" for k, v in target.errors.items())
         lines.append(f"  errors      {shown}")
+    if target.rate_limit_per_hour is not None:
+        lines.append(
+            f"  rate limit  {target.rate_limit_per_hour} per hour, "
+            f"{target.rate_limit_remaining} left after the first answer"
+        )
     for label, latency in (
         ("total" if target.ttfb is not None else "latency", target.latency),
         ("ttfb", target.ttfb),
@@ -174,5 +230,6 @@ def _render_target(target: TargetReport) -> list[str]:
 def _render_latency(latency: Latency) -> str:
     return (
         f"min {latency.min:.3f}  p50 {latency.p50:.3f}  p90 {latency.p90:.3f}  "
-        f"p95 {latency.p95:.3f}  p99 {latency.p99:.3f}  max {latency.max:.3f} ms"
+        f"p95 {latency.p95:.3f}  p99 {latency.p99:.3f}  max {latency.max:.3f} ms  "
+        f"({latency.count} samples, 2xx only)"
     )

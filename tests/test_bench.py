@@ -16,6 +16,7 @@ from pytest_aiohttp import AiohttpServer
 from llm_proxy.bench import (
     BenchError,
     BenchOptions,
+    ProgressLine,
     default_body,
     progress_printer,
     run_bench,
@@ -31,7 +32,24 @@ from llm_proxy.bench_report import (
 )
 from llm_proxy.cli import main
 
-from .support import proxy_token
+from .support import MANAGEMENT_TOKEN, proxy_token
+
+
+class Ticks:
+    """A progress receiver that records what it was told."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[int, int | None]] = []
+        self.ended: tuple[int, int | None] | None = None
+
+    def update(self, done: int, total: int | None, elapsed_s: float) -> None:
+        self.updates.append((done, total))
+
+    def end(self, done: int, total: int | None, elapsed_s: float) -> None:
+        self.ended = (done, total)
+
+    def message(self, text: str) -> None:
+        raise AssertionError(f"unexpected warning: {text}")
 
 
 def test_percentile_uses_nearest_rank() -> None:
@@ -61,6 +79,7 @@ def test_target_report_counts_errors_as_failures() -> None:
     samples.errors["timeout"] += 2
     report = target_report("http://x", samples, elapsed_s=0.5, stream=False)
     assert (report.requests, report.ok, report.failed) == (4, 1, 3)
+    assert (report.non_2xx, report.label) == (1, "target")
     assert report.statuses == {"200": 1, "503": 1} and report.errors == {"timeout": 2}
     assert report.throughput_rps == 2.0 and report.ttfb is None
     assert target_report("http://x", Samples(), 0.0, True).throughput_rps == 0.0
@@ -77,11 +96,15 @@ def test_render_text_shows_every_part() -> None:
     samples.ok = 1
     samples.statuses[200] = 1
     samples.errors["connect"] = 1
-    target = target_report("http://a", samples, 1.0, stream=True)
-    report = BenchReport("POST", "/v1/x", 2, True, 1.0, [target, target], {"p50": 0.5})
+    target = target_report("http://a", samples, 1.0, stream=True, label="proxy")
+    direct = target_report("http://b", samples, 1.0, stream=True, label="direct")
+    report = BenchReport("POST", "/v1/x", 2, True, 1.0, [target, direct], {"p50": 0.5})
     text = render_text(report)
     for part in (
-        "target http://a",
+        "proxy http://a",
+        "direct http://b",
+        "requests    2  ok 1  non-2xx 0  errors 1",
+        "added latency (proxy minus direct, 1 and 1 samples):",
         "statuses    200: 1",
         "errors      connect: 1",
         "total       min 2.000",
@@ -102,12 +125,87 @@ def test_bench_options_reject_nonsense() -> None:
 
 def test_progress_printer_draws_a_bar() -> None:
     lines: list[str] = []
-    progress_printer(None, lines.append)(5, 10, 0.5)
-    progress_printer(2.0, lines.append)(3, None, 1.0)
-    progress_printer(None, lines.append)(0, None, 0.0)
+    progress_printer(None, lines.append).update(5, 10, 0.5)
+    progress_printer(2.0, lines.append).update(3, None, 1.0)
+    progress_printer(None, lines.append).update(0, None, 0.0)
     assert lines[0].startswith("\r[" + "#" * 15 + "." * 15 + "] 5/10 10 req/s")
     assert "#" * 15 in lines[1] and "] 3 3 req/s" in lines[1]
     assert "0 req/s" in lines[2]
+
+
+def test_progress_line_ends_before_anything_else_is_written() -> None:
+    out: list[str] = []
+    line = progress_printer(None, out.append)
+    line.message("before any bar")
+    line.update(1, 4, 0.1)
+    line.message("warning: in the middle")
+    line.update(2, 4, 0.2)
+    line.end(4, 4, 0.4)
+    text = "".join(out)
+    assert text.startswith("before any bar\n\r[")
+    assert "req/s 0.1 s\nwarning: in the middle\n\r[" in text
+    assert text.endswith("] 4/4 10 req/s 0.4 s\n")
+    assert isinstance(line, ProgressLine)
+
+
+async def test_run_bench_ends_its_progress_line(
+    proxy: TestClient[Any, Any], upstream: TestServer
+) -> None:
+    _, token = await proxy_token(proxy)
+    out: list[str] = []
+    await run_bench(
+        BenchOptions(
+            str(proxy.make_url("")), token=token, body=default_body(False), requests=3
+        ),
+        progress_printer(None, out.append),
+    )
+    text = "".join(out)
+    assert text.endswith(" s\n")
+    assert text.count("\n") == 1 and "\r[" + "#" * 30 + "] 3/3" in text
+
+
+async def test_run_bench_keeps_refusals_apart_and_warns_about_the_token_limit(
+    proxy: TestClient[Any, Any], upstream: TestServer
+) -> None:
+    _, token = await proxy_token(proxy, rate_limit_per_hour=5)
+    said: list[str] = []
+    report = await run_bench(
+        BenchOptions(
+            str(proxy.make_url("")),
+            token=token,
+            body=default_body(False),
+            requests=8,
+            concurrency=1,
+        ),
+        warn=said.append,
+    )
+    (target,) = report.targets
+    assert (target.ok, target.non_2xx, target.failed) == (5, 3, 3)
+    assert target.statuses == {"200": 5, "429": 3}
+    assert target.latency is not None and target.latency.count == 5
+    assert target.throughput_rps == 5 / report.elapsed_s
+    assert (target.rate_limit_per_hour, target.rate_limit_remaining) == (5, 4)
+    assert len(said) == 1 and said[0] == report.warnings[0]
+    assert "allows 5 requests per hour" in said[0] and "sends 8" in said[0]
+    assert report.warnings[1].startswith("3 answers were not 2xx (429: 3 rate limited)")
+    text = render_text(report)
+    assert "ok 5  non-2xx 3  errors 0" in text
+    assert "rate limit  5 per hour, 4 left after the first answer" in text
+    assert "latency     min" in text and "(5 samples, 2xx only)" in text
+    assert text.endswith(report.warnings[-1])
+
+
+async def test_run_bench_does_not_warn_when_the_limit_covers_the_run(
+    proxy: TestClient[Any, Any], upstream: TestServer
+) -> None:
+    _, token = await proxy_token(proxy, rate_limit_per_hour=50)
+    report = await run_bench(
+        BenchOptions(
+            str(proxy.make_url("")), token=token, body=default_body(False), requests=6
+        ),
+        warn=Ticks().message,
+    )
+    assert report.warnings == [] and report.targets[0].rate_limit_per_hour == 50
 
 
 def test_default_body_is_a_chat_request() -> None:
@@ -121,7 +219,7 @@ async def test_run_bench_through_the_proxy_counts_every_request(
 ) -> None:
     _, token = await proxy_token(proxy)
     base = str(proxy.make_url("")).rstrip("/")
-    ticks: list[int] = []
+    ticks = Ticks()
     report = await run_bench(
         BenchOptions(
             base,
@@ -131,13 +229,13 @@ async def test_run_bench_through_the_proxy_counts_every_request(
             concurrency=3,
             warmup=2,
         ),
-        progress=lambda done, total, elapsed: ticks.append(done),
+        progress=ticks,
     )
     (target,) = report.targets
     assert (target.ok, target.failed, target.statuses) == (12, 0, {"200": 12})
     assert target.latency is not None and target.latency.count == 12
     assert target.latency.min <= target.latency.p50 <= target.latency.max
-    assert ticks[-1] == 12 and report.added_latency_ms is None
+    assert ticks.ended == (12, 12) and report.added_latency_ms is None
 
 
 async def test_run_bench_streams_and_compares_with_the_upstream(
@@ -158,6 +256,8 @@ async def test_run_bench_streams_and_compares_with_the_upstream(
     )
     through, direct = report.targets
     assert through.ok == direct.ok == 6
+    assert (through.label, direct.label) == ("proxy", "baseline")
+    assert report.warnings == []  # the upstream's own limit headers are not ours
     assert through.ttfb is not None and direct.chunk_gap is not None
     assert direct.chunk_gap.min >= 0.5  # the fake paused ~1 ms between events
     assert report.added_latency_ms is not None and "p99" in report.added_latency_ms
@@ -248,7 +348,7 @@ GATE = web.AppKey("gate", __import__("asyncio").Event)
 async def test_run_bench_with_a_duration_stops_at_the_deadline(
     upstream: TestServer,
 ) -> None:
-    ticks: list[tuple[int, int | None]] = []
+    ticks = Ticks()
     report = await run_bench(
         BenchOptions(
             str(upstream.make_url("")),
@@ -257,10 +357,10 @@ async def test_run_bench_with_a_duration_stops_at_the_deadline(
             duration_s=0.3,
             concurrency=2,
         ),
-        progress=lambda done, total, _: ticks.append((done, total)),
+        progress=ticks,
     )
     assert report.targets[0].ok > 0 and 0.3 <= report.elapsed_s < 1.5
-    assert len(ticks) >= 2 and ticks[-1] == (report.targets[0].ok, None)
+    assert len(ticks.updates) >= 1 and ticks.ended == (report.targets[0].ok, None)
 
 
 def test_run_bench_rejects_a_relative_url() -> None:
@@ -298,8 +398,29 @@ def test_bench_command_mock_compare_direct_stream_text() -> None:
         ],
     )
     assert result.exit_code == 0, result.output + result.stderr
-    assert result.output.count("target http://127.0.0.1:") == 2
-    assert "added latency" in result.output and "ttfb" in result.output
+    assert result.output.count("proxy http://127.0.0.1:") == 1
+    assert result.output.count("direct http://127.0.0.1:") == 1
+    assert "added latency (proxy minus direct, 10 and 10 samples)" in result.output
+    assert "ttfb" in result.output and "(10 samples, 2xx only)" in result.output
+
+
+def test_benchmark_as_the_seed_writes_it(proxy_and_token: tuple[str, str]) -> None:
+    url, token = proxy_and_token
+    result = CliRunner().invoke(
+        main,
+        [
+            "benchmark",
+            f"--base-url={url}",
+            "--endpoint=/v1/chat/completions",
+            f"--token={token}",
+            "--requests=20",
+            "--concurrency=10",
+        ],
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "target " + url in result.output
+    assert "requests    20  ok 20  non-2xx 0  errors 0" in result.output
+    assert "benchmark" not in CliRunner().invoke(main, ["--help"]).output
 
 
 def test_bench_command_against_a_given_url_with_a_body_file(tmp_path: Path) -> None:
@@ -358,6 +479,54 @@ def test_bench_command_get_without_body(upstream_url: Callable[[], str]) -> None
     )
     assert result.exit_code == 0, result.output
     assert "GET /v1/models" in result.output and "statuses    200: 3" in result.output
+
+
+@pytest.fixture
+def proxy_and_token(tmp_path: Path) -> Any:
+    """A proxy in front of the fake upstream in a thread, and a token for it."""
+    import asyncio
+    import threading
+
+    from llm_proxy.app import create_app
+    from llm_proxy.config import Settings
+    from llm_proxy.fake_upstream import start_fake_upstream
+    from llm_proxy.manage_client import ManageClient
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[list[web.AppRunner], str, str]:
+        fake_runner, fake_url = await start_fake_upstream()
+        settings = Settings.from_env(
+            {
+                "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'bench.db'}",
+                "OPENAI_API_URL": str(fake_url).rstrip("/"),
+            }
+        )
+        runner = web.AppRunner(create_app(settings), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with ManageClient(url, MANAGEMENT_TOKEN) as api:
+            project = await api.create_project(name="seed", api_key="sk-seed-0123456")
+            token = await api.create_token(
+                project_id=project["project_id"], duration_minutes=10
+            )
+        return [runner, fake_runner], url, token["token"]
+
+    runners, url, token = asyncio.run_coroutine_threadsafe(start(), loop).result(15)
+    yield url, token
+
+    async def stop() -> None:
+        for runner in runners:
+            await runner.cleanup()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(15)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
 
 
 @pytest.fixture

@@ -11,12 +11,15 @@ import asyncio
 import base64
 import json
 import os
+import pty
+import select
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from click.testing import CliRunner, Result
 from pytest_aiohttp import AiohttpServer
 
 from llm_proxy.app import create_app
+from llm_proxy.bench import PROXY_ENV_NAMES
 from llm_proxy.chat import delta_content, message_content
 from llm_proxy.cli import (
     _as_cli_error,
@@ -36,6 +40,8 @@ from llm_proxy.cli import (
     main,
     prepare_database,
 )
+from llm_proxy.cli.base import run
+from llm_proxy.cli.daemon import ChildStart, owns_listener, wait_for_child
 from llm_proxy.config import ConfigError, Settings
 from llm_proxy.fake_upstream import load_fixture, split_sse_events, start_fake_upstream
 from llm_proxy.manage_client import ManageApiError, ManageClient, error_message
@@ -511,26 +517,6 @@ def test_setup_rejects_bad_values_before_writing(tmp_path: Path) -> None:
     assert not Path(".env").exists()
 
 
-def test_setup_interactive_asks_for_each_value_and_the_hidden_key(
-    tmp_path: Path,
-) -> None:
-    answers = "\n".join(
-        [
-            "127.0.0.1:9292",
-            f"sqlite:///{tmp_path / 'i.db'}",
-            "http://127.0.0.1:9",
-            "interactive",
-            UPSTREAM_KEY,
-            "",
-        ]
-    )
-    result = invoke(["setup"], input=answers)
-    assert result.exit_code == 0, result.output + result.stderr
-    assert "project 'interactive' created" in result.output
-    assert UPSTREAM_KEY not in result.output
-    assert "LISTEN_ADDR=127.0.0.1:9292" in Path(".env").read_text()
-
-
 # -- manage ----------------------------------------------------------------------------
 
 
@@ -586,18 +572,6 @@ def test_manage_project_lifecycle_in_tables_and_json(live: LiveProxy) -> None:
     assert missing.stderr.strip() == (
         f"error: 404 not_found: No project with id '{project_id}'."
     )
-
-
-def test_manage_project_create_prompts_for_the_hidden_key(live: LiveProxy) -> None:
-    result = invoke(
-        ["manage", "project", "create", "--name", "prompted", "--description", "x"]
-        + ["--metadata", '{"owner": "ops"}'],
-        live.env(),
-        input=UPSTREAM_KEY + "\n",
-    )
-    assert result.exit_code == 0, result.output + result.stderr
-    assert "name" in result.output and UPSTREAM_KEY not in result.output
-    assert '{"owner":"ops"}' in result.output
 
 
 def test_manage_project_usage_errors_exit_2(live: LiveProxy) -> None:
@@ -812,3 +786,328 @@ def test_chat_delta_content_ignores_lines_without_text() -> None:
     assert delta_content(b'data: {"choices":[]}\n') is None
     assert delta_content(b'data: {"choices":[{"delta":{"role":"assistant"}}]}') is None
     assert delta_content(b"data:\n") is None
+
+
+# -- every documented path works as written ---------------------------------------------
+
+COMMAND = [sys.executable, "-m", "llm_proxy"]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any proxy setting, plus `extra`."""
+    drop = PROXY_ENV_NAMES | set(SETTING_NAMES)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, **extra}
+
+
+def run_command(
+    cwd: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """One command as its own process, stdin closed, the way a script runs it."""
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_in_terminal(
+    cwd: Path, env: dict[str, str], args: list[str], answers: list[tuple[str, str]]
+) -> tuple[int, str]:
+    """Run a command on a pseudo-terminal; type each answer once its prompt shows.
+
+    The child gets a session of its own, so no prompt can reach the terminal that
+    runs the tests; it reads the pseudo-terminal as its standard input.
+    """
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    output, pending, searched_from = b"", list(answers), 0
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if pending and pending[0][0].encode() in output[searched_from:]:
+                os.write(master, pending.pop(0)[1].encode() + b"\n")
+                searched_from = len(output)
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed its end
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    return code, output.decode(errors="replace")
+
+
+@pytest.fixture
+def reap_daemon(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test does, no daemon outlives it."""
+    yield
+    pid = read_pid_file(tmp_path / "llm-proxy.pid")
+    if pid is not None and process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def daemon_env(tmp_path: Path, port: int) -> dict[str, str]:
+    return process_env(
+        MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'daemon.db'}",
+        OPENAI_API_URL=f"http://127.0.0.1:{closed_port()}",
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        LOG_FORMAT="text",
+    )
+
+
+def test_serve_d_on_a_port_another_server_answers_fails_with_the_child_log(
+    live: LiveProxy, tmp_path: Path, reap_daemon: None
+) -> None:
+    port = int(live.url.rsplit(":", 1)[1])
+    result = run_command(tmp_path, daemon_env(tmp_path, port), "serve", "-d")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "running in the background" not in result.stdout
+    assert "the server exited at start" in result.stderr
+    assert "address already in use" in result.stderr  # the tail of the child's log
+    assert not (tmp_path / "llm-proxy.pid").exists()
+
+
+def test_server_d_as_the_seed_writes_it_starts_a_daemon_that_owns_its_port(
+    tmp_path: Path, reap_daemon: None
+) -> None:
+    port = closed_port()
+    env = daemon_env(tmp_path, port)
+    started = run_command(tmp_path, env, "server", "-d")
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = read_pid_file(tmp_path / "llm-proxy.pid")
+    assert pid is not None and f"PID {pid}" in started.stdout
+    assert owns_listener(pid, port) is True
+    health = run_command(
+        tmp_path, env, "server", "health", "--pid-file", "llm-proxy.pid"
+    )
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert f"pid:    {pid} listens on 127.0.0.1:{port}" in health.stdout
+    stopped = run_command(tmp_path, env, "server", "stop")
+    assert stopped.stdout.strip() == f"stopped PID {pid}"
+
+
+def test_server_alone_takes_serve_options_but_not_with_a_subcommand() -> None:
+    result = invoke(["server", "--listen-addr", ":9", "status"])
+    assert result.exit_code == 2
+    assert "server start" in result.output
+
+
+def test_server_health_with_a_pid_file_checks_who_answers(
+    live: LiveProxy, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "mine.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # the live proxy runs in this process
+    args = ["server", "health", "--url", live.url, "--pid-file", str(pid_file)]
+    ours = invoke(args)
+    assert ours.exit_code == 0, ours.output + ours.stderr
+    assert f"pid:    {os.getpid()} listens on 127.0.0.1:" in ours.output
+
+    with subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"]
+    ) as other:
+        try:
+            pid_file.write_text(f"{other.pid}\n")
+            theirs = invoke(args)
+        finally:
+            other.kill()
+    assert theirs.exit_code == 1
+    assert f"is not PID {other.pid}" in theirs.stderr
+
+    pid_file.write_text("999999999\n")
+    stale = invoke(args)
+    assert stale.exit_code == 1 and "no running server" in stale.stderr
+    remote = invoke(["server", "health", "--url", "http://192.0.2.1:9"] + args[4:])
+    assert remote.exit_code == 2 and "local" in remote.stderr
+
+
+def test_owns_listener_reads_the_sockets_of_a_process() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert owns_listener(os.getpid(), port) is True
+        assert owns_listener(os.getpid(), closed_port()) is False
+        assert owns_listener(999999999, port) is False
+
+
+def test_wait_for_child_tells_ours_from_another_server_and_from_a_death(
+    live: LiveProxy,
+) -> None:
+    port = int(live.url.rsplit(":", 1)[1])
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    with subprocess.Popen(sleeper) as other:
+        try:
+            outcome = run(wait_for_child(other, live.url, port, 0.5))
+        finally:
+            other.kill()
+    assert outcome == ChildStart(ready=False, exited=False, other_answers=True)
+    with subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]) as dying:
+        outcome = run(wait_for_child(dying, live.url, port, 20))
+    assert outcome.exited and not outcome.ready
+
+    own_port = closed_port()
+    serve_health = (
+        "from aiohttp import web\n"
+        "app = web.Application()\n"
+        "async def ok(request): return web.json_response({'status': 'ok'})\n"
+        "app.router.add_get('/health', ok)\n"
+        f"web.run_app(app, host='127.0.0.1', port={own_port}, print=None)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", serve_health]) as child:
+        try:
+            outcome = run(
+                wait_for_child(child, f"http://127.0.0.1:{own_port}", own_port, 20)
+            )
+        finally:
+            child.kill()
+    assert outcome == ChildStart(ready=True, exited=False, other_answers=False)
+
+
+def test_manage_takes_url_and_token_after_the_subcommand_as_the_seed_writes(
+    live: LiveProxy,
+) -> None:
+    flags = ["--manage-api-base-url", live.url, "--management-token", MANAGEMENT_TOKEN]
+    project_id = create_project(live)["project_id"]
+    listed = invoke(["manage", "project", "list", *flags])
+    assert listed.exit_code == 0, listed.output + listed.stderr
+    assert project_id in listed.output
+    generated = json_out(
+        invoke(
+            ["manage", "token", "generate", "--project-id", project_id]
+            + ["--management-token", MANAGEMENT_TOKEN]
+            + ["--manage-api-base-url", live.url, "--json"]
+        )
+    )
+    shown = json_out(
+        invoke(
+            ["manage", "token", "get", generated["token_id"]]
+            + ["--management-token", MANAGEMENT_TOKEN]
+            + ["--manage-api-base-url", live.url, "--json"]
+        )
+    )
+    assert shown["token_id"] == generated["token_id"]
+    middle = invoke(["manage", "project", *flags, "list", "--json"])
+    assert json_out(middle)[0]["project_id"] == project_id
+    closest_wins = invoke(
+        ["manage", "--manage-api-base-url", "http://127.0.0.1:9"]
+        + ["project", "list", *flags]
+    )
+    assert closest_wins.exit_code == 0, closest_wins.stderr
+
+
+def test_manage_and_chat_find_the_proxy_from_listen_addr_in_dotenv(
+    live: LiveProxy,
+) -> None:
+    port = live.url.rsplit(":", 1)[1]
+    Path(".env").write_text(
+        f"LISTEN_ADDR=0.0.0.0:{port}\nMANAGEMENT_TOKEN={MANAGEMENT_TOKEN}\n"
+    )
+    listed = invoke(["manage", "project", "list", "--json"])
+    assert json_out(listed) == []
+    project_id = create_project(live)["project_id"]
+    token = create_token(live, project_id)["token"]
+    chat = invoke(["openai", "chat", "--token", token, "--no-stream"], input="hi\n")
+    assert chat.exit_code == 0, chat.output + chat.stderr
+    assert chat.output == message_content(load_fixture("chat_completion.json")) + "\n"
+    elsewhere = invoke(
+        ["manage", "project", "list"], {"MANAGE_API_BASE_URL": "http://127.0.0.1:9"}
+    )
+    assert "cannot reach the management API at http://127.0.0.1:9" in elsewhere.stderr
+
+
+def test_db_status_of_a_missing_sqlite_file_says_so_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    where = tmp_path / "nonexistent" / "x.db"
+    result = invoke(["db", "status", "--database-url", f"sqlite:///{where}"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: no database at {where} (create it with `llm-proxy db migrate`)"
+    )
+    assert not where.parent.exists()
+
+
+def test_db_and_dispatcher_do_not_need_a_management_token(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    assert invoke(["db", "migrate"], env).exit_code == 0
+    status = invoke(["db", "status"], env)
+    assert status.exit_code == 0, status.stderr
+    assert status.output.startswith("schema version: ")
+    dispatcher = invoke(["dispatcher", "--service", "file"], env)
+    assert dispatcher.exit_code == 2
+    assert "REDIS_URL" in dispatcher.stderr
+    assert "MANAGEMENT_TOKEN" not in dispatcher.stderr
+
+
+def test_project_create_without_a_terminal_or_key_says_how_to_pass_the_key(
+    live: LiveProxy, tmp_path: Path
+) -> None:
+    result = run_command(
+        tmp_path,
+        process_env(**live.env()),
+        "manage",
+        "project",
+        "create",
+        "--name",
+        "no-key",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "OPENAI_API_KEY" in result.stderr
+    assert "GetPassWarning" not in result.stderr and "Upstream API key" not in (
+        result.stdout + result.stderr
+    )
+    assert json_out(invoke(["manage", "project", "list", "--json"], live.env())) == []
+
+
+def test_project_create_in_a_terminal_asks_for_the_hidden_key(
+    live: LiveProxy, tmp_path: Path
+) -> None:
+    code, output = run_in_terminal(
+        tmp_path,
+        process_env(**live.env()),
+        ["manage", "project", "create", "--name", "typed", "--json"]
+        + ["--description", "x", "--metadata", '{"owner": "ops"}'],
+        [("Upstream API key (hidden)", UPSTREAM_KEY)],
+    )
+    assert code == 0, output
+    assert '"name": "typed"' in output and UPSTREAM_KEY not in output
+    assert '"owner": "ops"' in output
+
+
+def test_setup_in_a_terminal_asks_for_each_value_and_the_hidden_key(
+    tmp_path: Path,
+) -> None:
+    answers = [
+        ("Listen address", "127.0.0.1:9292"),
+        ("Database URL", f"sqlite:///{tmp_path / 'i.db'}"),
+        ("Upstream API URL", "http://127.0.0.1:9"),
+        ("First project name", "interactive"),
+        ("Upstream API key (hidden)", UPSTREAM_KEY),
+    ]
+    code, output = run_in_terminal(tmp_path, process_env(), ["setup"], answers)
+    assert code == 0, output
+    assert "project 'interactive' created" in output
+    assert UPSTREAM_KEY not in output
+    assert "LISTEN_ADDR=127.0.0.1:9292" in (tmp_path / ".env").read_text()

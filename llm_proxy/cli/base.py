@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
@@ -17,10 +18,12 @@ from ..config import (
     ConfigError,
     Settings,
     environ_with_dotenv,
+    parse_listen_addr,
 )
 from ..manage_client import ManageApiError
 from ..server import (
     PidFileError,
+    base_url_for,
 )
 from ..services import (
     KeyMismatchError,
@@ -33,6 +36,11 @@ T = TypeVar("T")
 DEFAULT_MANAGE_URL = "http://localhost:8080"
 DAEMON_START_TIMEOUT_S = 15.0
 EXIT_NOT_RUNNING = 3
+# Commands that never read MANAGEMENT_TOKEN (db, dispatcher) pass this in its place,
+# so the one settings parser does not demand it from them.
+UNUSED_MANAGEMENT_TOKEN = "not-used-by-this-command"
+# Other names a command answers to (not listed in --help): the seed plan's spelling.
+COMMAND_ALIASES: Mapping[str, str] = {"benchmark": "bench"}
 
 SERVE_FLAGS: Mapping[str, str] = {
     "listen_addr": "LISTEN_ADDR",
@@ -76,18 +84,44 @@ def dotenv_environ() -> dict[str, str]:
     return environ_with_dotenv(os.environ, Path(".env"))
 
 
-def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from `.env`, the environment and the given flag values."""
+def load_settings(
+    flags: Mapping[str, Any] | None = None, *, needs_management_token: bool = True
+) -> Settings:
+    """Settings from `.env`, the environment and the given flag values.
+
+    `needs_management_token=False`: for commands that never use it (any value set is
+    ignored, none is demanded).
+    """
     overrides = {
         SERVE_FLAGS[name]: str(value)
         for name, value in (flags or {}).items()
         if name in SERVE_FLAGS and value is not None
     }
+    if not needs_management_token:
+        overrides["MANAGEMENT_TOKEN"] = UNUSED_MANAGEMENT_TOKEN
     return Settings.from_env(dotenv_environ(), overrides=overrides)
+
+
+def local_url(environ: Mapping[str, str]) -> str:
+    """The base URL of the local proxy: from LISTEN_ADDR, else localhost:8080."""
+    raw = environ.get("LISTEN_ADDR", "").strip()
+    if not raw:
+        return DEFAULT_MANAGE_URL
+    host, port = parse_listen_addr(raw)
+    return base_url_for(host, port)
+
+
+def proxy_url(given: str | None) -> str:
+    """A `--base-url` as given, else the local proxy of `.env` and the environment."""
+    return given or local_url(dotenv_environ())
 
 
 class ProxyGroup(click.Group):
     """The root group: expected failures become one line unless `--debug`."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A command by its name or by one of `COMMAND_ALIASES`."""
+        return super().get_command(ctx, COMMAND_ALIASES.get(cmd_name, cmd_name))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -133,10 +167,19 @@ def echo_json(value: Any) -> None:
 
 
 def upstream_key(non_interactive: bool) -> str:
+    """A project's upstream key: OPENAI_API_KEY, else a hidden prompt on a terminal."""
     key = os.environ.get("OPENAI_API_KEY", "").strip()
     if key:
         return key
-    if non_interactive:
-        fail("--project needs the upstream key in OPENAI_API_KEY", 2)
+    if non_interactive or not sys.stdin.isatty():
+        why = (
+            "--non-interactive" if non_interactive else "standard input is no terminal"
+        )
+        fail(
+            "the project's upstream key comes from OPENAI_API_KEY "
+            "(export OPENAI_API_KEY=sk-...; it is never a flag) or, in a terminal, "
+            f"from a hidden prompt ({why}, so no prompt)",
+            2,
+        )
     value: str = click.prompt("Upstream API key (hidden)", hide_input=True)
     return value.strip()

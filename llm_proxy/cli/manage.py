@@ -10,13 +10,13 @@ import click
 
 from ..manage_client import ManageClient
 from .base import (
-    DEFAULT_MANAGE_URL,
     F,
     T,
     compact,
     dotenv_environ,
     echo_json,
     fail,
+    local_url,
     main,
     run,
     upstream_key,
@@ -26,21 +26,65 @@ from .base import (
 
 
 class ManageTarget:
-    """Where the management API is and the token for it (token checked on use)."""
+    """Where the management API is and the token for it, as the flags gave them.
 
-    def __init__(self, base_url: str, token: str | None) -> None:
-        self.base_url = base_url
-        self._token = token
+    The flags may come at any level (`manage --management-token T project list` or
+    `manage project list --management-token T`); the one closest to the command wins.
+    What no flag gives comes from the environment or `.env` when a command runs.
+    """
+
+    def __init__(self) -> None:
+        self.base_url: str | None = None
+        self.token: str | None = None
 
     def client(self) -> ManageClient:
         """A client for one command."""
-        if not self._token:
+        environ = dotenv_environ()
+        token = self.token or environ.get("MANAGEMENT_TOKEN")
+        if not token:
             fail(
                 "no management token: set MANAGEMENT_TOKEN (environment or .env) "
                 "or pass --management-token",
                 2,
             )
-        return ManageClient(self.base_url, self._token)
+        base_url = (
+            self.base_url or environ.get("MANAGE_API_BASE_URL") or local_url(environ)
+        )
+        return ManageClient(base_url, token)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Keep a flag's value on the command's `ManageTarget` (a later level wins)."""
+    if value is None:
+        return
+    target = ctx.ensure_object(ManageTarget)
+    if param.name == "manage_api_base_url":
+        target.base_url = value
+    else:
+        target.token = value
+
+
+def target_options(function: F) -> F:
+    """`--manage-api-base-url` and `--management-token`, accepted at every level."""
+    options = [
+        click.option(
+            "--manage-api-base-url",
+            expose_value=False,
+            callback=_remember,
+            help="Base URL of the proxy (env MANAGE_API_BASE_URL; default: from "
+            "LISTEN_ADDR, else http://localhost:8080).",
+        ),
+        click.option(
+            "--management-token",
+            expose_value=False,
+            callback=_remember,
+            help="Prefer the MANAGEMENT_TOKEN variable (environment or .env): flags "
+            "are visible in the process list.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 def json_option(function: F) -> F:
@@ -49,35 +93,16 @@ def json_option(function: F) -> F:
 
 
 @main.group()
-@click.option(
-    "--manage-api-base-url",
-    envvar="MANAGE_API_BASE_URL",
-    help=f"Base URL of the proxy (env MANAGE_API_BASE_URL; default {DEFAULT_MANAGE_URL}).",
-)
-@click.option(
-    "--management-token",
-    help="Prefer the MANAGEMENT_TOKEN variable (environment or .env): flags are "
-    "visible in the process list.",
-)
-@click.pass_context
-def manage(
-    ctx: click.Context, manage_api_base_url: str | None, management_token: str | None
-) -> None:
+@target_options
+def manage() -> None:
     """Projects and tokens through the management API of a running proxy."""
-    environ = dotenv_environ()
-    base_url = (
-        manage_api_base_url or environ.get("MANAGE_API_BASE_URL") or DEFAULT_MANAGE_URL
-    )
-    token = management_token or environ.get("MANAGEMENT_TOKEN")
-    ctx.obj = ManageTarget(base_url, token)
 
 
 def call_api(
     ctx: click.Context, work: Callable[[ManageClient], Coroutine[Any, Any, T]]
 ) -> T:
     """Run `work` with a management client."""
-    target: ManageTarget = ctx.find_object(ManageTarget)  # type: ignore[assignment]
-    client = target.client()
+    client = ctx.ensure_object(ManageTarget).client()
 
     async def go() -> T:
         async with client as api:
@@ -107,11 +132,13 @@ def echo_fields(item: Mapping[str, Any]) -> None:
 
 
 @manage.group()
+@target_options
 def project() -> None:
     """Projects: list, get, create, update, delete."""
 
 
 @project.command("list")
+@target_options
 @click.option("--search", help="Only names containing this text.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
@@ -142,6 +169,7 @@ def project_list(
 
 
 @project.command("get")
+@target_options
 @click.argument("project_id")
 @json_option
 @click.pass_context
@@ -152,6 +180,7 @@ def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
 
 
 @project.command("create")
+@target_options
 @click.option("--name", required=True)
 @click.option("--description")
 @click.option("--metadata", help="A JSON object.")
@@ -177,6 +206,7 @@ def project_create(
 
 
 @project.command("update")
+@target_options
 @click.argument("project_id")
 @click.option("--name")
 @click.option("--description")
@@ -218,6 +248,7 @@ def project_update(
 
 
 @project.command("delete")
+@target_options
 @click.argument("project_id")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
@@ -230,11 +261,13 @@ def project_delete(ctx: click.Context, project_id: str, yes: bool) -> None:
 
 
 @manage.group()
+@target_options
 def token() -> None:
     """Tokens: generate, list, get, revoke."""
 
 
 @token.command("generate")
+@target_options
 @click.option("--project-id", required=True)
 @click.option(
     "--duration-minutes", type=click.IntRange(1), default=24 * 60, show_default=True
@@ -265,6 +298,7 @@ def token_generate(
 
 
 @token.command("list")
+@target_options
 @click.option("--project-id")
 @click.option("--active/--inactive", default=None, help="Only live or only dead ones.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
@@ -307,6 +341,7 @@ def token_list(
 
 
 @token.command("get")
+@target_options
 @click.argument("token_id")
 @json_option
 @click.pass_context
@@ -317,6 +352,7 @@ def token_get(ctx: click.Context, token_id: str, as_json: bool) -> None:
 
 
 @token.command("revoke")
+@target_options
 @click.argument("token_id")
 @click.pass_context
 def token_revoke(ctx: click.Context, token_id: str) -> None:

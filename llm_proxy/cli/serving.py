@@ -2,45 +2,40 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
+from yarl import URL
 
-from ..app import master_key
-from ..config import (
-    Settings,
-    parse_listen_addr,
-)
+from ..app import master_key, sqlite_path
 from ..logs import configure_logging
 from ..repository import create_repository
 from ..server import (
     DEFAULT_LOG_FILE,
     DEFAULT_PID_FILE,
-    base_url_for,
     fetch_health,
+    read_pid_file,
     remove_pid_file,
     running_pid,
-    spawn_detached,
     stop_process,
-    tail,
-    wait_until_healthy,
 )
 from .base import (
-    DAEMON_START_TIMEOUT_S,
-    DEFAULT_MANAGE_URL,
     EXIT_NOT_RUNNING,
-    SERVE_FLAGS,
     F,
     compact,
     dotenv_environ,
     fail,
     load_settings,
+    local_url,
     main,
     run,
 )
+from .daemon import owns_listener, start_daemon
 
 # -- serve and server ----------------------------------------------------------------
 
@@ -139,53 +134,27 @@ def serve(
         )
 
 
-def daemon_argv(flags: Mapping[str, Any], pid_file: Path, debug: bool) -> list[str]:
-    """The command line of the detached child: `serve` in the foreground."""
-    argv = [sys.executable, "-m", "llm_proxy"]
-    if debug:
-        argv.append("--debug")
-    argv += ["serve", "--pid-file", str(pid_file.absolute())]
-    for name, value in flags.items():
-        if name in SERVE_FLAGS and value is not None:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    return argv
+@main.group(invoke_without_command=True)
+@settings_options
+@click.pass_context
+def server(ctx: click.Context, /, **params: Any) -> None:
+    """Operate a proxy process: start, stop, status, health.
 
-
-def start_daemon(
-    settings: Settings,
-    flags: Mapping[str, Any],
-    pid_file: Path,
-    log_file: Path,
-    debug: bool,
-) -> None:
-    """Re-spawn `serve` detached and wait until it answers `/health`."""
-    if (pid := running_pid(pid_file)) is not None:
-        fail(f"already running with PID {pid} ({pid_file})")
-    _spawn_and_wait(settings, daemon_argv(flags, pid_file, debug), pid_file, log_file)
-
-
-def _spawn_and_wait(
-    settings: Settings, argv: list[str], pid_file: Path, log_file: Path
-) -> None:  # pragma: no cover - runs in tests/test_server_process.py (real processes)
-    process = spawn_detached(argv, log_file.absolute())
-    url = base_url_for(settings.listen_host, settings.listen_port)
-    healthy = run(
-        wait_until_healthy(url, DAEMON_START_TIMEOUT_S, lambda: process.poll() is None)
-    )
-    if process.poll() is not None:
-        fail(
-            f"the server exited at start (code {process.returncode}):\n{tail(log_file)}"
-        )
-    if not healthy:
-        click.echo(f"started PID {process.pid}; {url}/health does not answer yet")
+    Without a command, the same as `serve` (`llm-proxy server -d` starts a daemon).
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve, **params)
         return
-    click.echo(f"llm-proxy running in the background: PID {process.pid}, {url}")
-    click.echo(f"log: {log_file}   stop: llm-proxy server stop --pid-file {pid_file}")
-
-
-@main.group()
-def server() -> None:
-    """Operate a proxy process: start, stop, status, health."""
+    given = [
+        "--" + name.replace("_", "-")
+        for name in params
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)} before `{ctx.invoked_subcommand}`: serve options go "
+            "to `llm-proxy server start ...` (or `llm-proxy server ...` alone)"
+        )
 
 
 server.add_command(serve, "start")
@@ -229,9 +198,16 @@ def server_status(pid_file: Path) -> None:
     "--url",
     help="Base URL of the proxy (default: from LISTEN_ADDR, else localhost:8080).",
 )
-def server_health(url: str | None) -> None:
+@click.option(
+    "--pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also check that the PID in this file (written by `serve -d`) is the "
+    "process that answers (local servers only).",
+)
+def server_health(url: str | None, pid_file: Path | None) -> None:
     """Call /health and /ready; exit non-zero when the server is down or not ready."""
-    base = url or _local_url(dotenv_environ())
+    base = url or local_url(dotenv_environ())
+    port = _local_port(base) if pid_file is not None else None
     try:
         health_status, health = run(fetch_health(base, "/health"))
         ready_status, ready = run(fetch_health(base, "/ready"))
@@ -239,16 +215,34 @@ def server_health(url: str | None) -> None:
         fail(f"{base} is down: {exc}")
     click.echo(f"health: {health_status} {compact(health)}")
     click.echo(f"ready:  {ready_status} {compact(ready)}")
+    if pid_file is not None and port is not None:
+        _check_listener(base, port, pid_file)
     if health_status != 200 or ready_status != 200:
         sys.exit(1)
 
 
-def _local_url(environ: Mapping[str, str]) -> str:
-    raw = environ.get("LISTEN_ADDR", "").strip()
-    if not raw:
-        return DEFAULT_MANAGE_URL
-    host, port = parse_listen_addr(raw)
-    return base_url_for(host, port)
+def _local_port(base_url: str) -> int:
+    """The port of a URL on this machine; a usage error for another host."""
+    url = URL(base_url)
+    host = (url.host or "").strip("[]")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local or url.port is None:
+        fail(f"--pid-file needs a local URL (localhost or loopback), got {base_url}", 2)
+    return url.port
+
+
+def _check_listener(base_url: str, port: int, pid_file: Path) -> None:
+    pid = running_pid(pid_file)
+    if pid is None:
+        written = read_pid_file(pid_file)
+        named = f" (it names PID {written}, which is gone)" if written else ""
+        fail(f"no running server in {pid_file}{named}")
+    if owns_listener(pid, port) is False:
+        fail(f"the server answering at {base_url} is not PID {pid} from {pid_file}")
+    click.echo(f"pid:    {pid} listens on {URL(base_url).host}:{port}")
 
 
 # -- db ------------------------------------------------------------------------------
@@ -262,8 +256,12 @@ def db() -> None:
 @db.command("migrate")
 @click.option("--database-url", help="Override DATABASE_URL.")
 def db_migrate(database_url: str | None) -> None:
-    """Apply pending migrations (also done at every start)."""
-    applied = _with_repository(database_url, lambda repo: repo.migrate())
+    """Create the database if needed and apply pending migrations (also at start)."""
+    settings = load_settings(
+        {"database_url": database_url}, needs_management_token=False
+    )
+    master_key(settings)  # a SQLite database gets its key file with it
+    applied = _with_repository(settings.database_url, lambda repo: repo.migrate())
     click.echo(
         f"applied migrations: {applied}" if applied else "database is up to date"
     )
@@ -272,17 +270,22 @@ def db_migrate(database_url: str | None) -> None:
 @db.command("status")
 @click.option("--database-url", help="Override DATABASE_URL.")
 def db_status(database_url: str | None) -> None:
-    """Print the schema version."""
-    version = _with_repository(database_url, lambda repo: repo.schema_version())
+    """Print the schema version of an existing database (creates nothing)."""
+    settings = load_settings(
+        {"database_url": database_url}, needs_management_token=False
+    )
+    path = None if settings.is_postgres else sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        fail(f"no database at {path} (create it with `llm-proxy db migrate`)")
+    version = _with_repository(
+        settings.database_url, lambda repo: repo.schema_version()
+    )
     click.echo(f"schema version: {version}")
 
 
-def _with_repository(database_url: str | None, work: Callable[[Any], Any]) -> Any:
-    settings = load_settings({"database_url": database_url})
-    master_key(settings)
-
+def _with_repository(database_url: str, work: Callable[[Any], Any]) -> Any:
     async def run_work() -> Any:
-        repository = create_repository(settings.database_url)
+        repository = create_repository(database_url)
         await repository.connect()
         try:
             return await work(repository)

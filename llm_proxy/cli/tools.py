@@ -10,12 +10,20 @@ import click
 
 from ..logs import configure_logging
 from .base import (
-    DEFAULT_MANAGE_URL,
     echo_json,
     fail,
     load_settings,
     main,
+    proxy_url,
     run,
+)
+
+BASE_URL_HELP = (
+    "Base URL of the proxy (default: from LISTEN_ADDR, else localhost:8080)."
+)
+TOKEN_HELP = (
+    "Withering token; prefer the LLM_PROXY_TOKEN variable: flags are visible in the "
+    "process list."
 )
 
 # -- openai chat ---------------------------------------------------------------------
@@ -28,21 +36,29 @@ def openai() -> None:
 
 @openai.command("chat")
 @click.option(
-    "--token", envvar="LLM_PROXY_TOKEN", help="Proxy token (env LLM_PROXY_TOKEN)."
+    "--token",
+    envvar="LLM_PROXY_TOKEN",
+    help=TOKEN_HELP,
 )
 @click.option("--model", default="gpt-4o-mini", show_default=True)
 @click.option("--system", help="A system message for the conversation.")
 @click.option("--no-stream", is_flag=True, help="Wait for the whole answer.")
-@click.option("--base-url", default=DEFAULT_MANAGE_URL, show_default=True)
+@click.option("--base-url", help=BASE_URL_HELP)
 def openai_chat(
-    token: str | None, model: str, system: str | None, no_stream: bool, base_url: str
+    token: str | None,
+    model: str,
+    system: str | None,
+    no_stream: bool,
+    base_url: str | None,
 ) -> None:
     """Chat through the proxy: one line per message, /exit or end of input to stop."""
     from ..chat import ChatError, ChatOptions, chat
 
     if not token:
         fail("no token: pass --token or set LLM_PROXY_TOKEN", 2)
-    options = ChatOptions(base_url, token, model, system, stream=not no_stream)
+    options = ChatOptions(
+        proxy_url(base_url), token, model, system, stream=not no_stream
+    )
     prompt = "> " if sys.stdin.isatty() else ""
     try:
         run(chat(options, prompt=prompt))
@@ -54,10 +70,12 @@ def openai_chat(
 
 
 @main.command()
-@click.option("--base-url", default=DEFAULT_MANAGE_URL, show_default=True)
+@click.option("--base-url", help=BASE_URL_HELP)
 @click.option("--endpoint", default="/v1/chat/completions", show_default=True)
 @click.option(
-    "--token", envvar="LLM_PROXY_TOKEN", help="Proxy token (env LLM_PROXY_TOKEN)."
+    "--token",
+    envvar="LLM_PROXY_TOKEN",
+    help=TOKEN_HELP,
 )
 @click.option(
     "-r",
@@ -102,7 +120,7 @@ def openai_chat(
     help="With --mock: compare against the fake upstream directly.",
 )
 def bench(
-    base_url: str,
+    base_url: str | None,
     endpoint: str,
     token: str | None,
     requests: int,
@@ -119,7 +137,10 @@ def bench(
     mock: bool,
     compare_direct: bool,
 ) -> None:
-    """Measure latency and throughput of the proxy (or any OpenAI-like URL)."""
+    """Measure latency and throughput of the proxy (or any OpenAI-like URL).
+
+    Also answers to `llm-proxy benchmark`.
+    """
     from ..bench import BenchOptions, default_body
 
     if body is not None and body_file is not None:
@@ -132,7 +153,7 @@ def bench(
     if payload is None and method.upper() in {"POST", "PUT", "PATCH"}:
         payload = default_body(stream)
     options = BenchOptions(
-        base_url=base_url,
+        base_url=proxy_url(base_url),
         endpoint=endpoint,
         token=token,
         method=method.upper(),
@@ -160,18 +181,29 @@ async def _bench(options: Any, mock: bool, compare_direct: bool, as_json: bool) 
     from ..bench import mock_targets, progress_printer, run_bench
 
     progress = None
+    warn = _warn
     if not as_json and sys.stderr.isatty():  # pragma: no cover - needs a terminal
         progress = progress_printer(options.duration_s, _write_err)
+        warn = _warn_below(progress)
     if not mock:
-        return await run_bench(options, progress)
+        return await run_bench(options, progress, warn)
     async with mock_targets() as targets:
         options = replace(
             options,
             base_url=targets.proxy_url,
             token=targets.token,
             compare_url=targets.upstream_url if compare_direct else options.compare_url,
+            compare_label="direct" if compare_direct else options.compare_label,
         )
-        return await run_bench(options, progress)
+        return await run_bench(options, progress, warn)
+
+
+def _warn(text: str) -> None:
+    click.secho(f"warning: {text}", fg="yellow", err=True)
+
+
+def _warn_below(progress: Any) -> Any:  # pragma: no cover - needs a terminal
+    return lambda text: progress.message(click.style(f"warning: {text}", fg="yellow"))
 
 
 def _write_err(text: str) -> None:  # pragma: no cover - needs a terminal
@@ -241,7 +273,7 @@ def dispatcher(
     """
     from ..dispatchers import run_dispatcher
 
-    settings = load_settings()
+    settings = load_settings(needs_management_token=False)
     configure_logging(settings.log_level, settings.log_format)
     run(
         run_dispatcher(
