@@ -14,6 +14,8 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from .crypto import TOKEN_PREFIX
+
 DEFAULT_TIMEOUT_S: Final = 30.0
 JsonObject = dict[str, Any]
 
@@ -186,11 +188,22 @@ class ManageClient:
         items, headers = await self.call("GET", "tokens", params=params)
         return items, int(headers.get("X-Total-Count", len(items)))
 
-    async def get_token(self, token_id: str) -> JsonObject:
-        """One token (never its value)."""
-        token, _ = await self.call("GET", f"tokens/{token_id}")
-        return dict(token)
+    async def get_token(self, token: str) -> JsonObject:
+        """One token (never its value), by its id or its value."""
+        if is_token_value(token):  # in the body: a value never goes into a URL
+            found, _ = await self.call("POST", "tokens/lookup", body={"token": token})
+        else:
+            found, _ = await self.call("GET", f"tokens/{token}")
+        return dict(found)
 
-    async def revoke_token(self, token_id: str) -> None:
-        """Revoke a token by id (idempotent)."""
-        await self.call("DELETE", f"tokens/{token_id}")
+    async def revoke_token(self, token: str) -> None:
+        """Revoke a token by its id or its value (idempotent; unknown is a 404)."""
+        if is_token_value(token):
+            await self.call("DELETE", "tokens", body={"token": token})
+        else:
+            await self.call("DELETE", f"tokens/{token}")
+
+
+def is_token_value(text: str) -> bool:
+    """Whether `text` is a withering token's value rather than its id."""
+    return text.startswith(TOKEN_PREFIX)

@@ -642,6 +642,29 @@ def test_manage_token_lifecycle(live: LiveProxy) -> None:
     assert token["token_id"] not in [t["token_id"] for t in alive]
 
 
+def test_manage_token_get_and_revoke_take_a_value_and_refuse_unknown_ones(
+    live: LiveProxy,
+) -> None:
+    project_id = create_project(live)["project_id"]
+    token = create_token(live, project_id)
+    value = token["token"]
+    shown = json_out(invoke(["manage", "token", "get", value, "--json"], live.env()))
+    assert shown["token_id"] == token["token_id"] and "token" not in shown
+    revoked = invoke(["manage", "token", "revoke", value], live.env())
+    assert revoked.exit_code == 0, revoked.output + revoked.stderr
+    assert value not in revoked.output  # the value is never echoed back
+    assert token["token_id"] in revoked.output
+    dead = json_out(
+        invoke(["manage", "token", "list", "--inactive", "--json"], live.env())
+    )
+    assert [t["token_id"] for t in dead] == [token["token_id"]]
+    for unknown in ("wt-not-a-real-token", "no-such-token-id"):
+        for command in ("get", "revoke"):
+            result = invoke(["manage", "token", command, unknown], live.env())
+            assert result.exit_code == 1, (command, unknown, result.output)
+            assert "404" in result.stderr
+
+
 def test_manage_token_generate_for_unknown_project_is_an_api_error(
     live: LiveProxy,
 ) -> None:

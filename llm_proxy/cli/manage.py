@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..manage_client import ManageClient
+from ..manage_client import ManageClient, is_token_value
 from .base import (
     F,
     T,
@@ -342,23 +342,25 @@ def token_list(
 
 @token.command("get")
 @target_options
-@click.argument("token_id")
+@click.argument("token")
 @json_option
 @click.pass_context
-def token_get(ctx: click.Context, token_id: str, as_json: bool) -> None:
-    """Show one token."""
-    item = call_api(ctx, lambda api: api.get_token(token_id))
+def token_get(ctx: click.Context, token: str, as_json: bool) -> None:
+    """Show one token, by its id or its value (wt-…)."""
+    item = call_api(ctx, lambda api: api.get_token(token))
     echo_json(item) if as_json else echo_fields(item)
 
 
 @token.command("revoke")
 @target_options
-@click.argument("token_id")
+@click.argument("token")
 @click.pass_context
-def token_revoke(ctx: click.Context, token_id: str) -> None:
-    """Revoke a token (it stops working at once)."""
-    call_api(ctx, lambda api: api.revoke_token(token_id))
-    click.echo(f"revoked token {token_id}")
+def token_revoke(ctx: click.Context, token: str) -> None:
+    """Revoke a token, by its id or its value (wt-…): it stops working at once."""
+    if is_token_value(token):  # name it by id: the value is never echoed
+        token = str(call_api(ctx, lambda api: api.get_token(token))["token_id"])
+    call_api(ctx, lambda api: api.revoke_token(token))
+    click.echo(f"revoked token {token}")
 
 
 def _yes(value: Any) -> str:
