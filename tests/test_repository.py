@@ -45,6 +45,10 @@ NOW = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+# Every shipped schema version (both dialects ship the same numbers).
+SHIPPED = [
+    migration.version for migration in load_migrations(data_dir("sql"), "sqlite")
+]
 
 NewRepository = Callable[..., Repository]
 
@@ -168,9 +172,9 @@ async def test_repository_migrate_applies_schema_once(
     repository = new_repository()
     await repository.connect()
     assert await repository.schema_version() == 0
-    assert await repository.migrate() == [1, 2]
+    assert await repository.migrate() == SHIPPED
     assert await repository.migrate() == []
-    assert await repository.schema_version() == 2
+    assert await repository.schema_version() == SHIPPED[-1]
 
 
 async def test_repository_concurrent_migrations_apply_schema_once(
@@ -180,8 +184,8 @@ async def test_repository_concurrent_migrations_apply_schema_once(
     await asyncio.gather(first.connect(), second.connect())
     results = await asyncio.gather(first.migrate(), second.migrate())
     # each migration is applied exactly once, by whichever process got to it first
-    assert sorted(version for applied in results for version in applied) == [1, 2]
-    assert await first.schema_version() == await second.schema_version() == 2
+    assert sorted(version for applied in results for version in applied) == SHIPPED
+    assert await first.schema_version() == await second.schema_version() == SHIPPED[-1]
     await add_project(second)  # the schema is usable from both
     assert await first.count_projects() == 1
 
@@ -327,6 +331,41 @@ async def test_repository_update_project_changes_only_given_fields(
         "h",
     )
     assert updated.description == "new"
+
+
+async def test_repository_max_concurrent_is_stored_set_and_cleared(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository, max_concurrent=7)
+    token = await add_token(repository, project, max_concurrent=3)
+    assert await repository.get_project(project.id) == project
+    assert await repository.load_projects_for_auth() == [project]
+    assert await repository.get_token(token.id) == token
+    assert await repository.load_live_tokens(now=NOW) == [token]
+    later = NOW + HOUR
+    untouched = await repository.update_project(
+        project.id, ProjectChanges(description="d"), now=later
+    )
+    assert untouched is not None and untouched.max_concurrent == 7
+    raised = await repository.update_project(
+        project.id, ProjectChanges(max_concurrent=20), now=later
+    )
+    assert raised is not None and raised.max_concurrent == 20
+    cleared = await repository.update_project(
+        project.id, ProjectChanges(clear_max_concurrent=True), now=later
+    )
+    assert cleared is not None and cleared.max_concurrent is None
+    assert (await repository.get_project(project.id)) == cleared
+
+
+async def test_repository_max_concurrent_below_one_is_refused(
+    repository: Repository,
+) -> None:
+    with pytest.raises(Exception, match="(?i)check"):
+        await add_project(repository, max_concurrent=0)
+    project = await add_project(repository, "beta")
+    with pytest.raises(Exception, match="(?i)check"):
+        await add_token(repository, project, max_concurrent=0)
 
 
 async def test_repository_update_unknown_project_returns_none(
