@@ -89,6 +89,7 @@ async def create_token_action(request: web.Request) -> web.Response:
             "duration_minutes",
             "max_requests",
             "rate_limit_per_hour",
+            "max_concurrent",
         )
     }
     try:
@@ -97,6 +98,7 @@ async def create_token_action(request: web.Request) -> web.Response:
             duration_minutes=required_int(form, "duration_minutes"),
             max_requests=optional_int(form, "max_requests"),
             rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
+            max_concurrent=optional_int(form, "max_concurrent"),
         )
     except ServiceError as exc:
         context = await _form_context(request, fields, exc)
