@@ -44,6 +44,8 @@ class Principal:
     upstream_authorization: str = field(repr=False)  # "Bearer <project key>"
     rate_limit_per_hour: int | None
     max_requests: int | None
+    max_concurrent: int | None = None  # the token's own cap on calls in flight
+    project_max_concurrent: int | None = None  # its project's
 
 
 @dataclass(slots=True)
@@ -57,6 +59,7 @@ class _TokenEntry:
     unflushed: int = 0  # counted here, not yet handed to the flusher
     last_used_at: float = 0.0
     principal: Principal | None = None
+    max_concurrent: int | None = None
 
     @property
     def used(self) -> int:
@@ -68,6 +71,7 @@ class _ProjectEntry:
     is_active: bool
     envelope: str
     authorization: str = field(repr=False)
+    max_concurrent: int | None = None
 
 
 class TokenStore:
@@ -104,6 +108,9 @@ class TokenStore:
         known = self._projects.get(project.id)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
+            if known.max_concurrent != project.max_concurrent:
+                known.max_concurrent = project.max_concurrent
+                self._forget_principals(project.id)
             return
         try:
             key = self._cipher.decrypt(project.encrypted_api_key)
@@ -112,7 +119,10 @@ class TokenStore:
             self._projects.pop(project.id, None)
             return
         self._projects[project.id] = _ProjectEntry(
-            project.is_active, project.encrypted_api_key, f"Bearer {key}"
+            project.is_active,
+            project.encrypted_api_key,
+            f"Bearer {key}",
+            project.max_concurrent,
         )
         self._forget_principals(project.id)
 
@@ -142,6 +152,7 @@ class TokenStore:
                 token.max_requests,
                 token.rate_limit_per_hour,
                 stored,
+                max_concurrent=token.max_concurrent,
             )
             self._by_hash[token.token_hash] = entry
             self._hash_by_id[token.id] = token.token_hash
@@ -149,6 +160,7 @@ class TokenStore:
         entry.expires_at = token.expires_at.timestamp()
         entry.max_requests = token.max_requests
         entry.rate_limit_per_hour = token.rate_limit_per_hour
+        entry.max_concurrent = token.max_concurrent
         entry.stored_count = max(entry.stored_count, stored)  # counts only grow
         entry.principal = None
 
@@ -196,6 +208,8 @@ class TokenStore:
                 project.authorization,
                 entry.rate_limit_per_hour,
                 entry.max_requests,
+                entry.max_concurrent,
+                project.max_concurrent,
             )
         return entry.principal
 
