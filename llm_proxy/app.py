@@ -13,6 +13,7 @@ from yarl import URL
 
 from .allowlist import Allowlist, default_allowlist, load_allowlist
 from .breaker import BreakerState, CircuitBreaker
+from .concurrency import InFlight
 from .config import Settings
 from .crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .dispatchers import (
@@ -36,6 +37,7 @@ from .metrics import METRICS_KEY, Metrics, metrics_handler_for
 from .middlewares import (
     AllowlistStage,
     CircuitBreakerStage,
+    ConcurrencyStage,
     RateLimitStage,
     TokenAuthStage,
     json_errors_middleware,
@@ -167,6 +169,11 @@ def create_proxy_handler(
             AllowlistStage(load_endpoint_allowlist(settings)),
             TokenAuthStage(store),
             RateLimitStage(GcraLimiter(), settings.default_rate_limit_per_hour),
+            ConcurrencyStage(
+                InFlight(),
+                settings.tenant_limits.token_max_concurrent,
+                settings.tenant_limits.project_max_concurrent,
+            ),
             CircuitBreakerStage(breaker),
         ],
         proxy_handler,

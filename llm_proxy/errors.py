@@ -11,6 +11,7 @@ Exception tree::
             ├── UpstreamUnavailableError  502
             ├── UpstreamTimeoutError      504
             └── CircuitOpenError          503
+        └── UpstreamPoolExhaustedError     503 (our overload: not a breaker failure)
 
 Bad settings raise `config.ConfigError` at start (config.py stays free of aiohttp).
 Upstream 4xx/5xx answers are not ours: they pass through byte for byte.
@@ -136,3 +137,20 @@ def error_body(
         "code": code,
     }
     return orjson.dumps({"error": error})
+
+
+class UpstreamPoolExhaustedError(ApiError):
+    """503: no upstream connection came free within UPSTREAM_POOL_TIMEOUT.
+
+    Not an `UpstreamError`: a full pool is the proxy's own overload, so the circuit
+    breaker does not count it against the upstream.
+    """
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        super().__init__(
+            503,
+            "Every upstream connection is busy; retry in a moment.",
+            type="api_error",
+            code="upstream_pool_exhausted",
+            headers={"Retry-After": retry_after(retry_after_s)},
+        )

@@ -37,6 +37,7 @@ PROJECT_CREATE = {
     "description": Field(str, nullable=True),
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
+    "max_concurrent": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -44,12 +45,14 @@ PROJECT_UPDATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str),
     "is_active": Field(bool),
+    "max_concurrent": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
     "duration_minutes": Field(int, required=True),
     "max_requests": Field(int, nullable=True),
     "rate_limit_per_hour": Field(int, nullable=True),
+    "max_concurrent": Field(int, nullable=True),
 }
 TOKEN_DELETE = {"token": Field(str), "token_id": Field(str)}
 TOKEN_LOOKUP = {"token": Field(str, required=True)}
@@ -73,6 +76,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "metadata": dict(project.metadata),
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
+        "max_concurrent": project.max_concurrent,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -89,6 +93,7 @@ def token_json(token: Token) -> dict[str, Any]:
         "request_count": token.request_count,
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
+        "max_concurrent": token.max_concurrent,
         "created_at": iso(token.created_at),
         "last_used_at": iso(token.last_used_at),
     }
@@ -157,6 +162,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         api_key=data["openai_api_key"],
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
+        max_concurrent=data.get("max_concurrent"),
     )
     return json_response(project_json(project), status=201)
 
@@ -200,6 +206,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
         metadata={} if "metadata" in data and metadata is None else metadata,
         api_key=data.get("openai_api_key"),
         is_active=data.get("is_active"),
+        max_concurrent=data.get("max_concurrent"),
+        clear_max_concurrent="max_concurrent" in data
+        and data["max_concurrent"] is None,
     )
     return json_response(project_json(project))
 
@@ -241,6 +250,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         duration_minutes=data["duration_minutes"],
         max_requests=data.get("max_requests"),
         rate_limit_per_hour=data.get("rate_limit_per_hour"),
+        max_concurrent=data.get("max_concurrent"),
     )
     token = created.token
     body = {
@@ -250,6 +260,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         "expires_at": iso(token.expires_at),
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
+        "max_concurrent": token.max_concurrent,
     }
     return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 

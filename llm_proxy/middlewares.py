@@ -3,10 +3,10 @@
 Root: the `json_errors` middleware (every error we generate is OpenAI-shaped JSON).
 The `/v1` chain (`proxy_chain`), outermost first: instrumentation (request id, the
 call's record, one event per call, whatever the outcome), allowlist (cheapest, needs
-no secret), token auth (a dict lookup), rate limit (needs the principal), circuit
-breaker (innermost, so it counts only real upstream attempts). Each link is a `Stage`
-of plain calls; the maths lives in `allowlist.py`, `tokens.py`, `ratelimit.py` and
-`breaker.py`.
+no secret), token auth (a dict lookup), rate limit (needs the principal), concurrency
+(calls in flight per token and project), circuit breaker (innermost, so it counts only
+real upstream attempts). Each link is a `Stage` of plain calls; the maths lives in
+`allowlist.py`, `tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
 from .breaker import CircuitBreaker
+from .concurrency import InFlight, Scope
 from .errors import (
     ApiError,
     CircuitOpenError,
@@ -82,7 +83,8 @@ def _as_api_error(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, message, code=code, headers=headers)
 
 
-# -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, circuit breaker --
+# -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, concurrency,
+# circuit breaker --
 
 
 class Stage(Protocol):
@@ -319,6 +321,51 @@ class RateLimitStage:
         self, request: web.Request, exchange: Exchange, error: BaseException | None
     ) -> None:
         """A granted slot stays spent, as with any limiter of requests."""
+
+
+class ConcurrencyStage:
+    """429 at once (no queue) when the token or its project has its cap in flight.
+
+    A slot is held from `enter` until the call ends, a stream until its last byte or
+    the client leaving; `leave` runs for every admitted call, whatever the outcome.
+    """
+
+    __slots__ = ("in_flight", "project_default", "token_default")
+
+    def __init__(
+        self, in_flight: InFlight, token_default: int, project_default: int
+    ) -> None:
+        self.in_flight = in_flight
+        self.token_default = token_default
+        self.project_default = project_default
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        principal = request[PRINCIPAL_KEY]
+        token_cap = principal.max_concurrent or self.token_default
+        project_cap = principal.project_max_concurrent or self.project_default
+        refused = self.in_flight.try_enter(
+            principal.token_id, token_cap, principal.project_id, project_cap
+        )
+        if refused is not None:
+            cap = token_cap if refused == "token" else project_cap
+            raise _concurrency_error(refused, cap)
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """The call's slot is free again."""
+        principal = request[PRINCIPAL_KEY]
+        self.in_flight.leave(principal.token_id, principal.project_id)
+
+
+def _concurrency_error(scope: Scope, cap: int) -> RateLimitedError:
+    owner = "This token" if scope == "token" else "This token's project"
+    return RateLimitedError(
+        f"{owner} already has {cap} calls in flight, its limit; retry when one ends.",
+        retry_after_s=1,
+        code="concurrency_limit_exceeded",
+        extra={},
+    )
 
 
 class CircuitBreakerStage:

@@ -191,6 +191,14 @@ def _integer(nullable: bool = False, minimum: int = 1) -> dict[str, Any]:
     return {"type": kind, "minimum": minimum}
 
 
+def _max_concurrent(default_setting: str) -> dict[str, Any]:
+    return {
+        **_integer(nullable=True),
+        "description": "Cap on calls in flight at once (streams included);"
+        f" null: the {default_setting} default.",
+    }
+
+
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -207,6 +215,7 @@ def _schemas() -> dict[str, Any]:
         "metadata": {"type": ["object", "null"]},
         "openai_api_key": _string(),
         "is_active": {"type": "boolean"},
+        "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
     }
     return {
         "Project": _object(
@@ -217,6 +226,7 @@ def _schemas() -> dict[str, Any]:
                 "metadata": {"type": "object"},
                 "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
                 "is_active": {"type": "boolean"},
+                "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
             },
@@ -228,6 +238,7 @@ def _schemas() -> dict[str, Any]:
                 "description": _string(nullable=True),
                 "metadata": {"type": ["object", "null"]},
                 "openai_api_key": _string(),
+                "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
             },
             ["name", "openai_api_key"],
         ),
@@ -254,6 +265,7 @@ def _schemas() -> dict[str, Any]:
                 },
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
             },
             ["project_id", "duration_minutes"],
         ),
@@ -265,6 +277,7 @@ def _schemas() -> dict[str, Any]:
                 "expires_at": _string("date-time"),
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
             },
             ["token", "token_id", "project_id", "expires_at"],
         ),
@@ -278,6 +291,7 @@ def _schemas() -> dict[str, Any]:
                 "request_count": _integer(minimum=0),
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
                 "created_at": _string("date-time"),
                 "last_used_at": _string("date-time", nullable=True),
             },

@@ -15,7 +15,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import orjson
@@ -31,7 +31,12 @@ from .capture import (
     inject_include_usage,
 )
 from .config import Settings
-from .errors import ApiError, UpstreamTimeoutError, UpstreamUnavailableError
+from .errors import (
+    ApiError,
+    UpstreamPoolExhaustedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from .exchange import Exchange
 from .keys import (
     EXCHANGE_KEY,
@@ -39,6 +44,10 @@ from .keys import (
     SETTINGS_KEY,
     UPSTREAM_SESSION_KEY,
 )
+
+if TYPE_CHECKING:
+    from aiohttp.client_reqrep import ConnectionKey
+    from aiohttp.tracing import Trace
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +120,41 @@ class TransparentRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NO_AUTO_HEADERS
 
 
+class PoolWaitTimeout(aiohttp.ClientError):
+    """No pooled upstream connection came free within the pool timeout."""
+
+
+class BoundedWaitConnector(aiohttp.TCPConnector):
+    """The TCP pool, with its wait for a free connection bounded on its own.
+
+    aiohttp 3.14 has no pool-wait setting: `ClientTimeout.connect` bounds the wait and
+    the creation of the connection together, so a slow TCP connect and a full pool
+    would raise the same timeout. Bounding only the wait (entered only when the pool
+    is full: no cost otherwise) keeps `sock_connect` the one limit on connecting, and
+    `PoolWaitTimeout` is no `TimeoutError`, so it cannot pass for one.
+    """
+
+    def __init__(self, *, pool_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pool_timeout_s = pool_timeout_s
+
+    async def _wait_for_available_connection(
+        self, key: ConnectionKey, traces: list[Trace]
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._pool_timeout_s):
+                await super()._wait_for_available_connection(key, traces)
+        except TimeoutError:
+            raise PoolWaitTimeout(
+                f"no free upstream connection within {self._pool_timeout_s} s"
+            ) from None
+
+
 def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
     """The one pooled session: no total timeout, no cookies, no decompression."""
     upstream = settings.upstream
-    connector = aiohttp.TCPConnector(
+    connector = BoundedWaitConnector(
+        pool_timeout_s=upstream.pool_timeout_s,
         limit=upstream.max_connections,
         limit_per_host=0,
         keepalive_timeout=60,
@@ -271,12 +311,17 @@ async def send_upstream(
     body: bytes | aiohttp.StreamReader,
     retries: int,
 ) -> aiohttp.ClientResponse:
-    """Send once, retrying only connection failures that happened before any byte left."""
+    """Send once, retrying only connection failures that happened before any byte left.
+
+    A full pool is not retried: waiting again would only queue the call longer.
+    """
     for attempt in range(retries + 1):
         try:
             return await session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             )
+        except PoolWaitTimeout as exc:
+            raise UpstreamPoolExhaustedError() from exc
         except aiohttp.ClientConnectorError as exc:
             if attempt == retries:
                 raise UpstreamUnavailableError() from exc
@@ -323,14 +368,18 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     url = upstream_url(settings.upstream.base_text, exchange.path, request.raw_path)
     exchange.upstream_started = time.perf_counter()
     exchange.reached_upstream = True
-    upstream = await send_upstream(
-        request.app[UPSTREAM_SESSION_KEY],
-        request.method,
-        url,
-        headers,
-        body,
-        settings.upstream.retries,
-    )
+    try:
+        upstream = await send_upstream(
+            request.app[UPSTREAM_SESSION_KEY],
+            request.method,
+            url,
+            headers,
+            body,
+            settings.upstream.retries,
+        )
+    except UpstreamPoolExhaustedError:
+        exchange.reached_upstream = False  # it never left the proxy: no quota spent
+        raise
     async with upstream:
         return await relay(request, upstream, exchange)
 

@@ -149,8 +149,10 @@ class ManagementService:
         api_key: str,
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
+        max_concurrent: int | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted."""
+        _check_max_concurrent(max_concurrent)
         now = self._now()
         project = Project(
             id=str(uuid.uuid4()),
@@ -162,6 +164,7 @@ class ManagementService:
             is_active=True,
             created_at=now,
             updated_at=now,
+            max_concurrent=max_concurrent,
         )
         try:
             await self._repository.create_project(project)
@@ -200,8 +203,14 @@ class ManagementService:
         metadata: Mapping[str, Any] | None = None,
         api_key: str | None = None,
         is_active: bool | None = None,
+        max_concurrent: int | None = None,
+        clear_max_concurrent: bool = False,
     ) -> Project:
-        """Change fields; a new key is encrypted; applies to the next request."""
+        """Change fields; a new key is encrypted; applies to the next request.
+
+        `clear_max_concurrent` removes the project's own cap (the default applies).
+        """
+        _check_max_concurrent(max_concurrent)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
             description=None
@@ -213,6 +222,8 @@ class ManagementService:
             else self._cipher.encrypt(_valid_api_key(api_key)),
             api_key_hint=None if api_key is None else mask_api_key(api_key),
             is_active=is_active,
+            max_concurrent=max_concurrent,
+            clear_max_concurrent=clear_max_concurrent,
         )
         try:
             project = await self._repository.update_project(
@@ -249,6 +260,7 @@ class ManagementService:
         duration_minutes: int,
         max_requests: int | None = None,
         rate_limit_per_hour: int | None = None,
+        max_concurrent: int | None = None,
     ) -> NewToken:
         """Mint a token for an active project; its value is returned only here."""
         _check_range("duration_minutes", duration_minutes, 1, MAX_DURATION_MINUTES)
@@ -256,6 +268,7 @@ class ManagementService:
             _check_range("max_requests", max_requests, 1, 2**31 - 1)
         if rate_limit_per_hour is not None:
             _check_range("rate_limit_per_hour", rate_limit_per_hour, 1, 2**31 - 1)
+        _check_max_concurrent(max_concurrent)
         project = await self.get_project(project_id)
         if not project.is_active:
             raise Forbidden(
@@ -275,6 +288,7 @@ class ManagementService:
             rate_limit_per_hour=rate_limit_per_hour,
             created_at=now,
             last_used_at=None,
+            max_concurrent=max_concurrent,
         )
         await self._repository.create_token(token)
         self._store.put_token(token)
@@ -322,6 +336,11 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
         raise ServiceError(
             f"{param} must be between {low} and {high}, got {value}.", param=param
         )
+
+
+def _check_max_concurrent(value: int | None) -> None:
+    if value is not None:
+        _check_range("max_concurrent", value, 1, 2**31 - 1)
 
 
 def _has_nul(value: Any) -> bool:

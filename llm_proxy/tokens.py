@@ -69,6 +69,8 @@ class Principal:
     upstream_authorization: str = field(repr=False)  # "Bearer <project key>"
     rate_limit_per_hour: int | None
     max_requests: int | None
+    max_concurrent: int | None = None  # the token's own cap on calls in flight
+    project_max_concurrent: int | None = None  # its project's
 
 
 @dataclass(slots=True)
@@ -83,6 +85,7 @@ class _TokenEntry:
     last_used_at: float = 0.0
     principal: Principal | None = None
     seen: int = 0  # the resync generation that last saw this token
+    max_concurrent: int | None = None
 
     @property
     def used(self) -> int:
@@ -95,6 +98,7 @@ class _ProjectEntry:
     envelope: str
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
+    max_concurrent: int | None = None
 
 
 class TokenStore:
@@ -166,6 +170,9 @@ class TokenStore:
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
+            if known.max_concurrent != project.max_concurrent:
+                known.max_concurrent = project.max_concurrent
+                self._forget_principals(project.id)
             return
         try:
             key = self._cipher.decrypt(project.encrypted_api_key)
@@ -178,6 +185,7 @@ class TokenStore:
             project.encrypted_api_key,
             f"Bearer {key}",
             seen=self._generation,
+            max_concurrent=project.max_concurrent,
         )
         self._forget_principals(project.id)
 
@@ -207,6 +215,7 @@ class TokenStore:
                 token.rate_limit_per_hour,
                 stored,
                 seen=self._generation,
+                max_concurrent=token.max_concurrent,
             )
             self._by_hash[token.token_hash] = entry
             self._hash_by_id[token.id] = token.token_hash
@@ -217,6 +226,7 @@ class TokenStore:
         entry.expires_at = token.expires_at.timestamp()
         entry.max_requests = token.max_requests
         entry.rate_limit_per_hour = token.rate_limit_per_hour
+        entry.max_concurrent = token.max_concurrent
         entry.stored_count = max(entry.stored_count, stored)  # counts only grow
         entry.principal = None
         entry.seen = self._generation
@@ -279,6 +289,8 @@ class TokenStore:
                 project.authorization,
                 entry.rate_limit_per_hour,
                 entry.max_requests,
+                entry.max_concurrent,
+                project.max_concurrent,
             )
         return entry.principal
 

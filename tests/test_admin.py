@@ -497,6 +497,20 @@ async def test_admin_token_is_shown_once_and_works_until_revoked(
     assert "revoked" in await page(admin, f"/admin/tokens/{token.id}")
 
 
+async def test_admin_token_form_sets_calls_in_flight(admin: Client) -> None:
+    project_id = await new_project(admin)
+    form = await page(admin, f"/admin/tokens/new?project_id={project_id}")
+    assert 'name="max_concurrent"' in form
+    data = {"project_id": project_id, "duration_minutes": "15", "max_concurrent": "3"}
+    await post(admin, "/admin/tokens", data)
+    token = await first_token(admin, project_id)
+    assert token.max_concurrent == 3
+    assert "at most 3 at once" in await page(admin, f"/admin/tokens/{token.id}")
+    refused = await post(admin, "/admin/tokens", {**data, "max_concurrent": "0"})
+    assert refused.status == 400
+    assert "max_concurrent must be between" in await refused.text()
+
+
 async def test_admin_snippets_use_forwarded_host(admin: Client) -> None:
     project_id = await new_project(admin)
     data = {

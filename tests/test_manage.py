@@ -425,3 +425,56 @@ async def test_a_token_is_found_by_its_value_without_putting_it_in_a_url(
     await error_of(missing, 404)
     refused = await client.post("/manage/tokens/lookup", json={}, headers=AUTH)
     await error_of(refused, 400)
+
+
+async def test_max_concurrent_is_set_shown_changed_and_cleared(client: Client) -> None:
+    plain = await create_project(client, "plain")
+    assert plain["max_concurrent"] is None
+    project = await create_project(client, "capped", max_concurrent=5)
+    project_id = project["project_id"]
+    assert project["max_concurrent"] == 5
+    shown = await (
+        await client.get(f"/manage/projects/{project_id}", headers=AUTH)
+    ).json()
+    assert shown["max_concurrent"] == 5
+    listed = await (await client.get("/manage/projects", headers=AUTH)).json()
+    assert [p["max_concurrent"] for p in listed] == [None, 5]
+    url = f"/manage/projects/{project_id}"
+    renamed = await client.patch(url, json={"name": "renamed"}, headers=AUTH)
+    assert (await renamed.json())["max_concurrent"] == 5  # absent: unchanged
+    raised = await client.patch(url, json={"max_concurrent": 9}, headers=AUTH)
+    assert (await raised.json())["max_concurrent"] == 9
+    cleared = await client.patch(url, json={"max_concurrent": None}, headers=AUTH)
+    assert (await cleared.json())["max_concurrent"] is None
+    token = await create_token(client, project_id, max_concurrent=2)
+    assert token["max_concurrent"] == 2
+    token_url = f"/manage/tokens/{token['token_id']}"
+    shown = await (await client.get(token_url, headers=AUTH)).json()
+    assert shown["max_concurrent"] == 2
+    listed = await (await client.get("/manage/tokens", headers=AUTH)).json()
+    assert [t["max_concurrent"] for t in listed] == [2]
+    default = await create_token(client, project_id, max_concurrent=None)
+    assert default["max_concurrent"] is None
+
+
+@pytest.mark.parametrize("value", [0, -1, "3", True, 1.5, 2**31])
+async def test_bad_max_concurrent_is_400_naming_the_field(
+    client: Client, value: Any
+) -> None:
+    refused = await client.post(
+        "/manage/projects",
+        json={"name": "x", "openai_api_key": UPSTREAM_KEY, "max_concurrent": value},
+        headers=AUTH,
+    )
+    assert (await error_of(refused, 400))["param"] == "max_concurrent"
+    project_id = (await create_project(client))["project_id"]
+    patched = await client.patch(
+        f"/manage/projects/{project_id}", json={"max_concurrent": value}, headers=AUTH
+    )
+    assert (await error_of(patched, 400))["param"] == "max_concurrent"
+    token = await client.post(
+        "/manage/tokens",
+        json={"project_id": project_id, "duration_minutes": 5, "max_concurrent": value},
+        headers=AUTH,
+    )
+    assert (await error_of(token, 400))["param"] == "max_concurrent"

@@ -337,6 +337,41 @@ async def test_repository_update_project_changes_only_given_fields(
     assert updated.description == "new"
 
 
+async def test_repository_max_concurrent_is_stored_set_and_cleared(
+    repository: Repository,
+) -> None:
+    project = await add_project(repository, max_concurrent=7)
+    token = await add_token(repository, project, max_concurrent=3)
+    assert await repository.get_project(project.id) == project
+    assert await repository.load_projects_for_auth() == [project]
+    assert await repository.get_token(token.id) == token
+    assert await repository.load_live_tokens(now=NOW) == [token]
+    later = NOW + HOUR
+    untouched = await repository.update_project(
+        project.id, ProjectChanges(description="d"), now=later
+    )
+    assert untouched is not None and untouched.max_concurrent == 7
+    raised = await repository.update_project(
+        project.id, ProjectChanges(max_concurrent=20), now=later
+    )
+    assert raised is not None and raised.max_concurrent == 20
+    cleared = await repository.update_project(
+        project.id, ProjectChanges(clear_max_concurrent=True), now=later
+    )
+    assert cleared is not None and cleared.max_concurrent is None
+    assert (await repository.get_project(project.id)) == cleared
+
+
+async def test_repository_max_concurrent_below_one_is_refused(
+    repository: Repository,
+) -> None:
+    with pytest.raises(Exception, match="(?i)check"):
+        await add_project(repository, max_concurrent=0)
+    project = await add_project(repository, "beta")
+    with pytest.raises(Exception, match="(?i)check"):
+        await add_token(repository, project, max_concurrent=0)
+
+
 async def test_repository_update_unknown_project_returns_none(
     repository: Repository,
 ) -> None:

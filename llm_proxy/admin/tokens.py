@@ -140,6 +140,7 @@ async def create_token_action(request: web.Request) -> web.Response:
             "duration_minutes",
             "max_requests",
             "rate_limit_per_hour",
+            "max_concurrent",
         )
     }
     try:
@@ -164,6 +165,7 @@ async def _create(
         duration_minutes=required_int(form, "duration_minutes"),
         max_requests=optional_int(form, "max_requests"),
         rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
+        max_concurrent=optional_int(form, "max_concurrent"),
     )
 
 

@@ -50,11 +50,15 @@ class Project:
     is_active: bool
     created_at: datetime
     updated_at: datetime
+    max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectChanges:
-    """Fields of a project to change; None leaves a field as it is."""
+    """Fields of a project to change; None leaves a field as it is.
+
+    `max_concurrent` is nullable in storage: `clear_max_concurrent` sets it to NULL.
+    """
 
     name: str | None = None
     description: str | None = None
@@ -62,6 +66,8 @@ class ProjectChanges:
     encrypted_api_key: str | None = field(default=None, repr=False)
     api_key_hint: str | None = None
     is_active: bool | None = None
+    max_concurrent: int | None = None
+    clear_max_concurrent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,7 @@ class Token:
     rate_limit_per_hour: int | None
     created_at: datetime
     last_used_at: datetime | None
+    max_concurrent: int | None = None  # None: the TOKEN_MAX_CONCURRENT default
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,11 +76,11 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at"
+    " created_at, updated_at, max_concurrent"
 )
 INSERT_PROJECT: Final = (
     f"INSERT INTO projects ({PROJECT_COLUMNS})"
-    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)"
+    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1"
 SEARCH_PROJECTS: Final = "($1::text IS NULL OR name ILIKE $1 ESCAPE '\\')"
@@ -97,18 +97,19 @@ UPDATE projects SET
     openai_api_key = coalesce($5, openai_api_key),
     api_key_hint = coalesce($6, api_key_hint),
     is_active = coalesce($7, is_active),
-    updated_at = $8
+    max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($9, max_concurrent) END,
+    updated_at = $10
 WHERE id = $1
 RETURNING {PROJECT_COLUMNS}"""
 DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = $1"
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
-    " max_requests, rate_limit_per_hour, created_at, last_used_at"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
 )
 INSERT_TOKEN: Final = (
     f"INSERT INTO tokens ({TOKEN_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 SELECT_TOKEN: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"
 SELECT_TOKEN_BY_HASH: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token = $1"
@@ -607,6 +608,7 @@ def _project_args(project: Project) -> tuple[Any, ...]:
         project.is_active,
         project.created_at,
         project.updated_at,
+        project.max_concurrent,
     )
 
 
@@ -619,6 +621,8 @@ def _changes_args(changes: ProjectChanges) -> tuple[Any, ...]:
         changes.encrypted_api_key,
         changes.api_key_hint,
         changes.is_active,
+        changes.clear_max_concurrent,
+        changes.max_concurrent,
     )
 
 
@@ -633,6 +637,7 @@ def _project(row: Any) -> Project:
         is_active=row["is_active"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        max_concurrent=row["max_concurrent"],
     )
 
 
@@ -649,6 +654,7 @@ def _token_args(token: Token) -> tuple[Any, ...]:
         token.rate_limit_per_hour,
         token.created_at,
         token.last_used_at,
+        token.max_concurrent,
     )
 
 
@@ -673,6 +679,7 @@ def _token(row: Any) -> Token:
         rate_limit_per_hour=row["rate_limit_per_hour"],
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
+        max_concurrent=row["max_concurrent"],
     )
 
 

@@ -91,10 +91,10 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at"
+    " created_at, updated_at, max_concurrent"
 )
 INSERT_PROJECT: Final = (
-    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ?"
 SEARCH_PROJECTS: Final = "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\')"
@@ -111,6 +111,7 @@ UPDATE projects SET
     openai_api_key = coalesce(?, openai_api_key),
     api_key_hint = coalesce(?, api_key_hint),
     is_active = coalesce(?, is_active),
+    max_concurrent = CASE WHEN ? THEN NULL ELSE coalesce(?, max_concurrent) END,
     updated_at = ?
 WHERE id = ?
 RETURNING {PROJECT_COLUMNS}"""
@@ -118,10 +119,10 @@ DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = ?"
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
-    " max_requests, rate_limit_per_hour, created_at, last_used_at"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
 )
 INSERT_TOKEN: Final = (
-    f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_TOKEN: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?"
 SELECT_TOKEN_BY_HASH: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token = ?"
@@ -639,6 +640,7 @@ def _project_params(project: Project) -> Params:
         project.is_active,
         _to_text(project.created_at),
         _to_text(project.updated_at),
+        project.max_concurrent,
     )
 
 
@@ -651,6 +653,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.encrypted_api_key,
         changes.api_key_hint,
         changes.is_active,
+        changes.clear_max_concurrent,
+        changes.max_concurrent,
     )
 
 
@@ -665,6 +669,7 @@ def _project(row: sqlite3.Row) -> Project:
         is_active=bool(row["is_active"]),
         created_at=_from_text(row["created_at"]),
         updated_at=_from_text(row["updated_at"]),
+        max_concurrent=row["max_concurrent"],
     )
 
 
@@ -681,6 +686,7 @@ def _token_params(token: Token) -> Params:
         token.rate_limit_per_hour,
         _to_text(token.created_at),
         None if token.last_used_at is None else _to_text(token.last_used_at),
+        token.max_concurrent,
     )
 
 
@@ -701,6 +707,7 @@ def _token(row: sqlite3.Row) -> Token:
         rate_limit_per_hour=row["rate_limit_per_hour"],
         created_at=_from_text(row["created_at"]),
         last_used_at=_optional_time(row["last_used_at"]),
+        max_concurrent=row["max_concurrent"],
     )
 
 
