@@ -343,9 +343,11 @@ async def test_repository_max_concurrent_is_stored_set_and_cleared(
     project = await add_project(repository, max_concurrent=7)
     token = await add_token(repository, project, max_concurrent=3)
     assert await repository.get_project(project.id) == project
-    assert await repository.load_projects_for_auth() == [project]
+    projects = await repository.load_projects_changed_since(0, limit=10)
+    assert projects.rows == [project]
     assert await repository.get_token(token.id) == token
-    assert await repository.load_live_tokens(now=NOW) == [token]
+    tokens = await repository.load_tokens_changed_since(0, limit=10)
+    assert tokens.rows == [token]
     later = NOW + HOUR
     untouched = await repository.update_project(
         project.id, ProjectChanges(description="d"), now=later
