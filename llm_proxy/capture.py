@@ -141,7 +141,7 @@ class UsageChunkStripper:
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes of `chunk` (plus held-back ones) that can go to the client now."""
-        if self.abandoned:
+        if self.abandoned or not chunk:
             return chunk
         if (
             b"usage" not in chunk
@@ -151,7 +151,7 @@ class UsageChunkStripper:
             self._first = False
             return chunk  # whole events that nothing was added to
         out: list[bytes] = []
-        pos = self._skip_lf(chunk, out)
+        pos = self._skip_lf(chunk, out) if self._after_cr else 0
         size = len(chunk)
         lf = chunk.find(b"\n", pos)
         cr = chunk.find(b"\r", pos)
@@ -404,37 +404,51 @@ def _without_usage_null(line: bytes, start: int, end: int) -> bytes:
     otherwise), that one is the top-level key: it is cut without a second parse.
     Otherwise each candidate is checked by parsing the payload without it.
     """
-    payload = line[start:end]
-    sure = payload.count(b'"usage"') == 1 and b"\\u" not in payload
+    at = line.find(b'"usage"', start, end)
+    if (
+        at >= 0
+        and line.find(b'"usage"', at + 7, end) < 0
+        and (b"\\" not in line or b"\\u" not in line)
+    ):
+        span = _usage_null_span(line, start, end, at)
+        if span is not None:
+            return line[: span[0]] + line[span[1] :]
     for cut_start, cut_end in _usage_null_members(line, start, end):
         cut = line[:cut_start] + line[cut_end:]
-        if sure:
-            return cut
         data = _parse(cut[start : end - (cut_end - cut_start)])
         if type(data) is dict and "usage" not in data:
             return cut
     return line
 
 
-def _usage_null_members(line: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Spans of `line[start:end]` that are a `"usage": null` member and its comma.
+def _usage_null_span(
+    line: bytes, start: int, end: int, at: int
+) -> tuple[int, int] | None:
+    """The span of the member whose `"usage"` key is at `at`, if its value is null.
 
     The comma before it goes with it, or, for the first member of its object, the
     comma after it. A literal `"usage"` followed by a colon is always a key: inside a
     JSON string its quotes would be escaped.
     """
+    null = _NULL_VALUE.match(line, at + 7, end)
+    if null is None:
+        return None
+    before = at
+    while before > start and line[before - 1] in _BLANKS:
+        before -= 1
+    if before > start and line[before - 1] == _COMMA:
+        return before - 1, null.end()
+    after = _COMMA_AFTER.match(line, null.end(), end)
+    return at, after.end() if after is not None else null.end()
+
+
+def _usage_null_members(line: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Spans of `line[start:end]` that are a `"usage": null` member and its comma."""
     at = line.find(b'"usage"', start, end)
     while at >= 0:
-        null = _NULL_VALUE.match(line, at + 7, end)
-        if null is not None:
-            before = at
-            while before > start and line[before - 1] in _BLANKS:
-                before -= 1
-            if before > start and line[before - 1] == _COMMA:
-                yield before - 1, null.end()
-            else:
-                after = _COMMA_AFTER.match(line, null.end(), end)
-                yield at, after.end() if after is not None else null.end()
+        span = _usage_null_span(line, start, end, at)
+        if span is not None:
+            yield span
         at = line.find(b'"usage"', at + 7, end)
 
 

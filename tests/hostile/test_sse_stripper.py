@@ -168,6 +168,10 @@ def test_a_blank_line_after_a_whole_cr_lf_is_a_blank_line() -> None:
     stripper = UsageChunkStripper()
     assert stripper.feed(b"id: 7\r\n") == b""  # held for the data it precedes
     assert stripper.feed(b"\n") == b"id: 7\r\n\n"  # the blank line ends the event
+    assert stripper.feed(b"id: 8\r") == b""
+    assert stripper.feed(b"") == b""  # an empty read changes nothing
+    assert stripper.feed(b"\n") == b""  # the LF of the CRLF: not a blank line
+    assert stripper.feed(b"\r\n") == b"id: 8\r\n\r\n"
 
 
 def test_a_usage_chunk_split_across_chunks_at_its_cr_lf_is_dropped_whole() -> None:
