@@ -192,8 +192,8 @@ class UsageChunkStripper:
         if self._line and not self.abandoned:
             line, self._line = self._line, b""
             self._on_line(line, len(line), out)
-        if self._held:
-            self._release(self._verdict(final=True), out)
+        out.extend(self._held)  # undecided: what did not parse goes out as it came
+        self._clear()
         self._after_cr = _NONE
         return b"".join(out)
 
@@ -235,12 +235,11 @@ class UsageChunkStripper:
         return self._on_data_line(line, value, length, out)
 
     def _on_blank_line(self, line: bytes, out: list[bytes]) -> int:
+        # Data still held did not parse at its last line, and will not now: it goes
+        # out as it came, like the field lines and comments held with it.
         if self._held:
-            verdict = self._verdict(final=True)
-            self._release(verdict, out)
-            if verdict == _DROP:
-                self._swallow = False
-                return _DROP
+            out.extend(self._held)
+            self._clear()
         elif self._swallow:
             self._swallow = False
             return _DROP
@@ -282,7 +281,7 @@ class UsageChunkStripper:
     ) -> int:
         """A data line of an event held back: decide once the payload is JSON."""
         self._hold_data(line, value, length)
-        verdict = self._verdict(final=False)
+        verdict = self._verdict()
         if verdict == _UNDECIDED:
             verdict = self._restart_at_last_line(out)
         if verdict == _UNDECIDED:
@@ -307,16 +306,12 @@ class UsageChunkStripper:
         self._held = [line]
         self._held_len = len(line)
         self._values = [(0, start, end)]
-        return self._verdict(final=False)
+        return self._verdict()
 
-    def _verdict(self, *, final: bool) -> int:
+    def _verdict(self) -> int:
         """What to do with the held event, from its parsed data."""
-        if not self._values:
-            return _KEEP
         data = _parse(self._joined(self._values))
-        if data is _INVALID:
-            return _KEEP if final else _UNDECIDED
-        return _verdict_of(data)
+        return _UNDECIDED if data is _INVALID else _verdict_of(data)
 
     def _joined(self, values: list[tuple[int, int, int]]) -> bytes:
         held = self._held

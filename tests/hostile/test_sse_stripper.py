@@ -311,3 +311,32 @@ def test_an_event_that_never_ends_is_abandoned_at_the_bound() -> None:
     )
     assert stripper.abandoned
     assert out + stripper.flush() == stream
+
+
+def test_after_a_line_that_is_not_json_each_line_is_decided_anew() -> None:
+    stream = (
+        b'data: {"usage": broken\n'
+        b'data: {"choices":[],"usage":{"total_tokens":3}}\n'
+        b"data: [DONE]\n"
+    )
+    stripper = UsageChunkStripper()
+    assert stripper.feed(stream) == b'data: {"usage": broken\ndata: [DONE]\n'
+    assert stripper.flush() == b""
+
+
+def test_a_comment_inside_an_event_stays_with_it() -> None:
+    event = b'event: chunk\n: note\ndata: {"choices":[{"delta":{}}],"usage":null}\n\n'
+    assert strip([event]) == event.replace(b',"usage":null', b"")
+    usage = b'event: chunk\n: note\ndata: {"choices":[],"usage":{"total_tokens":3}}\n\n'
+    assert strip([usage, b"data: [DONE]\n\n"]) == b"data: [DONE]\n\n"
+
+
+def test_a_usage_null_that_cannot_be_found_is_left_in_place() -> None:
+    # The top-level key is spelled with an escape: the only literal one is nested.
+    escaped = b'data: {"x":{"usage":null},"us\\u0061ge":null}\n\n'
+    assert strip([escaped]) == escaped
+    split = b'data: {"x":{"usage":null},\ndata: "us\\u0061ge":null}\n\n'
+    assert strip([split]) == split
+    # "usage" as a value comes first; the member is found after it.
+    valued = b'data: {"k":"usage","usage":null}\n\n'
+    assert strip([valued]) == b'data: {"k":"usage"}\n\n'
