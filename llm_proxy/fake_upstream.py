@@ -25,6 +25,15 @@ path; several may be combined:
 - ``echo``: answer JSON describing the request received.
 - ``usage-cached``: chat completions answer the prompt-cache-hit capture.
 - ``usage-tokens``: transcriptions answer the token-usage variant.
+
+SSE framing behaviours re-frame a streamed reply (the captures are LF-framed), as
+other OpenAI-compatible servers send it; they combine with each other and the above:
+
+- ``sse-framing=lf|crlf|cr|mixed``: end every line with LF, CRLF (sse-starlette's
+  default), a lone CR, or all three in turn.
+- ``sse-spaced-json``: write each ``data:`` JSON with spaces (``"choices": []``).
+- ``sse-keepalive``: send a ``: keep-alive`` comment event before every event.
+- ``sse-no-blank-lines``: end events with a line end only, never a blank line.
 """
 
 from __future__ import annotations
@@ -72,8 +81,21 @@ _FLAGS: Final = frozenset(
         "echo",
         "usage-cached",
         "usage-tokens",
+        "sse-framing",
+        "sse-spaced-json",
+        "sse-keepalive",
+        "sse-no-blank-lines",
     }
 )
+# Line ends of each `sse-framing`; `mixed` takes them in turn, in an order where a lone
+# CR is never followed by a lone LF (that pair would read as one CRLF line end).
+SSE_FRAMINGS: Final[Mapping[str, tuple[bytes, ...]]] = {
+    "lf": (b"\n",),
+    "crlf": (b"\r\n",),
+    "cr": (b"\r",),
+    "mixed": (b"\r\n", b"\n", b"\r"),
+}
+_KEEPALIVE: Final = b": keep-alive"
 _CHUNKING: Final = frozenset(
     {"stall-after-first-event", "drop-mid-stream", "slow-stream"}
 )
@@ -282,6 +304,65 @@ def split_sse_events(data: bytes) -> tuple[bytes, ...]:
     return tuple(events)
 
 
+def reframe_sse_event(
+    event: bytes,
+    index: int = 0,
+    *,
+    framing: str = "lf",
+    spaced_json: bool = False,
+    blank_line: bool = True,
+) -> bytes:
+    """One LF-framed event (of `split_sse_events`) in another framing.
+
+    `index` is the event's place in its stream: `mixed` framing starts each event at
+    the next line end of its cycle.
+    """
+    newlines = SSE_FRAMINGS[framing]
+    lines = event.rstrip(b"\n").split(b"\n")
+    if not blank_line:
+        lines = [line for line in lines if line]
+    else:
+        lines.append(b"")
+    return b"".join(
+        (_spaced(line) if spaced_json else line) + newlines[(index + k) % len(newlines)]
+        for k, line in enumerate(lines)
+    )
+
+
+def _spaced(line: bytes) -> bytes:
+    """A `data:` line's JSON written with spaces after `,` and `:`."""
+    if not line.startswith(b"data: {"):
+        return line
+    value = json.loads(line[6:])
+    return b"data: " + json.dumps(value, ensure_ascii=False).encode()
+
+
+def _framed(
+    chunks: tuple[bytes, ...], behaviours: Mapping[str, str]
+) -> tuple[bytes, ...]:
+    """The events of a streamed reply in the framing the behaviours ask for."""
+    framing = behaviours.get("sse-framing") or "lf"
+    spaced = "sse-spaced-json" in behaviours
+    blank_line = "sse-no-blank-lines" not in behaviours
+    if (
+        framing == "lf"
+        and not spaced
+        and blank_line
+        and "sse-keepalive" not in behaviours
+    ):
+        return chunks
+    framed: list[bytes] = []
+    for index, event in enumerate(chunks):
+        if "sse-keepalive" in behaviours:
+            framed.append(reframe_sse_event(_KEEPALIVE, index, framing=framing))
+        framed.append(
+            reframe_sse_event(
+                event, index, framing=framing, spaced_json=spaced, blank_line=blank_line
+            )
+        )
+    return tuple(framed)
+
+
 def _json_reply(body: bytes, headers: Headers = _SUCCESS_HEADERS) -> _Reply:
     return _Reply((body,), headers=headers)
 
@@ -483,6 +564,8 @@ def _behaviour_problem(behaviours: Mapping[str, str]) -> str | None:
 def _valid_argument(name: str, arg: str) -> bool:
     if name == "drop-mid-stream":
         return arg.isdigit()
+    if name == "sse-framing":
+        return arg in SSE_FRAMINGS
     if name == "slow-stream":
         try:
             return 0.0 <= float(arg) <= 60.0
@@ -631,7 +714,8 @@ async def _respond(request: web.Request, reply: _Reply) -> web.StreamResponse:
     behaviours = request[_CALL_KEY].behaviours
     headers = _response_headers(reply, behaviours)
     if reply.stream:
-        return await _send_chunks(request, reply.status, headers, reply.chunks, None)
+        chunks = _framed(reply.chunks, behaviours)
+        return await _send_chunks(request, reply.status, headers, chunks, None)
     body = b"".join(reply.chunks)
     if "gzip" in behaviours:
         body = _gzip(body)

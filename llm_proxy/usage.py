@@ -28,6 +28,7 @@ FALLBACK_ENCODING: Final = "o200k_base"
 # "How to count tokens with tiktoken").
 TOKENS_PER_MESSAGE: Final = 3
 TOKENS_REPLY_PRIMING: Final = 3
+_BOM: Final = b"\xef\xbb\xbf"
 _TERMINAL_RESPONSE_EVENTS: Final = frozenset(
     {"response.completed", "response.incomplete", "response.failed"}
 )
@@ -148,12 +149,32 @@ def usage_from_json_tail(tail: bytes) -> Usage | None:
 
 
 def sse_data(body: bytes) -> Iterator[bytes]:
-    """The `data:` payloads of an SSE body, in order (`[DONE]` and blanks skipped)."""
-    for line in body.splitlines():
-        if line.startswith(b"data:"):
-            payload = line[5:].strip()
-            if payload and payload != b"[DONE]":
-                yield payload
+    """The data of each SSE event, in order (`[DONE]` and empty data skipped).
+
+    Follows the SSE grammar: lines end in LF, CRLF or CR, a leading BOM is skipped,
+    an event's `data:` lines are joined with LF and a blank line ends the event. The
+    end of the body ends the last event too, so a stream cut before its last blank
+    line still counts.
+    """
+    data: list[bytes] = []
+    for line in body.removeprefix(_BOM).splitlines():
+        if not line:
+            if data:
+                yield from _event_data(data)
+                data = []
+        elif line.startswith(b"data"):
+            if len(line) == 4:
+                data.append(b"")
+            elif line[4] == 0x3A:  # :
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+    if data:
+        yield from _event_data(data)
+
+
+def _event_data(values: list[bytes]) -> Iterator[bytes]:
+    payload = (values[0] if len(values) == 1 else b"\n".join(values)).strip()
+    if payload and payload != b"[DONE]":
+        yield payload
 
 
 def _loads(payload: bytes) -> dict[str, Any] | None:
@@ -164,30 +185,40 @@ def _loads(payload: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _objects(payload: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of one event's data.
+
+    An upstream that never sends blank lines makes one event of the whole stream:
+    data that is not JSON as a whole is read line by line.
+    """
+    data = _loads(payload)
+    if data is not None:
+        return [data]
+    if b"\n" not in payload:
+        return []
+    pieces = (_loads(piece) for piece in payload.split(b"\n"))
+    return [piece for piece in pieces if piece is not None]
+
+
 def usage_from_sse(body: bytes) -> Usage | None:
     """The last non-null usage of a chat, completions or Responses API stream."""
     for payload in reversed(list(sse_data(body))):
         if b'"usage"' not in payload:
             continue
-        data = _loads(payload)
-        if data is None:
-            continue
-        if data.get("type") in _TERMINAL_RESPONSE_EVENTS:
-            response = data.get("response")
-            data = response if isinstance(response, dict) else {}
-        usage = usage_from_object(data.get("usage"))
-        if usage is not None:
-            return usage
+        for data in reversed(_objects(payload)):
+            if data.get("type") in _TERMINAL_RESPONSE_EVENTS:
+                response = data.get("response")
+                data = response if isinstance(response, dict) else {}
+            usage = usage_from_object(data.get("usage"))
+            if usage is not None:
+                return usage
     return None
 
 
 def sse_text(body: bytes) -> str:
     """The assistant text an SSE body delivered (chat, completions, Responses)."""
     parts: list[str] = []
-    for payload in sse_data(body):
-        data = _loads(payload)
-        if data is None:
-            continue
+    for data in (obj for payload in sse_data(body) for obj in _objects(payload)):
         if data.get("type") == "response.output_text.delta":
             delta = data.get("delta")
             parts.append(delta if isinstance(delta, str) else "")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -31,6 +32,7 @@ from llm_proxy.fake_upstream import (
 FIXTURES = Path(llm_proxy.__file__).parent / "fake_fixtures"
 Client = TestClient[web.Request, web.Application]
 SK_PROJ_KEY = "sk-proj-" + "Q" * 32 + "abcd"
+NO_USAGE = "chat_stream_no_usage.sse"
 
 
 def fixture(name: str) -> bytes:
@@ -358,6 +360,7 @@ async def test_other_status_codes_get_a_generic_openai_error(client: Client) -> 
         "status-abc",
         "slow-stream=fast",
         "drop-mid-stream=1.5",
+        "sse-framing=crlf2",
     ],
 )
 async def test_bad_behaviour_header_is_rejected_with_400(
@@ -366,6 +369,54 @@ async def test_bad_behaviour_header_is_rejected_with_400(
     response = await client.get("/v1/models", headers=behave(value))
     assert response.status == 400
     assert "fake upstream:" in (await response.json())["error"]["message"]
+
+
+# --- SSE framing behaviours -------------------------------------------------------
+
+
+async def test_sse_framing_crlf_sends_each_event_with_crlf_line_ends(
+    client: Client,
+) -> None:
+    response = await client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers=behave("sse-framing=crlf"),
+    )
+    chunks = await http_chunks(response)
+    events = split_sse_events(fixture(NO_USAGE))
+    assert chunks == [event.replace(b"\n", b"\r\n") for event in events]
+
+
+async def test_sse_framings_combine_and_keep_every_payload(client: Client) -> None:
+    response = await client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers=behave("sse-framing=mixed, sse-spaced-json, sse-keepalive"),
+    )
+    body = await response.read()
+    assert b"\r\n" in body and b"\r\r" in body and b"\n\r" in body
+    lines = body.splitlines()
+    original = fixture("chat_stream_no_usage.sse").splitlines()
+    assert lines.count(b": keep-alive") == len(split_sse_events(fixture(NO_USAGE)))
+    assert len(lines) == 2 * len(original)  # a keep-alive event per event
+    payloads = [line for line in lines if line.startswith(b"data: {")]
+    assert [orjson.loads(p[6:]) for p in payloads] == [
+        orjson.loads(line[6:]) for line in original if line.startswith(b"data: {")
+    ]
+    assert all(b'"choices": [' in p for p in payloads)
+
+
+async def test_sse_no_blank_lines_ends_events_with_one_line_end(client: Client) -> None:
+    response = await client.post(
+        "/v1/responses",
+        json={"stream": True},
+        headers=behave("sse-no-blank-lines, sse-framing=cr"),
+    )
+    body = await response.read()
+    assert b"\n" not in body and b"\r\r" not in body
+    assert body.split(b"\r") == fixture("responses_stream.sse").replace(
+        b"\n\n", b"\n"
+    ).split(b"\n")
 
 
 # --- header and body behaviours ---------------------------------------------------

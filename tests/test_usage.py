@@ -15,7 +15,12 @@ from llm_proxy.capture import (
     inject_include_usage,
     strip_usage_events,
 )
-from llm_proxy.fake_upstream import load_fixture, split_sse_events
+from llm_proxy.fake_upstream import (
+    SSE_FRAMINGS,
+    load_fixture,
+    reframe_sse_event,
+    split_sse_events,
+)
 from llm_proxy.usage import (
     ESTIMATED,
     PARTIAL,
@@ -179,6 +184,59 @@ def test_sse_text_is_the_delivered_assistant_text() -> None:
     assert sse_text(load_fixture("responses_stream.sse")).startswith("2")
     legacy = b'data: {"choices":[{"text":"hel"},{"text":"lo"}]}\n\ndata: [1]\n\n'
     assert sse_text(legacy + b"data: {bad\n\n") == "hello"
+
+
+def _framed(name: str, framing: str, *, blank_line: bool = True) -> bytes:
+    events = split_sse_events(load_fixture(name))
+    return b"".join(
+        reframe_sse_event(
+            e, i, framing=framing, spaced_json=True, blank_line=blank_line
+        )
+        for i, e in enumerate(events)
+    )
+
+
+@pytest.mark.parametrize("framing", sorted(SSE_FRAMINGS))
+@pytest.mark.parametrize("blank_line", [True, False])
+def test_usage_and_text_are_read_from_every_framing(
+    framing: str, blank_line: bool
+) -> None:
+    chat = _framed("chat_stream_with_usage.sse", framing, blank_line=blank_line)
+    assert usage_from_sse(chat) == usage_from_sse(WITH_USAGE) is not None
+    assert sse_text(chat) == "10 + 5 equals 15."
+    responses = _framed("responses_stream.sse", framing, blank_line=blank_line)
+    assert usage_from_sse(responses) == usage_from_sse(
+        load_fixture("responses_stream.sse")
+    )
+    assert sse_text(responses) == sse_text(load_fixture("responses_stream.sse"))
+    # Cut before the last blank line (or in the middle of the last line end).
+    assert usage_from_sse(chat.rstrip(b"\r\n")) == usage_from_sse(WITH_USAGE)
+
+
+def test_a_multi_line_data_field_is_one_payload() -> None:
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "a"}}],\r\n'
+        b'data: "usage": null}\r\n\r\n'
+        b"event: chunk\rid: 2\r: comment\r"
+        b'data: {"choices": [],\r'
+        b'data:"usage": {"prompt_tokens": 4, "completion_tokens": 2}}\r\r'
+        b"data: [DONE]\r\r"
+    )
+    usage = usage_from_sse(stream)
+    assert usage is not None and (usage.prompt_tokens, usage.total_tokens) == (4, 6)
+    assert sse_text(stream) == "a"
+
+
+def test_a_bom_and_events_without_blank_lines_are_read() -> None:
+    stream = (
+        b'\xef\xbb\xbfdata: {"choices":[{"delta":{"content":"a"}}]}\n'
+        b'data: {"choices":[{"delta":{"content":"b"}}]}\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n'
+        b"data: [DONE]\n"
+    )
+    assert sse_text(stream) == "ab"
+    usage = usage_from_sse(stream)
+    assert usage is not None and usage.total_tokens == 3
 
 
 def test_json_text_reads_chat_and_responses_answers() -> None:
