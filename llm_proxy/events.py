@@ -151,9 +151,11 @@ class RequestCompleted(BaseEvent):
     duration_ms: float
     ttfb_ms: float | None = None
     stream: bool = False
-    model: str | None = None
+    model: str | None = None  # the model that answered (upstream's), else the asked
     error: str | None = None
     usage: Mapping[str, Any] | None = None
+    requested_model: str | None = None  # the model the client asked for
+    created: int | None = None  # upstream's creation time of the answer (epoch s)
 
 
 # Widen to a union (`RequestCompleted | TokenRevoked | ...`) as event types are added,

@@ -32,13 +32,16 @@ from .exchange import Exchange
 from .metrics import Metrics, method_label, status_label
 from .usage import (
     ESTIMATED,
+    NOT_ANSWERED,
     PARTIAL,
+    Answered,
     Usage,
+    answer_from_json,
+    answered_from_sse,
     decode_body,
     estimate_usage,
     json_text,
     sse_text,
-    usage_from_json,
     usage_from_json_tail,
     usage_from_sse,
 )
@@ -63,18 +66,24 @@ GATHER_S: Final = 0.005
 
 def account_usage(exchange: Exchange) -> Usage | None:
     """Usage that upstream reported in the captured answer, if any."""
+    return account_answer(exchange)[0]
+
+
+def account_answer(exchange: Exchange) -> tuple[Usage | None, Answered]:
+    """Usage that upstream reported in the captured answer, and what it answered."""
     capture = exchange.capture
     if capture is None or not 200 <= exchange.status < 300:
-        return None
+        return None, NOT_ANSWERED
     if exchange.response_kind == "sse":
-        data = capture.head_bytes() if capture.complete else capture.tail_bytes()
-        return usage_from_sse(data)
+        head = capture.head_bytes()
+        data = head if capture.complete else capture.tail_bytes()
+        return usage_from_sse(data), answered_from_sse(head)
     if capture.complete:
         body = decode_body(capture.head_bytes(), exchange.content_encoding)
-        return usage_from_json(body) if body is not None else None
+        return answer_from_json(body) if body is not None else (None, NOT_ANSWERED)
     if exchange.content_encoding:
-        return None
-    return usage_from_json_tail(capture.tail_bytes())
+        return None, NOT_ANSWERED
+    return usage_from_json_tail(capture.tail_bytes()), NOT_ANSWERED
 
 
 def needs_estimate(exchange: Exchange) -> bool:
@@ -207,7 +216,10 @@ def _clip(data: bytes | None, limit: int) -> str | None:
 
 
 def build_event(
-    exchange: Exchange, usage: Usage | None, settings: EventSettings
+    exchange: Exchange,
+    usage: Usage | None,
+    settings: EventSettings,
+    answered: Answered = NOT_ANSWERED,
 ) -> RequestCompleted:
     """The event of one call; no secret (the token value) ever goes into it."""
     error_class = exchange.error_class
@@ -232,9 +244,11 @@ def build_event(
         duration_ms=round((exchange.finished - exchange.started) * 1000, 3),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
         stream=exchange.stream or exchange.response_kind == "sse",
-        model=exchange.model,
+        model=answered.model or exchange.model,
         error=exchange.error,
         usage=usage.as_dict() if usage is not None else None,
+        requested_model=exchange.model,
+        created=answered.created,
         extra=extra,
     )
 
@@ -314,10 +328,10 @@ class Instrumentation:
 
     async def _process(self, exchange: Exchange) -> None:
         try:
-            usage = account_usage(exchange)
+            usage, answered = account_answer(exchange)
             if usage is None and self._may_estimate() and needs_estimate(exchange):
                 usage = await self._estimate(exchange)
-            event = build_event(exchange, usage, self.settings)
+            event = build_event(exchange, usage, self.settings, answered)
         except Exception:  # one bad call must not stop the events of the others
             log.exception("could not build the event of %s", exchange.request_id)
             return

@@ -121,13 +121,61 @@ def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What the upstream said it answered with: its model and creation time."""
+
+    model: str | None = None
+    created: int | None = None
+
+
+NOT_ANSWERED: Final = Answered()
+# Stream events of the Responses API that carry the whole response object.
+_RESPONSE_EVENTS: Final = _TERMINAL_RESPONSE_EVENTS | {
+    "response.created",
+    "response.in_progress",
+}
+
+
+def answered_from_object(data: Mapping[str, Any]) -> Answered:
+    """The `model` and `created` (`created_at` in the Responses API) of an answer."""
+    if data.get("type") in _RESPONSE_EVENTS:
+        response = data.get("response")
+        data = response if _is_mapping(response) else {}
+    model = data.get("model")
+    created = _int(data.get("created"))
+    return Answered(
+        model if isinstance(model, str) else None,
+        created if created is not None else _int(data.get("created_at")),
+    )
+
+
 def usage_from_json(body: bytes) -> Usage | None:
     """Usage from a whole JSON response body."""
+    return answer_from_json(body)[0]
+
+
+def answer_from_json(body: bytes) -> tuple[Usage | None, Answered]:
+    """Usage and what was answered, from a whole JSON response body (one parse)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    return usage_from_object(data.get("usage")) if isinstance(data, dict) else None
+        return None, NOT_ANSWERED
+    if not isinstance(data, dict):
+        return None, NOT_ANSWERED
+    return usage_from_object(data.get("usage")), answered_from_object(data)
+
+
+def answered_from_sse(head: bytes) -> Answered:
+    """What was answered, from the first event of a stream that names its model."""
+    for payload in sse_data(head):
+        if b'"model"' not in payload:
+            continue
+        for data in _objects(payload):
+            answered = answered_from_object(data)
+            if answered.model is not None:
+                return answered
+    return NOT_ANSWERED
 
 
 def usage_from_json_tail(tail: bytes) -> Usage | None:

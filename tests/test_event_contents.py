@@ -35,3 +35,39 @@ async def test_our_own_error_answers_count_their_body_in_bytes_out(
     events = await read_events(log_file, 2)
     assert [e["status_code"] for e in events] == [401, 404]
     assert [e["bytes_out"] for e in events] == [len(body) for body in bodies]
+
+
+async def test_events_name_the_model_and_creation_time_the_upstream_answered(
+    start_proxy: Callable[..., Any], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "events.jsonl"
+    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
+    _, token = await proxy_token(proxy)
+    asked = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    plain = await proxy.post("/v1/chat/completions", json=asked, headers=bearer(token))
+    answered = orjson.loads(await plain.read())
+    streamed = await proxy.post(
+        "/v1/chat/completions", json={**asked, "stream": True}, headers=bearer(token)
+    )
+    await streamed.read()
+    responses = await proxy.post(
+        "/v1/responses",
+        json={"model": "gpt-4.1-nano", "input": "hi", "stream": True},
+        headers=bearer(token),
+    )
+    await responses.read()
+    one, two, three = await read_events(log_file, 3)
+    assert one["model"] == answered["model"] != "gpt-4o-mini"
+    assert one["requested_model"] == "gpt-4o-mini"
+    assert one["metadata"]["model"] == answered["model"]
+    assert one["metadata"]["created"] == answered["created"]
+    assert (two["model"], two["requested_model"]) == (
+        "gpt-4o-mini-2024-07-18",
+        "gpt-4o-mini",
+    )
+    assert two["metadata"]["created"] == 1764500138
+    assert (three["model"], three["requested_model"]) == (
+        "gpt-4.1-nano-2025-04-14",
+        "gpt-4.1-nano",
+    )
+    assert three["metadata"]["created"] == 1774963707

@@ -103,7 +103,9 @@ async def test_instrumentation_publishes_an_event_for_every_refusal_and_success(
         "reasoning_tokens": 128,
     }
     assert success.extra["usage_source"] == "upstream"
-    assert success.model == "gpt-4o-mini" and not success.stream
+    # The model that answered, as the upstream named it; the asked one beside it.
+    assert success.model == "gpt-5-nano-2025-08-07" and not success.stream
+    assert success.requested_model == "gpt-4o-mini"
     assert success.duration_ms > 0 and success.ttfb_ms is not None
     for event in events:
         assert token not in orjson.dumps(event.to_json_dict()).decode()

@@ -28,7 +28,7 @@ def event_record(event: Event) -> dict[str, Any]:
         "completion_tokens": usage.get("completion_tokens"),
         "total_tokens": usage.get("total_tokens"),
         "model": data.get("model"),
-        "created": epoch_s(event),
+        "created": data.get("created") or epoch_s(event),
     }
     return data
 
