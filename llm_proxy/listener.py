@@ -16,7 +16,7 @@ import inspect
 import logging
 import resource
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -133,9 +133,9 @@ class _Refusal(asyncio.Protocol):
     """A connection over the cap: a 503, then closed; it never reaches aiohttp."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(OVER_CAPACITY_RESPONSE)
-        transport.close()
+        stream = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+        stream.write(OVER_CAPACITY_RESPONSE)
+        stream.close()
 
 
 class ListenerServer(web.Server):
