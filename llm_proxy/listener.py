@@ -37,6 +37,8 @@ KEEPALIVE_TIMEOUT_S: Final = 75.0
 # and event files, SQLite and its journal, the database and Redis pools' extras,
 # dispatcher pools, stdio and the event loop's own.
 RESERVED_FDS: Final = 128
+# Counted as the limit when RLIMIT_NOFILE says unlimited (Linux caps it at nr_open).
+UNLIMITED_FILES: Final = 1 << 20
 # How long a handler cut at shutdown may take to run its `finally` blocks (its event).
 CUT_WAIT_S: Final = 1.0
 SHUTDOWN_ERROR: Final = "shutdown"
@@ -45,9 +47,15 @@ HANDLER_KWARGS: Final = frozenset(
 ) - {"self", "manager", "loop"}
 
 
-def _raw_error(status: str, message: str, code: str, extra: str = "") -> bytes:
+def _raw_error(
+    status: str,
+    message: str,
+    code: str,
+    extra: str = "",
+    error_type: str = "invalid_request_error",
+) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection."""
-    body = error_body(message, code=code)
+    body = error_body(message, type=error_type, code=code)
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
@@ -65,6 +73,7 @@ OVER_CAPACITY_RESPONSE: Final = _raw_error(
     "The proxy serves as many connections as it can; try again shortly.",
     "too_many_connections",
     "Retry-After: 1\r\n",
+    "api_error",
 )
 
 
@@ -91,7 +100,7 @@ def raise_open_files_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    return soft
+    return UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
 
 
 def fd_budget(settings: Settings, open_files: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -25,8 +26,10 @@ from llm_proxy.fake_upstream import FakeUpstreamState
 from llm_proxy.listener import (
     KEEPALIVE_TIMEOUT_S,
     RESERVED_FDS,
+    UNLIMITED_FILES,
     GuardedRequestHandler,
     ListenerRunner,
+    raise_open_files_limit,
     resolve_listener,
 )
 
@@ -354,3 +357,13 @@ def test_explicit_cap_above_the_fd_budget_is_kept_with_a_warning(
         resolved = resolve_listener(explicit, 2048)
     assert resolved.max_connections == 5000
     assert "MAX_CLIENT_CONNECTIONS=5000 exceeds" in caplog.text
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        expected = UNLIMITED_FILES if hard == resource.RLIM_INFINITY else hard
+        assert raise_open_files_limit() == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
