@@ -146,9 +146,11 @@ async def _serve_until_signalled(
         await stop.wait()
         log.info("llm-proxy stopping", extra={"grace_s": settings.shutdown_grace_s})
     finally:
-        await runner.cleanup()
-        for signum in SHUTDOWN_SIGNALS:
-            loop.remove_signal_handler(signum)
+        try:
+            await runner.cleanup()
+        finally:
+            for signum in SHUTDOWN_SIGNALS:
+                loop.remove_signal_handler(signum)
 
 
 def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:

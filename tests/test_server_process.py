@@ -497,3 +497,26 @@ async def _first_answer(reader: asyncio.StreamReader) -> int | str:
         return "waiting"
     except (asyncio.IncompleteReadError, ConnectionError):
         return "eof"
+
+
+def test_serve_without_descriptors_for_clients_fails_at_start_naming_the_settings(
+    tmp_path: Path,
+) -> None:
+    def limit_open_files() -> None:  # pragma: no cover - runs in the child
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    result = subprocess.run(
+        [*COMMAND, "serve", "--listen-addr", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,
+        env=clean_environ(
+            MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+            DATABASE_URL=f"sqlite:///{tmp_path / 'p.db'}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_open_files,
+    )
+    assert result.returncode != 0
+    assert "MAX_CLIENT_CONNECTIONS=auto leaves no client connections" in result.stderr
+    assert "UPSTREAM_MAX_CONNECTIONS=1000" in result.stderr
