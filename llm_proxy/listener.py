@@ -328,6 +328,10 @@ class GuardedRequestHandler(RequestHandler):
                     self._reject_head(index)
                     return
         self._last_payload = self._messages[-1][1]
+        # Lifted: the next head's deadline starts with its first byte. A partial head
+        # that came in the same read as this one's end is not seen here (the parser
+        # keeps it); it is bounded by the keep-alive timer, or by the deadline once
+        # one more byte arrives.
         self._head_deadline = 0.0
         self._head_bytes = 0
 
