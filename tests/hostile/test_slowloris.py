@@ -367,3 +367,24 @@ def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert raise_open_files_limit() == expected
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_upgraded_connection_is_not_under_the_header_deadline(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", websocket)
+    listener = ListenerSettings(header_timeout_s=HEADER_TIMEOUT_S, max_connections=10)
+    client = await aiohttp_client(ListenerTestServer(app, listener))
+    async with client.ws_connect("/ws") as ws:
+        for _ in range(3):  # frames well past the header deadline
+            await asyncio.sleep(HEADER_TIMEOUT_S)
+            await ws.send_str("ping")
+            assert await ws.receive_str(timeout=5) == "ping"
