@@ -26,7 +26,8 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
-from .config import Settings
+from .config import ListenerSettings, Settings
+from .listener import ListenerRunner, raise_open_files_limit, resolve_listener
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,18 @@ WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 # CPython's default (700) runs a young-generation collection every few requests under
 # load, and every in-flight request's objects survive it into older generations.
 GC_GEN0_THRESHOLD: Final = 10_000
+SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
 class PidFileError(Exception):
     """The PID file names a live process, or cannot be read or written."""
 
 
-def start_summary(settings: Settings) -> dict[str, Any]:
+def start_summary(
+    settings: Settings, listener: ListenerSettings | None = None
+) -> dict[str, Any]:
     """What the start log line says: enough to debug a deployment, no secret."""
+    listener = listener or settings.listener
     return {
         "version": __version__,
         "listen": f"{settings.listen_host}:{settings.listen_port}",
@@ -56,6 +61,8 @@ def start_summary(settings: Settings) -> dict[str, Any]:
         else "off (ADMIN_USER/ADMIN_PASSWORD unset)",
         "allowlist": str(settings.api_config_path or "built-in OpenAI defaults"),
         "event_log": str(settings.file_event_log or "off"),
+        "max_client_connections": listener.max_connections or "auto",
+        "header_timeout_s": listener.header_timeout_s,
     }
 
 
@@ -85,34 +92,74 @@ def serve(settings: Settings, pid_file: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish.
 
     With `pid_file`, this process's PID is written there once it listens and the file
-    is removed on exit (only if it still names this process).
+    is removed on exit (only if it still names this process). Client connections are
+    bounded by `listener.py` (header deadline, header size, connection cap).
     """
+    listener = resolve_listener(settings, raise_open_files_limit())
     app = create_app(settings)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(
+            _serve_until_signalled(app, settings, listener, pid_file)
+        )
+    finally:
+        try:
+            _cancel_leftover_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+            if pid_file is not None:
+                remove_pid_file(pid_file, os.getpid())
+    log.info("llm-proxy stopped")
 
-    async def announce(_: web.Application) -> None:
+
+async def _serve_until_signalled(
+    app: web.Application,
+    settings: Settings,
+    listener: ListenerSettings,
+    pid_file: Path | None,
+) -> None:
+    """Listen until the first SIGTERM/SIGINT, then shut down within the grace period."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    runner = ListenerRunner(
+        app,
+        listener,
+        shutdown_timeout=settings.shutdown_grace_s,
+        access_log=None,
+        # A client that hangs up cancels its handler at once, so a stalled
+        # upstream stream is closed then, not when its next chunk arrives.
+        handler_cancellation=True,
+    )
+    for signum in SHUTDOWN_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)  # later signals: already stopping
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        await site.start()
         tune_gc()
         if pid_file is not None:
             write_pid_file(pid_file, os.getpid())
-        log.info("llm-proxy started", extra=start_summary(settings))
-
-    app.on_startup.append(announce)
-    try:
-        web.run_app(
-            app,
-            host=settings.listen_host,
-            port=settings.listen_port,
-            shutdown_timeout=settings.shutdown_grace_s,
-            access_log=None,
-            print=None,
-            # A client that hangs up cancels its handler at once, so a stalled
-            # upstream stream is closed then, not when its next chunk arrives.
-            handler_cancellation=True,
-            loop=new_event_loop(),
-        )
+        log.info("llm-proxy started", extra=start_summary(settings, listener))
+        await stop.wait()
+        log.info("llm-proxy stopping", extra={"grace_s": settings.shutdown_grace_s})
     finally:
-        if pid_file is not None:
-            remove_pid_file(pid_file, os.getpid())
-    log.info("llm-proxy stopped")
+        try:
+            await runner.cleanup()
+        finally:
+            for signum in SHUTDOWN_SIGNALS:
+                loop.remove_signal_handler(signum)
+
+
+def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what the app left running (as `asyncio.run` does) and let it unwind."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def base_url_for(host: str, port: int) -> str:

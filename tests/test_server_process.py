@@ -7,8 +7,12 @@ person types them; nothing is imported into the test's interpreter but the helpe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +28,7 @@ from llm_proxy.chat import delta_content
 from llm_proxy.fake_upstream import load_fixture, split_sse_events
 from llm_proxy.server import free_port, process_alive, read_pid_file
 
+from .hostile.rawhttp import exchange, open_raw, read_response, request_bytes
 from .support import MANAGEMENT_TOKEN, UPSTREAM_KEY
 
 SCRIPT = Path(sys.executable).with_name("llm-proxy")
@@ -267,3 +272,251 @@ async def _mint_token(session: aiohttp.ClientSession, base: str) -> str:
     token = {"project_id": project_id, "duration_minutes": 5}
     async with session.post(f"{base}/manage/tokens", json=token, headers=auth) as r:
         return str((await r.json())["token"])
+
+
+async def _start_served(
+    tmp_path: Path, fake_url: str, open_files: int | None = None, **extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`llm-proxy serve` in the foreground, healthy; optionally under `ulimit -n`."""
+    port = free_port()
+    settings = {"FILE_EVENT_LOG": "off", "LOG_FORMAT": "text", **extra}
+    env = clean_environ(
+        MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        OPENAI_API_URL=fake_url,
+        **settings,
+    )
+
+    def limit_open_files() -> None:  # pragma: no cover - runs in the child
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    with (tmp_path / "serve.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND,
+            "serve",
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=log,
+            preexec_fn=limit_open_files,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_healthy(session, base)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process, base
+
+
+async def _stop_served(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        try:
+            async with asyncio.timeout(20):
+                await process.wait()
+        except TimeoutError:  # pragma: no cover - only when shutdown hangs
+            process.kill()
+            await process.wait()
+
+
+def _port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def test_served_proxy_answers_a_stalled_request_header_with_408(
+    tmp_path: Path, proxy_env: dict[str, str]
+) -> None:
+    process, base = await _start_served(
+        tmp_path, proxy_env["OPENAI_API_URL"], CLIENT_HEADER_TIMEOUT="1"
+    )
+    try:
+        reader, writer = await open_raw("127.0.0.1", _port_of(base))
+        started = time.monotonic()
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no end
+        answer = await read_response(reader, timeout_s=10.0)
+        assert answer.status == 408
+        assert time.monotonic() - started >= 0.9
+        assert await reader.read() == b""
+        writer.close()
+    finally:
+        await _stop_served(process)
+
+
+async def test_sigterm_with_an_open_stream_exits_within_one_grace_period(
+    tmp_path: Path, fake: Any, proxy_env: dict[str, str]
+) -> None:
+    grace_s = 2.5
+    events = tmp_path / "events.jsonl"
+    process, base = await _start_served(
+        tmp_path,
+        proxy_env["OPENAI_API_URL"],
+        SHUTDOWN_GRACE_PERIOD=str(grace_s),
+        FILE_EVENT_LOG=str(events),
+        USAGE_ESTIMATION="off",  # no tiktoken load while shutting down
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            token = await _mint_token(session, base)
+            response = await session.post(
+                f"{base}/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "stream": True, "messages": []},
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "x-fake-behaviour": "stall-after-first-event",
+                },
+            )
+            await response.content.readuntil(b"\n\n")
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(grace_s * 4):
+                await process.wait()
+            took = time.monotonic() - started
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+    finally:
+        await _stop_served(process)
+    assert process.returncode == 0
+    assert grace_s * 0.9 <= took < grace_s * 1.7  # one grace period, not two
+    cut = [
+        json.loads(line)
+        for line in events.read_text().splitlines()
+        if '"/v1/chat/completions"' in line
+    ]
+    assert [event["error"] for event in cut] == ["shutdown"]
+    assert "llm-proxy stopped" in (tmp_path / "serve.log").read_text()
+
+
+async def _flood(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """Open up to `count` idle connections, 50 at a time (the listen backlog is 128)."""
+
+    async def one() -> asyncio.StreamWriter | None:
+        try:
+            _, writer = await open_raw("127.0.0.1", port, timeout_s=5.0)
+        except (OSError, TimeoutError):
+            return None
+        return writer
+
+    opened: list[asyncio.StreamWriter | None] = []
+    for _ in range(0, count, 50):
+        opened += await asyncio.gather(*(one() for _ in range(50)))
+    return [writer for writer in opened if writer is not None]
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_served_proxy_at_the_descriptor_limit_keeps_serving_and_recovers(
+    tmp_path: Path, proxy_env: dict[str, str]
+) -> None:
+    # An explicit cap far above what `ulimit -n 256` allows: accept() hits EMFILE.
+    process, base = await _start_served(
+        tmp_path,
+        proxy_env["OPENAI_API_URL"],
+        open_files=256,
+        MAX_CLIENT_CONNECTIONS="5000",
+        UPSTREAM_MAX_CONNECTIONS="10",
+    )
+    port = _port_of(base)
+    reader, writer = await open_raw("127.0.0.1", port)  # a healthy client
+    flood: list[asyncio.StreamWriter] = []
+    try:
+        flood = await _flood(port, 400)
+        assert _open_files(process.pid) >= 250  # at the limit: accept() fails
+        cpu_before = _cpu_seconds(process.pid)
+        await asyncio.sleep(1.0)
+        assert _cpu_seconds(process.pid) - cpu_before < 0.5  # no accept() spin
+        writer.write(request_bytes("GET", "/health"))
+        assert (await read_response(reader)).status == 200
+        for other in flood:
+            other.close()
+        flood = []
+        async with asyncio.timeout(10):  # descriptors free: accepted again
+            while True:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    fresh = await exchange(
+                        "127.0.0.1", port, request_bytes("GET", "/health"), 2.0
+                    )
+                    if fresh.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+        assert process.returncode is None
+    finally:
+        writer.close()
+        for other in flood:
+            other.close()
+        await _stop_served(process)
+    assert "MAX_CLIENT_CONNECTIONS=5000 exceeds" in (tmp_path / "serve.log").read_text()
+
+
+async def test_served_proxy_auto_cap_answers_503_before_the_descriptor_limit(
+    tmp_path: Path, proxy_env: dict[str, str]
+) -> None:
+    process, base = await _start_served(
+        tmp_path,
+        proxy_env["OPENAI_API_URL"],
+        open_files=300,  # auto cap: 300 - 10 upstream - 10 database - 128 = 152
+        UPSTREAM_MAX_CONNECTIONS="10",
+        CLIENT_HEADER_TIMEOUT="30",
+    )
+    port = _port_of(base)
+    reader, writer = await open_raw("127.0.0.1", port)
+    flood: list[asyncio.StreamWriter] = []
+    try:
+        readers_writers = [
+            await open_raw("127.0.0.1", port, timeout_s=5.0) for _ in range(250)
+        ]
+        flood = [w for _, w in readers_writers]
+        outcomes = await asyncio.gather(*(_first_answer(r) for r, _ in readers_writers))
+        assert outcomes.count("eof") == 0  # nobody gets an empty reply
+        assert outcomes.count(503) >= 250 - 152
+        assert outcomes.count("waiting") <= 152
+        writer.write(request_bytes("GET", "/health"))
+        assert (await read_response(reader)).status == 200
+    finally:
+        writer.close()
+        for other in flood:
+            other.close()
+        await _stop_served(process)
+
+
+async def _first_answer(reader: asyncio.StreamReader) -> int | str:
+    """The status the server sent unasked, "eof" for a bare close, or "waiting"."""
+    try:
+        return (await read_response(reader, timeout_s=2.0)).status
+    except TimeoutError:
+        return "waiting"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "eof"
+
+
+def test_serve_without_descriptors_for_clients_fails_at_start_naming_the_settings(
+    tmp_path: Path,
+) -> None:
+    def limit_open_files() -> None:  # pragma: no cover - runs in the child
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    result = subprocess.run(
+        [*COMMAND, "serve", "--listen-addr", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,
+        env=clean_environ(
+            MANAGEMENT_TOKEN=MANAGEMENT_TOKEN,
+            DATABASE_URL=f"sqlite:///{tmp_path / 'p.db'}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_open_files,
+    )
+    assert result.returncode != 0
+    assert "MAX_CLIENT_CONNECTIONS=auto leaves no client connections" in result.stderr
+    assert "UPSTREAM_MAX_CONNECTIONS=1000" in result.stderr
