@@ -44,6 +44,7 @@ class Usage:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     source: str = UPSTREAM
+    seconds: float | None = None  # a duration-billed call (whisper): audio seconds
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form carried by events (details only when known)."""
@@ -52,6 +53,8 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.seconds is not None:
+            data = {"type": "duration", "seconds": self.seconds, **data}
         if self.cached_tokens is not None:
             data["cached_tokens"] = self.cached_tokens
         if self.reasoning_tokens is not None:
@@ -103,7 +106,15 @@ def usage_from_object(obj: object) -> Usage | None:
             _detail(obj, prompt_details, "cached_tokens"),
             _detail(obj, completion_details, "reasoning_tokens"),
         )
-    return None  # e.g. whisper's {"type": "duration", "seconds": 7}
+    return _duration_usage(obj)
+
+
+def _duration_usage(obj: Mapping[str, Any]) -> Usage | None:
+    """whisper's `{"type": "duration", "seconds": 7}`: billed by time, no tokens."""
+    seconds = obj.get("seconds")
+    if obj.get("type") != "duration" or type(seconds) not in (int, float):
+        return None
+    return Usage(0, 0, 0, seconds=seconds)
 
 
 def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:

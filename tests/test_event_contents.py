@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from .support import bearer, proxy_token
@@ -71,3 +72,24 @@ async def test_events_name_the_model_and_creation_time_the_upstream_answered(
         "gpt-4.1-nano",
     )
     assert three["metadata"]["created"] == 1774963707
+
+
+async def test_audio_events_record_duration_usage(
+    start_proxy: Callable[..., Any], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "events.jsonl"
+    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
+    _, token = await proxy_token(proxy)
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    form.add_field("file", b"\x00" * 4096, filename="a.wav", content_type="audio/wav")
+    response = await proxy.post(
+        "/v1/audio/transcriptions", data=form, headers=bearer(token)
+    )
+    assert response.status == 200
+    usage = orjson.loads(await response.read())["usage"]
+    assert usage == {"type": "duration", "seconds": 7}
+    (event,) = await read_events(log_file, 1)
+    assert event["usage"]["type"] == "duration" and event["usage"]["seconds"] == 7
+    assert event["usage"]["total_tokens"] == 0  # billed by time, not by tokens
+    assert event["usage_source"] == "upstream"

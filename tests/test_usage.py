@@ -130,7 +130,15 @@ def test_usage_from_responses_embeddings_and_audio() -> None:
     assert responses is not None and responses.reasoning_tokens == 64
     embeddings = usage_from_json(load_fixture("embeddings_base64.json"))
     assert embeddings is not None and embeddings.completion_tokens == 0
-    assert usage_from_json(load_fixture("audio_transcription.json")) is None
+    duration = usage_from_json(load_fixture("audio_transcription.json"))
+    assert duration is not None and duration.seconds == 7
+    assert duration.as_dict() == {
+        "type": "duration",
+        "seconds": 7,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+    }
     tokens = usage_from_json(load_fixture("audio_transcription_tokens.json"))
     assert tokens is not None and tokens.total_tokens > 0
 
