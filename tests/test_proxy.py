@@ -327,6 +327,27 @@ async def test_allowlist_file_restricts_models(
     await error_of(models, 404)
 
 
+async def test_rate_limit_slot_comes_back_when_the_model_is_refused(
+    start_proxy: Callable[..., Any], fake: FakeUpstreamState, tmp_path: Any
+) -> None:
+    config = tmp_path / "apis.yaml"
+    config.write_text(
+        "apis:\n  openai:\n    allowed_endpoints:\n"
+        "      - path: /v1/chat/completions\n        methods: [POST]\n"
+        "        models: ['gpt-4o-*']\n"
+    )
+    proxy = await start_proxy(API_CONFIG_PATH=str(config))
+    _, token = await proxy_token(proxy, rate_limit_per_hour=1)
+    bad = {**CHAT, "model": "gpt-5-expensive"}
+    refused = await proxy.post("/v1/chat/completions", json=bad, headers=bearer(token))
+    assert (await error_of(refused, 403))["code"] == "model_not_allowed"
+    ok = await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert ok.status == 200
+    limited = await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert (await error_of(limited, 429))["code"] == "rate_limit_exceeded"
+    assert len(fake.requests) == 1
+
+
 async def test_upstream_unreachable_is_502(start_proxy: Callable[..., Any]) -> None:
     proxy = await start_proxy(OPENAI_API_URL="http://127.0.0.1:9", UPSTREAM_RETRIES="1")
     _, token = await proxy_token(proxy)
