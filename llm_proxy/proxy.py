@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import itertools
 import logging
 import os
@@ -32,7 +33,7 @@ from .capture import (
     UsageChunkStripper,
     inject_include_usage,
 )
-from .config import Settings
+from .config import IpNetwork, Settings
 from .errors import (
     ApiError,
     IncompleteBodyError,
@@ -205,6 +206,58 @@ def upstream_headers(
     if client_ip:
         out[hdrs.X_FORWARDED_FOR] = client_ip
     return out
+
+
+def client_address(
+    remote: str | None, forwarded_for: str | None, trusted: tuple[IpNetwork, ...]
+) -> str | None:
+    """The client's address: the peer's, or behind trusted proxies, X-Forwarded-For's.
+
+    When the peer is a trusted proxy, its `X-Forwarded-For` is read right to left
+    and the first address not in `trusted` is the client (all trusted: the
+    left-most). An entry that is not an IP address ends the search at the hop that
+    sent it, whose address is the last one that can be believed.
+    """
+    if not trusted or not forwarded_for or not _is_trusted(remote, trusted):
+        return remote
+    client = remote
+    for entry in reversed(forwarded_for.split(",")):
+        try:
+            address = _plain(ipaddress.ip_address(entry.strip()))
+        except ValueError:
+            return client
+        client = str(address)
+        if not any(address in network for network in trusted):
+            return client
+    return client
+
+
+def _is_trusted(remote: str | None, trusted: tuple[IpNetwork, ...]) -> bool:
+    if remote is None:
+        return False
+    try:
+        address = _plain(ipaddress.ip_address(remote))
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def _plain(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's view) as its IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_client(request: web.Request, settings: Settings) -> str | None:
+    """The address to send as X-Forwarded-For, when FORWARD_CLIENT_IP is on."""
+    if not settings.forward_client_ip:
+        return None
+    forwarded = request.headers.getall(hdrs.X_FORWARDED_FOR, None)
+    joined = ",".join(forwarded) if forwarded else None
+    return client_address(request.remote, joined, settings.trusted_proxies)
 
 
 def downstream_headers(
@@ -389,7 +442,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request.headers,
         request[PRINCIPAL_KEY].upstream_authorization,
         exchange.request_id,
-        request.remote if settings.forward_client_ip else None,
+        _forwarded_client(request, settings),
     )
     if isinstance(body, CountedBody) and request.content_length is not None:
         # aiohttp's parser delivers exactly this many bytes or fails the stream.
