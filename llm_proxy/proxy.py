@@ -463,11 +463,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             body,
             settings.upstream.retries,
         )
-    except UpstreamError:
+    except UpstreamError as exc:
         if isinstance(body, CountedBody) and body.failure is not None:
             # The client's body failed, not the upstream: no breaker count, no quota.
             exchange.reached_upstream = False
             raise body.failure from None
+        if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+            exchange.reached_upstream = False  # never connected: nothing was sent
         raise
     async with upstream:
         return await relay(request, upstream, exchange)

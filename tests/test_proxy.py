@@ -356,6 +356,16 @@ async def test_upstream_unreachable_is_502(start_proxy: Callable[..., Any]) -> N
     assert (await error_of(response, 502))["code"] == "upstream_unavailable"
 
 
+async def test_upstream_unreachable_spends_neither_quota_nor_rate_limit(
+    start_proxy: Callable[..., Any],
+) -> None:
+    proxy = await start_proxy(OPENAI_API_URL="http://127.0.0.1:9", UPSTREAM_RETRIES="0")
+    _, token = await proxy_token(proxy, max_requests=1, rate_limit_per_hour=1)
+    for _ in range(3):
+        response = await proxy.get("/v1/models", headers=bearer(token))
+        assert (await error_of(response, 502))["code"] == "upstream_unavailable"
+
+
 async def test_upstream_silence_is_504(
     start_proxy: Callable[..., Any], fake: FakeUpstreamState
 ) -> None:

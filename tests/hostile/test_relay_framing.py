@@ -56,6 +56,7 @@ class RawUpstream:
     ) -> None:
         connection = self.connections
         self.connections += 1
+        self.changed.set()
         served = 0
         try:
             while True:
@@ -333,3 +334,31 @@ async def test_relay_never_replays_a_streamed_body_on_a_stale_connection(
     assert all(seen.body in (b"", upload) for seen in posts)
     replayed = [seen for seen in posts if seen.body]
     assert (answer.status == 200) == bool(replayed)
+
+
+@pytest.mark.parametrize("length", [str(8 * 1024 * 1024), None])
+async def test_relay_client_abort_mid_upload_is_not_an_upstream_failure(
+    start_proxy: Callable[..., Any],
+    raw_upstream: tuple[RawUpstream, str],
+    length: str | None,
+) -> None:
+    upstream, url = raw_upstream
+    proxy = await start_proxy(OPENAI_API_URL=url, BREAKER_FAILURE_THRESHOLD="1")
+    _, token = await proxy_token(proxy)
+    auth = ("Authorization", f"Bearer {token}")
+    framing = ("Content-Length", length) if length else ("Transfer-Encoding", "chunked")
+    headers = [auth, ("Content-Type", "audio/mpeg"), framing]
+    piece = b"u" * 65536
+    chunk = piece if length else b"%x\r\n%s\r\n" % (len(piece), piece)
+    _, writer = await open_raw(proxy.server.host, proxy.server.port)
+    writer.write(request_bytes("POST", "/v1/audio/transcriptions", headers))
+    for _ in range(32):  # 2 MiB of the upload, then the client is gone
+        writer.write(chunk)
+        await writer.drain()
+    await upstream.wait_for(lambda u: u.connections == 1)
+    writer.transport.abort()
+    # the upstream request is abandoned with its connection, never completed
+    await upstream.wait_for(lambda u: u.closed_by_client == 1)
+    assert upstream.requests == []
+    answer = await _raw_call(proxy, "GET", "/v1/models", [auth], b"")
+    assert answer.status == 200, answer.body  # the breaker did not count it
