@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web import AppRunner, BaseRunner
+from pytest_aiohttp import AiohttpClient
 
+from llm_proxy.app import create_app
+from llm_proxy.config import Settings
+from llm_proxy.dispatchers import EVENT_BUS_KEY
 from llm_proxy.fake_upstream import FakeUpstreamState
 
 from ..support import proxy_token
@@ -120,6 +125,24 @@ def _answer(status: int, body: bytes) -> bytes:
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+class UncancelledServer(TestServer):
+    """A test server whose handlers go on when their client leaves (aiohttp's default).
+
+    aiohttp's `TestServer` always turns handler cancellation on.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return AppRunner(self.app, **{**kwargs, "handler_cancellation": False})
+
+
+async def _start(
+    aiohttp_client: AiohttpClient, env: dict[str, str], cancellation: bool
+) -> Client:
+    app = create_app(Settings.from_env(env))
+    server = TestServer(app) if cancellation else UncancelledServer(app)
+    return await aiohttp_client(server)
 
 
 @pytest.fixture
@@ -336,14 +359,18 @@ async def test_relay_never_replays_a_streamed_body_on_a_stale_connection(
     assert (answer.status == 200) == bool(replayed)
 
 
+@pytest.mark.parametrize("cancellation", [True, False])
 @pytest.mark.parametrize("length", [str(8 * 1024 * 1024), None])
 async def test_relay_client_abort_mid_upload_is_not_an_upstream_failure(
-    start_proxy: Callable[..., Any],
+    aiohttp_client: AiohttpClient,
+    proxy_env: dict[str, str],
     raw_upstream: tuple[RawUpstream, str],
     length: str | None,
+    cancellation: bool,
 ) -> None:
     upstream, url = raw_upstream
-    proxy = await start_proxy(OPENAI_API_URL=url, BREAKER_FAILURE_THRESHOLD="1")
+    env = {**proxy_env, "OPENAI_API_URL": url, "BREAKER_FAILURE_THRESHOLD": "1"}
+    proxy = await _start(aiohttp_client, env, cancellation)
     _, token = await proxy_token(proxy)
     auth = ("Authorization", f"Bearer {token}")
     framing = ("Content-Length", length) if length else ("Transfer-Encoding", "chunked")
@@ -362,3 +389,61 @@ async def test_relay_client_abort_mid_upload_is_not_an_upstream_failure(
     assert upstream.requests == []
     answer = await _raw_call(proxy, "GET", "/v1/models", [auth], b"")
     assert answer.status == 200, answer.body  # the breaker did not count it
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/v1/chat/completions", "application/json"), ("/v1/audio/transcriptions", "")],
+)
+async def test_relay_malformed_chunked_body_never_completes_upstream(
+    start_proxy: Callable[..., Any],
+    raw_upstream: tuple[RawUpstream, str],
+    path: str,
+    content_type: str,
+) -> None:
+    # aiohttp's parser drops a payload whose chunk framing breaks mid-body without
+    # failing it, so the call waits for the client to leave (or a body timeout).
+    upstream, url = raw_upstream
+    proxy = await start_proxy(OPENAI_API_URL=url, BREAKER_FAILURE_THRESHOLD="1")
+    _, token = await proxy_token(proxy)
+    auth = ("Authorization", f"Bearer {token}")
+    headers = [auth, ("Transfer-Encoding", "chunked")]
+    if content_type:
+        headers.append(("Content-Type", content_type))
+    piece = b"v" * 65536
+    body = b"%x\r\n%s\r\n" % (len(piece), piece) * 20 + b"zz\r\nnot a chunk\r\n"
+    _, writer = await open_raw(proxy.server.host, proxy.server.port)
+    writer.write(request_bytes("POST", path, headers, body))
+    await writer.drain()
+    writer.transport.abort()
+    await upstream.wait_for(lambda u: u.closed_by_client == u.connections)
+    assert upstream.requests == []
+    models = await _raw_call(proxy, "GET", "/v1/models", [auth], b"")
+    assert models.status == 200, models.body  # the breaker did not count it
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/transcriptions"])
+async def test_relay_records_a_body_cut_by_the_client_as_its_error(
+    aiohttp_client: AiohttpClient,
+    proxy_env: dict[str, str],
+    raw_upstream: tuple[RawUpstream, str],
+    path: str,
+) -> None:
+    upstream, url = raw_upstream
+    env = {**proxy_env, "OPENAI_API_URL": url, "EVENT_FLUSH_INTERVAL": "0.01"}
+    proxy = await _start(aiohttp_client, env, False)  # the read itself fails
+    events = proxy.app[EVENT_BUS_KEY].subscribe("test")
+    _, token = await proxy_token(proxy)
+    headers = [
+        ("Authorization", f"Bearer {token}"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(4 * 1024 * 1024)),
+    ]
+    _, writer = await open_raw(proxy.server.host, proxy.server.port)
+    writer.write(request_bytes("POST", path, headers, b"[" * (2 * 1024 * 1024)))
+    await writer.drain()
+    writer.transport.abort()
+    async with asyncio.timeout(10):
+        [event] = await anext(events)
+    assert (event.status_code, event.error) == (400, "incomplete_request_body")
+    assert upstream.requests == []
