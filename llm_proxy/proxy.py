@@ -325,6 +325,8 @@ class CountedBody:
 
 
 UpstreamBody = bytes | io.BytesIO | CountedBody | None
+# Failures to get a connection at all: the call never reached the upstream.
+_NEVER_CONNECTED: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 async def read_body(
@@ -468,8 +470,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             # The client's body failed, not the upstream: no breaker count, no quota.
             exchange.reached_upstream = False
             raise body.failure from None
-        if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-            exchange.reached_upstream = False  # never connected: nothing was sent
+        if isinstance(exc.__cause__, _NEVER_CONNECTED):
+            exchange.reached_upstream = False  # nothing was sent
         raise
     async with upstream:
         return await relay(request, upstream, exchange)
