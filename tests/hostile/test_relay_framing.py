@@ -53,6 +53,7 @@ class RawUpstream:
     mode: str = "normal"
     requests: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
+    heads: int = 0  # request heads read, bodies complete or not
     closed_by_client: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -66,6 +67,7 @@ class RawUpstream:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.heads += 1
                 line, headers = _parse_head(head)
                 if self.mode == "drop-reused" and served:
                     self.requests.append(SeenRequest(connection, line, headers, b""))
@@ -216,6 +218,27 @@ def _allowlist(folder: Path, *endpoints: tuple[str, str]) -> str:
     config = folder / "apis.yaml"
     config.write_text("\n".join(lines) + "\n")
     return str(config)
+
+
+async def test_relay_never_forwards_a_length_whose_body_has_not_come(
+    start_proxy: Callable[..., Any], raw_upstream: tuple[RawUpstream, str]
+) -> None:
+    upstream, url = raw_upstream
+    proxy = await start_proxy(OPENAI_API_URL=url)
+    _, token = await proxy_token(proxy)
+    auth = ("Authorization", f"Bearer {token}")
+    _, stalled = await open_raw(proxy.server.host, proxy.server.port)
+    try:
+        stalled.write(
+            request_bytes("GET", "/v1/models", [auth, ("Content-Length", "5")])
+        )
+        await stalled.drain()
+        other = await _raw_call(proxy, "GET", "/v1/models", [auth], b"")
+        assert other.status == 200
+        # only the other call went upstream: the stalled one waits for its 5 bytes
+        assert (upstream.heads, upstream.connections) == (1, 1)
+    finally:
+        stalled.close()
 
 
 async def test_relay_delete_without_body_sends_an_empty_length(
