@@ -6,6 +6,8 @@ Exception tree::
     └── ApiError                   (an answer we generate; a web.HTTPException)
         ├── InvalidTokenError      401
         ├── NotAllowedError        403 / 404 / 405
+        ├── RequestTooLargeError   413
+        ├── IncompleteBodyError    400
         ├── RateLimitedError       429
         └── UpstreamError
             ├── UpstreamUnavailableError  502
@@ -75,6 +77,34 @@ class InvalidTokenError(ApiError):
 
 class NotAllowedError(ApiError):
     """403/404/405: the request is not allowed here."""
+
+
+class RequestTooLargeError(ApiError):
+    """413: a body over MAX_REQUEST_BYTES, declared or counted as it arrives.
+
+    The connection is closed after the answer: the rest of a refused upload is not
+    worth reading (aiohttp would otherwise drain it for up to ten seconds).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"The request body is larger than the {limit} bytes this proxy accepts.",
+            code="request_too_large",
+        )
+        self.force_close()
+
+
+class IncompleteBodyError(ApiError):
+    """400: the client's body ended before its framing said it would."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "The request body ended before its declared end.",
+            code="incomplete_request_body",
+        )
+        self.force_close()
 
 
 class RateLimitedError(ApiError):

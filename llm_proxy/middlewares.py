@@ -291,7 +291,11 @@ def _auth_error(failure: AuthFailure) -> ApiError:
 
 
 class RateLimitStage:
-    """Per-token hourly window; 429 with Retry-After; headers on every answer."""
+    """Per-token hourly window; 429 with Retry-After; headers on every answer.
+
+    A slot is spent by a call that reached the upstream; one the proxy refused
+    after granting it is given back, as `TokenAuthStage` does with the quota.
+    """
 
     __slots__ = ("default_per_hour", "limiter")
 
@@ -320,7 +324,9 @@ class RateLimitStage:
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None
     ) -> None:
-        """A granted slot stays spent, as with any limiter of requests."""
+        """A call the proxy refused itself (413, model, breaker) gets its slot back."""
+        if not exchange.reached_upstream:
+            self.limiter.refund(request[PRINCIPAL_KEY].token_id)
 
 
 class ConcurrencyStage:

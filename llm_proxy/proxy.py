@@ -8,6 +8,8 @@ it needs (the upstream Authorization value, rate-limit headers) arrives in reque
 from __future__ import annotations
 
 import asyncio
+import io
+import ipaddress
 import itertools
 import logging
 import os
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -30,9 +33,12 @@ from .capture import (
     UsageChunkStripper,
     inject_include_usage,
 )
-from .config import Settings
+from .config import IpNetwork, Settings
 from .errors import (
     ApiError,
+    IncompleteBodyError,
+    RequestTooLargeError,
+    UpstreamError,
     UpstreamPoolExhaustedError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -68,10 +74,12 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Never forwarded upstream: our own credentials replace the client's, a token must not
 # switch the project's OpenAI organisation or project, and client addresses stay here
-# unless FORWARD_CLIENT_IP is on.
+# unless FORWARD_CLIENT_IP is on. aiohttp frames the body it is given and trusts a
+# Content-Length it finds in the headers, so the client's framing never goes along.
 REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
     name
     for name in (
+        "content-length",
         "host",
         "authorization",
         "openai-organization",
@@ -102,6 +110,9 @@ OUR_RATE_HEADERS: Final = frozenset(
 )
 SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 JSON_PEEK_LIMIT: Final = 1024 * 1024
+# aiohttp warns (a ResourceWarning) when given more raw bytes than this to send; a
+# BytesIO of the same bytes is written in slices instead.
+_LARGE_BYTES_BODY: Final = 1024 * 1024
 
 
 # aiohttp adds Accept, Accept-Encoding, User-Agent and a Content-Type that the client
@@ -233,6 +244,58 @@ def upstream_headers(
     return out
 
 
+def client_address(
+    remote: str | None, forwarded_for: str | None, trusted: tuple[IpNetwork, ...]
+) -> str | None:
+    """The client's address: the peer's, or behind trusted proxies, X-Forwarded-For's.
+
+    When the peer is a trusted proxy, its `X-Forwarded-For` is read right to left
+    and the first address not in `trusted` is the client (all trusted: the
+    left-most). An entry that is not an IP address ends the search at the hop that
+    sent it, whose address is the last one that can be believed.
+    """
+    if not trusted or not forwarded_for or not _is_trusted(remote, trusted):
+        return remote
+    client = remote
+    for entry in reversed(forwarded_for.split(",")):
+        try:
+            address = _plain(ipaddress.ip_address(entry.strip()))
+        except ValueError:
+            return client
+        client = str(address)
+        if not any(address in network for network in trusted):
+            return client
+    return client
+
+
+def _is_trusted(remote: str | None, trusted: tuple[IpNetwork, ...]) -> bool:
+    if remote is None:
+        return False
+    try:
+        address = _plain(ipaddress.ip_address(remote))
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def _plain(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's view) as its IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_client(request: web.Request, settings: Settings) -> str | None:
+    """The address to send as X-Forwarded-For, when FORWARD_CLIENT_IP is on."""
+    if not settings.forward_client_ip:
+        return None
+    forwarded = request.headers.getall(hdrs.X_FORWARDED_FOR, None)
+    joined = ",".join(forwarded) if forwarded else None
+    return client_address(request.remote, joined, settings.trusted_proxies)
+
+
 def downstream_headers(
     headers: CIMultiDictProxy[str], exchange: Exchange, is_sse: bool
 ) -> CIMultiDict[str]:
@@ -262,25 +325,90 @@ def media_type(content_type: str | None) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-async def read_body(
-    request: web.Request, exchange: Exchange
-) -> bytes | aiohttp.StreamReader:
-    """Small JSON bodies are read once (to peek at model/stream); others stream through.
+class CountedBody:
+    """The client's body as it streams upstream, counted against MAX_REQUEST_BYTES.
 
-    A streamed chat or completions call whose client left `include_usage` unset is
-    sent upstream with it (see `capture.inject_include_usage`), so usage is exact.
+    One int add and one compare per chunk. A body that crosses the limit, or that the
+    client cuts short, stops with an `ApiError` kept in `failure`: aiohttp then closes
+    the upstream connection (a request whose body was not fully sent is never
+    pooled), and the handler answers with `failure` instead of a 502.
     """
+
+    __slots__ = ("_content", "_limit", "failure", "received")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.received = 0
+        self.failure: ApiError | None = None
+
+    def __aiter__(self) -> CountedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except (ConnectionResetError, HttpProcessingError) as exc:
+            self.failure = IncompleteBodyError()
+            raise self.failure from exc
+        if not chunk:
+            raise StopAsyncIteration
+        self.received += len(chunk)
+        if self.received > self._limit:
+            self.failure = RequestTooLargeError(self._limit)
+            raise self.failure
+        return chunk
+
+
+UpstreamBody = bytes | io.BytesIO | CountedBody | None
+# Failures to get a connection at all: the call never reached the upstream.
+_NEVER_CONNECTED: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+async def read_body(
+    request: web.Request, exchange: Exchange, limit: int
+) -> UpstreamBody:
+    """The body to send upstream: None, the bytes read whole, or a counted stream.
+
+    Any body over `limit` (MAX_REQUEST_BYTES) is refused with a 413: a declared
+    length at once, a chunked one as soon as the count crosses it. The bodies of
+    the usage endpoints (whatever their Content-Type) and JSON bodies are read
+    whole to peek at `model` and `stream`; a streamed chat or completions call
+    whose client left `include_usage` unset is sent with it (see
+    `capture.inject_include_usage`), so usage is exact. Other small bodies are read
+    whole too (sent with their exact length, without holding an upstream connection
+    while the client sends them); the rest streams through.
+    """
+    if not request.body_exists:
+        return None
     length = request.content_length
-    if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
-        return b""
-    if (
-        media_type(request.headers.get(hdrs.CONTENT_TYPE)) != "application/json"
-        or length is None
-        or length > JSON_PEEK_LIMIT
-    ):
-        return request.content
-    body = await request.read()
-    exchange.request_body = body
+    if length is not None and length > limit:
+        raise RequestTooLargeError(limit)
+    peek = exchange.path in USAGE_ENDPOINTS or (
+        media_type(request.headers.get(hdrs.CONTENT_TYPE)) == "application/json"
+    )
+    if not peek and (length is None or length > JSON_PEEK_LIMIT):
+        return CountedBody(request.content, limit)
+    body = await _read_whole(request, limit)
+    if peek:
+        body = _peeked(body, exchange)
+    return io.BytesIO(body) if len(body) > _LARGE_BYTES_BODY else body
+
+
+async def _read_whole(request: web.Request, limit: int) -> bytes:
+    """The whole body; aiohttp stops at `client_max_size`, which is `limit`."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(limit) from None
+    except (ConnectionResetError, HttpProcessingError) as exc:
+        raise IncompleteBodyError() from exc
+
+
+def _peeked(body: bytes, exchange: Exchange) -> bytes:
+    """Note model and stream of a JSON body; the body with `include_usage` if due."""
+    if len(body) <= JSON_PEEK_LIMIT:
+        exchange.request_body = body
     payload = _peek_json(body, exchange)
     if payload is not None and exchange.stream and exchange.path in USAGE_ENDPOINTS:
         injected = inject_include_usage(body, payload)
@@ -308,7 +436,7 @@ async def send_upstream(
     method: str,
     url: URL,
     headers: CIMultiDict[str],
-    body: bytes | aiohttp.StreamReader,
+    body: UpstreamBody,
     retries: int,
 ) -> aiohttp.ClientResponse:
     """Send once, retrying only connection failures that happened before any byte left.
@@ -348,20 +476,21 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Forward one request upstream and relay the response chunk by chunk."""
     settings = request.app[SETTINGS_KEY]
     exchange = request[EXCHANGE_KEY]
-    body = await read_body(request, exchange)
+    body = await read_body(request, exchange, settings.max_request_bytes)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
     ):
         raise refuse_model(exchange.model)
-    client_ip = request.remote if settings.forward_client_ip else None
     headers = upstream_headers(
         request.headers,
         request[PRINCIPAL_KEY].upstream_authorization,
         exchange.request_id,
-        client_ip,
+        _forwarded_client(request, settings),
     )
+    if isinstance(body, CountedBody) and request.content_length is not None:
+        # aiohttp's parser delivers exactly this many bytes or fails the stream.
+        headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
     if exchange.usage_injected:
-        headers.popall(hdrs.CONTENT_LENGTH, None)  # aiohttp sets the new length
         # The usage-only chunk we asked for must be taken out again, which needs the
         # stream uncompressed; identity is acceptable to every client.
         headers[hdrs.ACCEPT_ENCODING] = "identity"
@@ -379,6 +508,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         )
     except UpstreamPoolExhaustedError:
         exchange.reached_upstream = False  # it never left the proxy: no quota spent
+        raise
+    except UpstreamError as exc:
+        if isinstance(body, CountedBody) and body.failure is not None:
+            # The client's body failed, not the upstream: no breaker count, no quota.
+            exchange.reached_upstream = False
+            raise body.failure from None
+        if isinstance(exc.__cause__, _NEVER_CONNECTED):
+            exchange.reached_upstream = False  # nothing was sent
         raise
     async with upstream:
         return await relay(request, upstream, exchange)

@@ -37,6 +37,10 @@ class Limiter(Protocol):
         """Count one request for `key` if allowed, and say whether it was."""
         ...
 
+    def refund(self, key: str) -> None:
+        """Give back one slot `try_acquire` granted (the call was refused after all)."""
+        ...
+
 
 def _refuse_all(window_s: float) -> Decision:
     return Decision(False, 0, 0, window_s, window_s)
@@ -106,6 +110,22 @@ class GcraLimiter:
         self._state[key] = (new_tat, limit_per_hour)
         remaining = int((now + window - new_tat) / interval + _EPS)
         return Decision(True, limit_per_hour, remaining, 0.0, new_tat - now)
+
+    def refund(self, key: str) -> None:
+        """Give back one granted slot of `key`: its TAT moves back one interval.
+
+        Never below now, so a refund can restore at most the full allowance; the
+        interval is that of the limit the slot was counted with.
+        """
+        state = self._state.get(key)
+        if state is None:
+            return
+        tat, limit = state
+        earlier = tat - self._window_s / limit
+        if earlier <= self._clock() + _EPS:
+            del self._state[key]  # the whole allowance is back: as if never seen
+        else:
+            self._state[key] = (earlier, limit)
 
     def prune(self, now: float | None = None) -> int:
         """Forget keys that have their full allowance back; return how many."""

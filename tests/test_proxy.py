@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.keys import TOKEN_STORE_KEY
-from llm_proxy.proxy import media_type
+from llm_proxy.proxy import client_address, media_type
 
 from .support import AUTH, UPSTREAM_KEY, bearer, open_stalled_stream, proxy_token
 
@@ -327,11 +328,42 @@ async def test_allowlist_file_restricts_models(
     await error_of(models, 404)
 
 
+async def test_rate_limit_slot_comes_back_when_the_model_is_refused(
+    start_proxy: Callable[..., Any], fake: FakeUpstreamState, tmp_path: Any
+) -> None:
+    config = tmp_path / "apis.yaml"
+    config.write_text(
+        "apis:\n  openai:\n    allowed_endpoints:\n"
+        "      - path: /v1/chat/completions\n        methods: [POST]\n"
+        "        models: ['gpt-4o-*']\n"
+    )
+    proxy = await start_proxy(API_CONFIG_PATH=str(config))
+    _, token = await proxy_token(proxy, rate_limit_per_hour=1)
+    bad = {**CHAT, "model": "gpt-5-expensive"}
+    refused = await proxy.post("/v1/chat/completions", json=bad, headers=bearer(token))
+    assert (await error_of(refused, 403))["code"] == "model_not_allowed"
+    ok = await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert ok.status == 200
+    limited = await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert (await error_of(limited, 429))["code"] == "rate_limit_exceeded"
+    assert len(fake.requests) == 1
+
+
 async def test_upstream_unreachable_is_502(start_proxy: Callable[..., Any]) -> None:
     proxy = await start_proxy(OPENAI_API_URL="http://127.0.0.1:9", UPSTREAM_RETRIES="1")
     _, token = await proxy_token(proxy)
     response = await proxy.get("/v1/models", headers=bearer(token))
     assert (await error_of(response, 502))["code"] == "upstream_unavailable"
+
+
+async def test_upstream_unreachable_spends_neither_quota_nor_rate_limit(
+    start_proxy: Callable[..., Any],
+) -> None:
+    proxy = await start_proxy(OPENAI_API_URL="http://127.0.0.1:9", UPSTREAM_RETRIES="0")
+    _, token = await proxy_token(proxy, max_requests=1, rate_limit_per_hour=1)
+    for _ in range(3):
+        response = await proxy.get("/v1/models", headers=bearer(token))
+        assert (await error_of(response, 502))["code"] == "upstream_unavailable"
 
 
 async def test_upstream_silence_is_504(
@@ -450,3 +482,59 @@ async def test_streams_with_injected_usage_are_asked_for_uncompressed(
 )
 def test_media_type_ignores_case_and_parameters(header: str | None, media: str) -> None:
     assert media_type(header) == media
+
+
+def _networks(*items: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item) for item in items)
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded", "trusted", "client"),
+    [
+        # nobody trusted: the peer, whatever it claims
+        ("10.0.0.5", "203.0.113.7", (), "10.0.0.5"),
+        # the peer is not a trusted proxy: its header is not believed
+        ("198.51.100.9", "203.0.113.7", ("10.0.0.0/8",), "198.51.100.9"),
+        # nginx in front: the address it appended
+        ("127.0.0.1", "203.0.113.7", ("127.0.0.1",), "203.0.113.7"),
+        # a client's own X-Forwarded-For is on the left, never believed
+        ("127.0.0.1", "1.2.3.4, 203.0.113.7", ("127.0.0.1",), "203.0.113.7"),
+        # two trusted hops: the right-most address that is not one of them
+        ("10.0.0.5", "1.2.3.4, 203.0.113.7, 10.0.0.9", ("10.0.0.0/8",), "203.0.113.7"),
+        # every hop trusted: the left-most
+        ("10.0.0.5", "10.0.0.7, 10.0.0.9", ("10.0.0.0/8",), "10.0.0.7"),
+        # a trusted proxy without the header: the peer
+        ("127.0.0.1", None, ("127.0.0.1",), "127.0.0.1"),
+        ("127.0.0.1", "", ("127.0.0.1",), "127.0.0.1"),
+        # garbage stops the search at the hop that sent it
+        ("127.0.0.1", "203.0.113.7, unknown", ("127.0.0.1",), "127.0.0.1"),
+        ("10.0.0.5", "unknown, 10.0.0.9", ("10.0.0.0/8",), "10.0.0.9"),
+        # IPv6, and the IPv4-mapped form of a dual-stack socket
+        ("::1", "2001:db8::7", ("::1",), "2001:db8::7"),
+        ("::ffff:127.0.0.1", " 203.0.113.7 ", ("127.0.0.1",), "203.0.113.7"),
+        ("127.0.0.1", "::ffff:10.0.0.9, 1.2.3.4", ("127.0.0.1",), "1.2.3.4"),
+        (None, "203.0.113.7", ("127.0.0.1",), None),
+    ],
+)
+def test_client_address_believes_only_trusted_proxies(
+    remote: str | None, forwarded: str | None, trusted: tuple[str, ...], client: str
+) -> None:
+    assert client_address(remote, forwarded, _networks(*trusted)) == client
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"),
+    [("127.0.0.1", "203.0.113.7"), ("10.0.0.0/8", "127.0.0.1")],
+)
+async def test_forwarded_client_ip_behind_a_trusted_proxy(
+    start_proxy: Callable[..., Any],
+    fake: FakeUpstreamState,
+    trusted: str,
+    expected: str,
+) -> None:
+    proxy = await start_proxy(FORWARD_CLIENT_IP="true", TRUSTED_PROXIES=trusted)
+    _, token = await proxy_token(proxy)
+    # what nginx sends: the client's own claim, then the address nginx saw
+    headers = {**bearer(token), "X-Forwarded-For": "6.6.6.6, 203.0.113.7"}
+    assert (await proxy.get("/v1/models", headers=headers)).status == 200
+    assert fake.requests[0].headers.getall("X-Forwarded-For") == [expected]

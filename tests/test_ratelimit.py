@@ -201,3 +201,39 @@ def test_ratelimit_rejects_bad_construction(
 
 def test_ratelimit_defaults_to_monotonic_clock() -> None:
     assert GcraLimiter().try_acquire("k", 1).allowed
+
+
+def test_ratelimit_refund_gives_one_slot_back(limiter: GcraLimiter) -> None:
+    _burst(limiter, "k", 3)
+    assert not limiter.try_acquire("k", 3).allowed
+    limiter.refund("k")
+    assert limiter.try_acquire("k", 3).allowed
+    assert not limiter.try_acquire("k", 3).allowed
+
+
+def test_ratelimit_refund_of_every_slot_forgets_the_key(limiter: GcraLimiter) -> None:
+    _burst(limiter, "k", 2)
+    limiter.refund("k")
+    limiter.refund("k")
+    assert len(limiter) == 0
+    assert [d.remaining for d in _burst(limiter, "k", 2)] == [1, 0]
+
+
+def test_ratelimit_refund_never_grants_more_than_the_allowance(
+    limiter: GcraLimiter, clock: FakeClock
+) -> None:
+    limiter.try_acquire("k", 2)
+    clock.advance(WINDOW_S)  # the slot came back by itself
+    limiter.refund("k")
+    limiter.refund("unknown")
+    allowed = [limiter.try_acquire("k", 2).allowed for _ in range(3)]
+    assert allowed == [True, True, False]
+
+
+def test_ratelimit_refund_uses_the_limit_the_slot_was_counted_with(
+    limiter: GcraLimiter,
+) -> None:
+    _burst(limiter, "k", 4)
+    limiter.refund("k")
+    assert limiter.try_acquire("k", 4).remaining == 0
+    assert not limiter.try_acquire("k", 4).allowed
