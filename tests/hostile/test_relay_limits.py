@@ -166,7 +166,7 @@ async def test_accounting_peeks_any_streamed_chat_body(
     sent = fake.requests[0].json()
     assert sent["stream_options"] == {"include_usage": True}
     event = await _one_event(sub)
-    assert event.model == "gpt-4o-mini" and event.stream
+    assert event.requested_model == "gpt-4o-mini" and event.stream
     assert event.usage is not None and event.usage["prompt_tokens"] > 0
     assert event.extra["usage_source"] == "upstream"
 
