@@ -38,6 +38,8 @@ class Exchange:
         "token_id",
         "error_class",
         "request_body",
+        "form_head",
+        "form_type",
         "usage_injected",
         "capture",
         "response_kind",
@@ -55,6 +57,9 @@ class Exchange:
         self.error_class: str | None = None
         # The client's JSON body when it was small enough to read (≤ 1 MiB).
         self.request_body: bytes | None = None
+        # The first bytes of a multipart body and its Content-Type (the form's model).
+        self.form_head: bytes | None = None
+        self.form_type: str | None = None
         self.usage_injected = False
         self.capture: ResponseCapture | None = None
         self.response_kind: str | None = None  # "json" | "sse" | None

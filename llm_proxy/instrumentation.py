@@ -30,6 +30,7 @@ from .config import EventSettings
 from .events import EventBus, RateLimitedLog, RequestCompleted
 from .exchange import Exchange
 from .metrics import Metrics, method_label, status_label
+from .multipart import form_boundary, model_from_form
 from .usage import (
     ESTIMATED,
     NOT_ANSWERED,
@@ -62,6 +63,13 @@ _YIELD_EVERY: Final = (
 # meanwhile are handled in the same run, and at low concurrency most requests no longer
 # wait behind the work of the one before.
 GATHER_S: Final = 0.005
+
+
+def form_model(exchange: Exchange) -> str | None:
+    """The `model` field of the multipart form the client sent, if it was seen."""
+    boundary = form_boundary(exchange.form_type)
+    head = exchange.form_head
+    return model_from_form(head, boundary) if boundary and head else None
 
 
 def account_usage(exchange: Exchange) -> Usage | None:
@@ -328,6 +336,8 @@ class Instrumentation:
 
     async def _process(self, exchange: Exchange) -> None:
         try:
+            if exchange.model is None and exchange.form_head:
+                exchange.model = form_model(exchange)
             usage, answered = account_answer(exchange)
             if usage is None and self._may_estimate() and needs_estimate(exchange):
                 usage = await self._estimate(exchange)

@@ -50,6 +50,7 @@ from .keys import (
     SETTINGS_KEY,
     UPSTREAM_SESSION_KEY,
 )
+from .multipart import FORM_HEAD_BYTES
 
 if TYPE_CHECKING:
     from aiohttp.client_reqrep import ConnectionKey
@@ -334,11 +335,17 @@ class CountedBody:
     pooled), and the handler answers with `failure` instead of a 502.
     """
 
-    __slots__ = ("_content", "_limit", "failure", "received")
+    __slots__ = ("_content", "_form", "_limit", "failure", "received")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(
+        self,
+        content: aiohttp.StreamReader,
+        limit: int,
+        form: Exchange | None = None,
+    ) -> None:
         self._content = content
         self._limit = limit
+        self._form = form  # keeps the first bytes of a multipart body in `form_head`
         self.received = 0
         self.failure: ApiError | None = None
 
@@ -357,7 +364,15 @@ class CountedBody:
         if self.received > self._limit:
             self.failure = RequestTooLargeError(self._limit)
             raise self.failure
+        if self._form is not None:
+            self._keep_head(self._form, chunk)
         return chunk
+
+    def _keep_head(self, form: Exchange, chunk: bytes) -> None:
+        head = (form.form_head or b"") + chunk
+        form.form_head = head[:FORM_HEAD_BYTES]
+        if len(head) >= FORM_HEAD_BYTES:
+            self._form = None
 
 
 UpstreamBody = bytes | io.BytesIO | CountedBody | None
@@ -384,14 +399,19 @@ async def read_body(
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLargeError(limit)
-    peek = exchange.path in USAGE_ENDPOINTS or (
-        media_type(request.headers.get(hdrs.CONTENT_TYPE)) == "application/json"
-    )
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    kind = media_type(content_type)
+    peek = exchange.path in USAGE_ENDPOINTS or kind == "application/json"
+    form = kind == "multipart/form-data"
+    if form:
+        exchange.form_type = content_type
     if not peek and (length is None or length > JSON_PEEK_LIMIT):
-        return CountedBody(request.content, limit)
+        return CountedBody(request.content, limit, exchange if form else None)
     body = await _read_whole(request, limit)
     if peek:
         body = _peeked(body, exchange)
+    elif form:
+        exchange.form_head = body[:FORM_HEAD_BYTES]
     return io.BytesIO(body) if len(body) > _LARGE_BYTES_BODY else body
 
 

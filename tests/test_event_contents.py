@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,24 @@ async def test_audio_events_record_duration_usage(
     usage = orjson.loads(await response.read())["usage"]
     assert usage == {"type": "duration", "seconds": 7}
     (event,) = await read_events(log_file, 1)
+    assert event["requested_model"] == event["model"] == "whisper-1"
     assert event["usage"]["type"] == "duration" and event["usage"]["seconds"] == 7
     assert event["usage"]["total_tokens"] == 0  # billed by time, not by tokens
     assert event["usage_source"] == "upstream"
+
+
+async def test_a_large_streamed_form_still_names_its_model(
+    start_proxy: Callable[..., Any], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "events.jsonl"
+    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
+    _, token = await proxy_token(proxy)
+    form = aiohttp.FormData()
+    form.add_field("model", "gpt-4o-transcribe")
+    form.add_field("file", io.BytesIO(b"\x01" * (3 * 1024 * 1024)), filename="a.wav")
+    response = await proxy.post(
+        "/v1/audio/transcriptions", data=form, headers=bearer(token)
+    )
+    assert response.status == 200
+    (event,) = await read_events(log_file, 1)
+    assert event["requested_model"] == "gpt-4o-transcribe"
