@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
@@ -82,3 +85,13 @@ async def require_redis(url: str = REDIS_URL) -> None:
         pytest.skip(reason)
     finally:
         await client.aclose()
+
+
+async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
+    """The lines of a JSONL event log, once there are at least `count`."""
+    async with asyncio.timeout(5):
+        while True:
+            lines = path.read_bytes().splitlines() if path.exists() else []
+            if len(lines) >= count:
+                return [orjson.loads(line) for line in lines]
+            await asyncio.sleep(0.02)

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI
 
 from llm_proxy.fake_upstream import FakeUpstreamState
 
-from .support import UPSTREAM_KEY, proxy_token
+from .support import UPSTREAM_KEY, proxy_token, read_events
 
 MESSAGES: Any = [{"role": "user", "content": "What is 10 + 5?"}]
-
-
-async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
-    """The first `count` lines of the event log, once they are written."""
-    async with asyncio.timeout(5):
-        while True:
-            lines = path.read_bytes().splitlines() if path.exists() else []
-            if len(lines) >= count:
-                return [orjson.loads(line) for line in lines]
-            await asyncio.sleep(0.02)
 
 
 async def test_openai_sdk_through_the_proxy_with_exact_usage_events(

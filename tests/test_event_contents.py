@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -10,26 +9,35 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp.test_utils import TestClient
 
-from .support import bearer, proxy_token
-
-
-async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
-    """The event log's lines, once there are at least `count`."""
-    async with asyncio.timeout(5):
-        while True:
-            lines = path.read_bytes().splitlines() if path.exists() else []
-            if len(lines) >= count:
-                return [orjson.loads(line) for line in lines]
-            await asyncio.sleep(0.02)
+from .support import bearer, proxy_token, read_events
 
 
-async def test_our_own_error_answers_count_their_body_in_bytes_out(
+@pytest.fixture
+async def logged(
     start_proxy: Callable[..., Any], tmp_path: Path
-) -> None:
+) -> tuple[TestClient[Any, Any], str, Path]:
+    """A proxy writing its events to a JSONL file at once, and a token for it."""
     log_file = tmp_path / "events.jsonl"
     proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
     _, token = await proxy_token(proxy)
+    return proxy, token, log_file
+
+
+def transcription_form(model: str, audio: Any) -> aiohttp.FormData:
+    """A transcription upload as the OpenAI SDK sends it: fields, then the file."""
+    form = aiohttp.FormData()
+    form.add_field("model", model)
+    form.add_field("file", audio, filename="a.wav", content_type="audio/wav")
+    return form
+
+
+async def test_our_own_error_answers_count_their_body_in_bytes_out(
+    logged: tuple[TestClient[Any, Any], str, Path],
+) -> None:
+    proxy, token, log_file = logged
     refused = await proxy.get("/v1/models", headers=bearer("wt-not-a-token"))
     unknown = await proxy.get("/v1/nowhere", headers=bearer(token))
     bodies = [await refused.read(), await unknown.read()]
@@ -40,11 +48,9 @@ async def test_our_own_error_answers_count_their_body_in_bytes_out(
 
 
 async def test_events_name_the_model_and_creation_time_the_upstream_answered(
-    start_proxy: Callable[..., Any], tmp_path: Path
+    logged: tuple[TestClient[Any, Any], str, Path],
 ) -> None:
-    log_file = tmp_path / "events.jsonl"
-    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
-    _, token = await proxy_token(proxy)
+    proxy, token, log_file = logged
     asked = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     plain = await proxy.post("/v1/chat/completions", json=asked, headers=bearer(token))
     answered = orjson.loads(await plain.read())
@@ -76,14 +82,10 @@ async def test_events_name_the_model_and_creation_time_the_upstream_answered(
 
 
 async def test_audio_events_record_duration_usage(
-    start_proxy: Callable[..., Any], tmp_path: Path
+    logged: tuple[TestClient[Any, Any], str, Path],
 ) -> None:
-    log_file = tmp_path / "events.jsonl"
-    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
-    _, token = await proxy_token(proxy)
-    form = aiohttp.FormData()
-    form.add_field("model", "whisper-1")
-    form.add_field("file", b"\x00" * 4096, filename="a.wav", content_type="audio/wav")
+    proxy, token, log_file = logged
+    form = transcription_form("whisper-1", b"\x00" * 4096)
     response = await proxy.post(
         "/v1/audio/transcriptions", data=form, headers=bearer(token)
     )
@@ -98,14 +100,10 @@ async def test_audio_events_record_duration_usage(
 
 
 async def test_a_large_streamed_form_still_names_its_model(
-    start_proxy: Callable[..., Any], tmp_path: Path
+    logged: tuple[TestClient[Any, Any], str, Path],
 ) -> None:
-    log_file = tmp_path / "events.jsonl"
-    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
-    _, token = await proxy_token(proxy)
-    form = aiohttp.FormData()
-    form.add_field("model", "gpt-4o-transcribe")
-    form.add_field("file", io.BytesIO(b"\x01" * (3 * 1024 * 1024)), filename="a.wav")
+    proxy, token, log_file = logged
+    form = transcription_form("gpt-4o-transcribe", io.BytesIO(b"\x01" * 3 * 2**20))
     response = await proxy.post(
         "/v1/audio/transcriptions", data=form, headers=bearer(token)
     )
