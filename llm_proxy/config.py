@@ -326,7 +326,9 @@ def _check_cross_field(settings: Settings) -> None:
     if password is not None and len(password) < MIN_ADMIN_PASSWORD_CHARS:
         raise ConfigError(
             f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_CHARS} characters, "
-            f"got {len(password)}"
+            f"got {len(password)}: the admin pages can mint tokens for every project, "
+            "and a short password falls to guessing (generate one with: python -c "
+            "'import secrets; print(secrets.token_urlsafe(18))')"
         )
     if settings.event_bus == "redis" and not settings.redis_url:
         raise ConfigError("REDIS_URL is required when LLM_PROXY_EVENT_BUS=redis")

@@ -296,3 +296,12 @@ def test_hostile_traffic_limits_have_defaults_and_are_read() -> None:
     assert settings.listener.header_timeout_s == 2.0
     assert settings.listener.max_connections == 500
     assert settings.listener.max_header_bytes == 8192
+
+
+def test_a_short_admin_password_is_refused_saying_why() -> None:
+    env = {"MANAGEMENT_TOKEN": TOKEN, "ADMIN_USER": "admin", "ADMIN_PASSWORD": "secret"}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    message = str(refused.value)
+    assert "at least 12 characters, got 6" in message
+    assert "mint tokens" in message and "'secret'" not in message  # never echoed
