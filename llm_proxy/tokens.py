@@ -41,7 +41,7 @@ Row = TypeVar("Row")
 # Rows fetched and applied per loop slice of a reload: converting and applying a row
 # costs a few µs, so a slice stays near 1 ms, and each page fetch is an await that
 # lets requests run between slices.
-PAGE_ROWS: Final = 250
+PAGE_ROWS: Final = 100
 # A full resync (every row, then a sweep of what is gone) runs at start and this
 # often: the safety net under the incremental reloads.
 FULL_RESYNC_INTERVAL_S: Final = 3600.0

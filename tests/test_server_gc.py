@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from llm_proxy.server import GC_GEN0_THRESHOLD, tune_gc
+from llm_proxy.server import (
+    GC_GEN0_THRESHOLD,
+    SWITCH_INTERVAL_S,
+    tune_gc,
+    tune_switch_interval,
+)
 
 
 @pytest.fixture
@@ -29,3 +35,12 @@ def test_tune_gc_freezes_startup_objects_and_raises_gen0_threshold() -> None:
     assert gc.get_freeze_count() >= len(long_lived)
     assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD > 700
     assert gc.isenabled()  # reference cycles are still collected
+
+
+def test_the_loop_thread_takes_the_gil_back_within_a_millisecond() -> None:
+    before = sys.getswitchinterval()
+    try:
+        tune_switch_interval()
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_S < before
+    finally:
+        sys.setswitchinterval(before)

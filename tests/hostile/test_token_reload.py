@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,6 +28,7 @@ from llm_proxy.repository import (
     Repository,
     SqliteRepository,
 )
+from llm_proxy.server import tune_switch_interval
 from llm_proxy.tokens import PAGE_ROWS, TokenStore, TokenSync
 
 from ..test_repository import _postgres_schema, _postgres_url
@@ -217,14 +219,18 @@ class WorstLateness:
 
 @pytest.fixture
 def frozen_heap() -> Iterator[Callable[[], None]]:
-    """`freeze()` does what the server does once started (`tune_gc`); undone after."""
+    """`freeze()` does what the server does once started (`tune_gc` and
+    `tune_switch_interval`); undone after."""
+    interval = sys.getswitchinterval()
 
     def freeze() -> None:
         gc.collect()
         gc.freeze()
+        tune_switch_interval()
 
     yield freeze
     gc.unfreeze()
+    sys.setswitchinterval(interval)
 
 
 async def _worst(work: Callable[[], Awaitable[object]]) -> tuple[float, float]:
