@@ -152,23 +152,6 @@ class CircuitOpenError(UpstreamError):
         )
 
 
-def error_body(
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> bytes:
-    """The JSON bytes of an OpenAI-shaped error."""
-    error: dict[str, Any] = {
-        "message": message,
-        "type": type,
-        "param": param,
-        "code": code,
-    }
-    return orjson.dumps({"error": error})
-
-
 class UpstreamPoolExhaustedError(ApiError):
     """503: no upstream connection came free within UPSTREAM_POOL_TIMEOUT.
 
@@ -184,3 +167,20 @@ class UpstreamPoolExhaustedError(ApiError):
             code="upstream_pool_exhausted",
             headers={"Retry-After": retry_after(retry_after_s)},
         )
+
+
+def error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """The JSON bytes of an OpenAI-shaped error."""
+    error: dict[str, Any] = {
+        "message": message,
+        "type": type,
+        "param": param,
+        "code": code,
+    }
+    return orjson.dumps({"error": error})

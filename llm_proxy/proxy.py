@@ -259,32 +259,35 @@ def client_address(
         return remote
     client = remote
     for entry in reversed(forwarded_for.split(",")):
-        try:
-            address = _plain(ipaddress.ip_address(entry.strip()))
-        except ValueError:
+        address = _address(entry.strip())
+        if address is None:
             return client
         client = str(address)
-        if not any(address in network for network in trusted):
+        if not _in(address, trusted):
             return client
     return client
 
 
 def _is_trusted(remote: str | None, trusted: tuple[IpNetwork, ...]) -> bool:
-    if remote is None:
-        return False
-    try:
-        address = _plain(ipaddress.ip_address(remote))
-    except ValueError:
-        return False
+    address = _address(remote) if remote is not None else None
+    return address is not None and _in(address, trusted)
+
+
+def _in(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    trusted: tuple[IpNetwork, ...],
+) -> bool:
     return any(address in network for network in trusted)
 
 
-def _plain(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An IPv4-mapped IPv6 address (a dual-stack socket's view) as its IPv4 address."""
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address (an IPv4-mapped one as IPv4), None if it is none."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
+        return address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
     return address
 
 
