@@ -23,11 +23,11 @@ from llm_proxy.admin.forms import Pager, optional_int, page_number
 from llm_proxy.admin.render import relative, token_status
 from llm_proxy.admin.security import SECURITY_HEADERS, is_same_origin
 from llm_proxy.app import create_app
+from llm_proxy.auth.crypto import TOKEN_PREFIX
 from llm_proxy.config import Settings
-from llm_proxy.crypto import TOKEN_PREFIX
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 from llm_proxy.keys import REPOSITORY_KEY
-from llm_proxy.repository import Repository, Token, TokenFilter, UsageEvent
+from llm_proxy.storage import Repository, Token, TokenFilter, UsageEvent
 
 from .support import UPSTREAM_KEY, bearer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_proxy.allowlist import (
+from llm_proxy.proxy.allowlist import (
     MAX_PATH_LENGTH,
     NOT_FOUND,
     Allowlist,

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from pytest_aiohttp import AiohttpServer
 
-from llm_proxy.bench import (
+from llm_proxy.cli import main
+from llm_proxy.devtools.bench import (
     BenchError,
     BenchOptions,
     ProgressLine,
@@ -21,7 +22,7 @@ from llm_proxy.bench import (
     progress_printer,
     run_bench,
 )
-from llm_proxy.bench_report import (
+from llm_proxy.devtools.bench_report import (
     BenchReport,
     Samples,
     added_latency,
@@ -30,7 +31,6 @@ from llm_proxy.bench_report import (
     summarize,
     target_report,
 )
-from llm_proxy.cli import main
 
 from .support import MANAGEMENT_TOKEN, proxy_token
 
@@ -489,8 +489,8 @@ def proxy_and_token(tmp_path: Path) -> Any:
 
     from llm_proxy.app import create_app
     from llm_proxy.config import Settings
-    from llm_proxy.fake_upstream import start_fake_upstream
-    from llm_proxy.manage_client import ManageClient
+    from llm_proxy.devtools.fake_upstream import start_fake_upstream
+    from llm_proxy.management.client import ManageClient
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -535,7 +535,7 @@ def upstream_url() -> Any:
     import asyncio
     import threading
 
-    from llm_proxy.fake_upstream import start_fake_upstream
+    from llm_proxy.devtools.fake_upstream import start_fake_upstream
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_proxy.breaker import BreakerState, CircuitBreaker
+from llm_proxy.proxy.breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

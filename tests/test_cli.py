@@ -31,8 +31,6 @@ from click.testing import CliRunner, Result
 from pytest_aiohttp import AiohttpServer
 
 from llm_proxy.app import create_app
-from llm_proxy.bench import PROXY_ENV_NAMES
-from llm_proxy.chat import delta_content, message_content
 from llm_proxy.cli import (
     _as_cli_error,
     _local_url,
@@ -41,10 +39,17 @@ from llm_proxy.cli import (
     prepare_database,
 )
 from llm_proxy.cli.base import run
+from llm_proxy.cli.chat import delta_content, message_content
 from llm_proxy.cli.daemon import ChildStart, owns_listener, wait_for_child
 from llm_proxy.config import ConfigError, Settings
-from llm_proxy.fake_upstream import load_fixture, split_sse_events, start_fake_upstream
-from llm_proxy.manage_client import ManageApiError, ManageClient, error_message
+from llm_proxy.devtools.bench import PROXY_ENV_NAMES
+from llm_proxy.devtools.fake_upstream import (
+    load_fixture,
+    split_sse_events,
+    start_fake_upstream,
+)
+from llm_proxy.management.client import ManageApiError, ManageClient, error_message
+from llm_proxy.management.service import KeyMismatchError, NotFound
 from llm_proxy.server import (
     PidFileError,
     base_url_for,
@@ -58,7 +63,6 @@ from llm_proxy.server import (
     wait_until_healthy,
     write_pid_file,
 )
-from llm_proxy.services import KeyMismatchError, NotFound
 
 from .support import MANAGEMENT_TOKEN, UPSTREAM_KEY
 

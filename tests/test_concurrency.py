@@ -12,8 +12,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.concurrency import InFlight
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
+from llm_proxy.proxy.concurrency import InFlight
 
 from .support import AUTH, bearer, create_project, create_token, proxy_token
 

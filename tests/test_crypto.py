@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_proxy.crypto import (
+from llm_proxy.auth.crypto import (
     DecryptionError,
     KeyCipher,
     TokenHasher,

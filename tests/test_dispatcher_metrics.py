@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 
 from llm_proxy.config import Settings
 from llm_proxy.dispatchers import run_dispatcher
-from llm_proxy.events import RequestCompleted
-from llm_proxy.redis_bus import RedisEventBus
+from llm_proxy.events.model import RequestCompleted
+from llm_proxy.events.redis_bus import RedisEventBus
 from llm_proxy.server import free_port
 
 from .support import MANAGEMENT_TOKEN, REDIS_URL, require_redis

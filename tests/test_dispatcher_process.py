@@ -14,8 +14,8 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 from redis.asyncio import Redis
 
-from llm_proxy.events import RequestCompleted
-from llm_proxy.redis_bus import RedisEventBus
+from llm_proxy.events.model import RequestCompleted
+from llm_proxy.events.redis_bus import RedisEventBus
 
 from .support import REDIS_URL, require_redis
 

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 from redis.asyncio import Redis
 
+from llm_proxy.accounting.metrics import Metrics
 from llm_proxy.config import ConfigError, Settings
 from llm_proxy.dispatchers import (
     DISPATCHERS_KEY,
@@ -35,10 +36,9 @@ from llm_proxy.dispatchers import (
 from llm_proxy.dispatchers.base import DeliveryError, SendResult
 from llm_proxy.dispatchers.helicone import as_uuid, helicone_log
 from llm_proxy.dispatchers.lunary import lunary_runs
-from llm_proxy.events import Event, InMemoryEventBus, RequestCompleted
+from llm_proxy.events.model import Event, InMemoryEventBus, RequestCompleted
+from llm_proxy.events.redis_bus import RedisEventBus
 from llm_proxy.keys import REPOSITORY_KEY
-from llm_proxy.metrics import Metrics
-from llm_proxy.redis_bus import RedisEventBus
 
 from .support import bearer, proxy_token
 

@@ -19,9 +19,9 @@ from playwright.async_api import Error as PlaywrightError
 from pytest_aiohttp import AiohttpServer
 
 from llm_proxy.config import Settings
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 from llm_proxy.keys import REPOSITORY_KEY
-from llm_proxy.repository import Repository, TokenFilter, UsageEvent
+from llm_proxy.storage import Repository, TokenFilter, UsageEvent
 
 from .support import UPSTREAM_KEY, bearer
 from .test_admin import ADMIN_ENV, ADMIN_PASSWORD, ADMIN_USER, with_admin

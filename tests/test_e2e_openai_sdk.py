@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI
 
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 
 from .support import UPSTREAM_KEY, proxy_token, read_events
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from llm_proxy.events import (
+from llm_proxy.events.model import (
     BusStats,
     Event,
     EventBus,
@@ -31,7 +31,7 @@ from llm_proxy.events import (
     iso_epoch_s,
     utc_iso_at,
 )
-from llm_proxy.redis_bus import DATA_FIELD, RedisEventBus
+from llm_proxy.events.redis_bus import DATA_FIELD, RedisEventBus
 
 from .support import REDIS_URL, require_redis
 
@@ -740,7 +740,7 @@ async def test_event_stream_maxlen_setting_bounds_the_redis_stream(
     from redis.asyncio import Redis
 
     from llm_proxy.config import Settings
-    from llm_proxy.dispatchers import create_event_bus
+    from llm_proxy.events.lifecycle import create_event_bus
 
     settings = Settings.from_env(
         {

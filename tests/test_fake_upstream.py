@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-import llm_proxy
-from llm_proxy.fake_upstream import (
+import llm_proxy.devtools
+from llm_proxy.devtools.fake_upstream import (
     BEHAVIOUR_HEADER,
     FAKE_STATE_KEY,
     FakeUpstreamState,
@@ -29,7 +29,7 @@ from llm_proxy.fake_upstream import (
     start_fake_upstream,
 )
 
-FIXTURES = Path(llm_proxy.__file__).parent / "fake_fixtures"
+FIXTURES = Path(llm_proxy.devtools.__file__).parent / "fake_fixtures"
 Client = TestClient[web.Request, web.Application]
 SK_PROJ_KEY = "sk-proj-" + "Q" * 32 + "abcd"
 NO_USAGE = "chat_stream_no_usage.sse"

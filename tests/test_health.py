@@ -64,8 +64,8 @@ async def test_ready_names_redis_when_it_does_not_answer(
 
 
 async def test_breaker_check_reads_ok_degraded_open_and_half_open() -> None:
-    from llm_proxy.breaker import CircuitBreaker
-    from llm_proxy.readiness import breaker_check
+    from llm_proxy.ops.readiness import breaker_check
+    from llm_proxy.proxy.breaker import CircuitBreaker
 
     now = [100.0]
     breaker = CircuitBreaker(1, 30.0, clock=lambda: now[0])

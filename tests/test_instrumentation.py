@@ -18,13 +18,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.capture import ResponseCapture
-from llm_proxy.config import EventSettings
-from llm_proxy.dispatchers import EVENT_BUS_KEY
-from llm_proxy.events import InMemoryEventBus, RequestCompleted, Subscription
-from llm_proxy.exchange import Exchange
-from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
-from llm_proxy.instrumentation import (
+from llm_proxy.accounting.instrumentation import (
     INSTRUMENTATION_KEY,
     Instrumentation,
     ProcessEstimator,
@@ -32,8 +26,14 @@ from llm_proxy.instrumentation import (
     estimate_from,
     estimate_input,
 )
+from llm_proxy.accounting.usage import Usage
+from llm_proxy.config import EventSettings
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState, load_fixture
+from llm_proxy.events.lifecycle import EVENT_BUS_KEY
+from llm_proxy.events.model import InMemoryEventBus, RequestCompleted, Subscription
+from llm_proxy.proxy.capture import ResponseCapture
+from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.server import process_alive
-from llm_proxy.usage import Usage
 
 from .support import bearer, open_stalled_stream, proxy_token
 
@@ -412,9 +412,9 @@ async def test_instrumentation_gathers_calls_that_end_close_together() -> None:
 
 ORPHAN_SCRIPT = """
 import asyncio, sys, time
-from llm_proxy.capture import ResponseCapture
-from llm_proxy.exchange import Exchange
-from llm_proxy.instrumentation import ProcessEstimator
+from llm_proxy.proxy.capture import ResponseCapture
+from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.accounting.instrumentation import ProcessEstimator
 
 async def main():
     exchange = Exchange("r", 0.0)
@@ -472,7 +472,7 @@ async def test_a_stage_that_fails_to_leave_loses_neither_the_event_nor_the_other
 ) -> None:
     from aiohttp import web
 
-    from llm_proxy.middlewares import proxy_chain
+    from llm_proxy.proxy.chain import proxy_chain
 
     instrumentation = Instrumentation(InMemoryEventBus(), EventSettings())
     outer = _LeaveRecorder()

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.manage import ROUTES
-from llm_proxy.openapi import openapi_document
+from llm_proxy.management.api import ROUTES
+from llm_proxy.management.openapi import openapi_document
 
 from .support import AUTH, UPSTREAM_KEY, create_project, create_token
 

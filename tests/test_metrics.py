@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.instrumentation import INSTRUMENTATION_KEY
-from llm_proxy.metrics import OTHER, BoundedLabel, FastCounter, FastHistogram
+from llm_proxy.accounting.instrumentation import INSTRUMENTATION_KEY
+from llm_proxy.accounting.metrics import OTHER, BoundedLabel, FastCounter, FastHistogram
 
 from .support import bearer, proxy_token
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_proxy.multipart import form_boundary, model_from_form
+from llm_proxy.proxy.multipart import form_boundary, model_from_form
 
 FORM = (
     b"--XyZ\r\n"

@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpServer
 
 from llm_proxy.app import create_app
 from llm_proxy.config import Settings
-from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState, load_fixture
 
 from .support import AUTH, bearer
 

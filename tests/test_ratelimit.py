@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_proxy.ratelimit import WINDOW_S, Decision, GcraLimiter, Limiter
+from llm_proxy.proxy.ratelimit import WINDOW_S, Decision, GcraLimiter, Limiter
 
 
 class FakeClock:

@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-import llm_proxy
-from llm_proxy.repository import (
+import llm_proxy.storage
+from llm_proxy.storage import (
     DuplicateNameError,
     MigrationError,
     PostgresRepository,
@@ -39,9 +39,8 @@ from llm_proxy.repository import (
     postgres,
     sqlite,
 )
-from llm_proxy.repository._common import MAX_TEXT_CHARS
-from llm_proxy.repository.migrations import load_migrations
-from llm_proxy.resources import data_dir
+from llm_proxy.storage._common import MAX_TEXT_CHARS
+from llm_proxy.storage.migrations import SQL_DIR, load_migrations
 
 NOW = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -165,7 +164,7 @@ async def add_token(repository: Repository, project: Project, **fields: Any) -> 
 
 
 def _shipped_versions() -> list[int]:
-    return [m.version for m in load_migrations(data_dir("sql"), "sqlite")]
+    return [m.version for m in load_migrations(SQL_DIR, "sqlite")]
 
 
 async def test_repository_migrate_applies_schema_once(
@@ -683,7 +682,7 @@ def test_create_repository_rejects_unknown_urls(url: str) -> None:
 
 def test_migrations_ship_for_both_dialects() -> None:
     for dialect in ("sqlite", "postgres"):
-        versions = [m.version for m in load_migrations(data_dir("sql"), dialect)]
+        versions = [m.version for m in load_migrations(SQL_DIR, dialect)]
         assert versions[0] == 1
         assert versions == sorted(set(versions))
 
@@ -711,15 +710,10 @@ def test_migrations_require_dialect_directory(tmp_path: Path) -> None:
         load_migrations(tmp_path, "sqlite")
 
 
-def test_data_dir_finds_checkout_directories() -> None:
-    package_dir = Path(llm_proxy.__file__).resolve().parent
-    assert data_dir("sql") in (package_dir / "sql", package_dir.parent / "sql")
-    assert (data_dir("sql") / "sqlite" / "001_init.sql").is_file()
-
-
-def test_data_dir_names_missing_directory() -> None:
-    with pytest.raises(FileNotFoundError, match="no-such-dir"):
-        data_dir("no-such-dir")
+def test_sql_dir_is_package_data() -> None:
+    package_dir = Path(llm_proxy.storage.__file__).resolve().parent
+    assert package_dir / "sql" == SQL_DIR
+    assert (SQL_DIR / "sqlite" / "001_init.sql").is_file()
 
 
 # -- SQL hygiene ----------------------------------------------------------------------
@@ -990,7 +984,7 @@ def test_usage_rows_per_insert_stay_within_this_sqlite_s_variable_limit() -> Non
     import contextlib
     import sqlite3
 
-    from llm_proxy.repository.sqlite import USAGE_ROW, USAGE_ROWS_PER_INSERT
+    from llm_proxy.storage.sqlite import USAGE_ROW, USAGE_ROWS_PER_INSERT
 
     with contextlib.closing(sqlite3.connect(":memory:")) as probe:
         limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
@@ -998,7 +992,7 @@ def test_usage_rows_per_insert_stay_within_this_sqlite_s_variable_limit() -> Non
 
 
 def test_sqlite_time_text_is_the_same_for_utc_and_other_offsets() -> None:
-    from llm_proxy.repository.sqlite import _to_text
+    from llm_proxy.storage.sqlite import _to_text
 
     moment = datetime(2026, 11, 27, 10, 49, 19, 123000, tzinfo=UTC)
     elsewhere = moment.astimezone(timezone(timedelta(hours=2)))

@@ -12,10 +12,10 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
+from llm_proxy.auth.tokens import TokenSync
 from llm_proxy.config import Settings
 from llm_proxy.keys import TOKEN_STORE_KEY, TOKEN_SYNC_KEY
-from llm_proxy.repository import SqliteRepository
-from llm_proxy.tokens import TokenSync
+from llm_proxy.storage import SqliteRepository
 
 from .support import AUTH, bearer, proxy_token
 

@@ -8,20 +8,7 @@ import zlib
 import orjson
 import pytest
 
-from llm_proxy.capture import (
-    MAX_PENDING_BYTES,
-    ResponseCapture,
-    UsageChunkStripper,
-    inject_include_usage,
-    strip_usage_events,
-)
-from llm_proxy.fake_upstream import (
-    SSE_FRAMINGS,
-    load_fixture,
-    reframe_sse_event,
-    split_sse_events,
-)
-from llm_proxy.usage import (
+from llm_proxy.accounting.usage import (
     ESTIMATED,
     PARTIAL,
     Usage,
@@ -35,6 +22,19 @@ from llm_proxy.usage import (
     usage_from_json_tail,
     usage_from_object,
     usage_from_sse,
+)
+from llm_proxy.devtools.fake_upstream import (
+    SSE_FRAMINGS,
+    load_fixture,
+    reframe_sse_event,
+    split_sse_events,
+)
+from llm_proxy.proxy.capture import (
+    MAX_PENDING_BYTES,
+    ResponseCapture,
+    UsageChunkStripper,
+    inject_include_usage,
+    strip_usage_events,
 )
 
 WITH_USAGE = load_fixture("chat_stream_with_usage.sse")

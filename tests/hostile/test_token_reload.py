@@ -20,16 +20,16 @@ from typing import Any
 
 import pytest
 
-from llm_proxy import tokens as tokens_module
-from llm_proxy.crypto import KeyCipher, TokenHasher
-from llm_proxy.repository import (
+from llm_proxy.auth import tokens as tokens_module
+from llm_proxy.auth.crypto import KeyCipher, TokenHasher
+from llm_proxy.auth.tokens import PAGE_ROWS, TokenStore, TokenSync
+from llm_proxy.server import tune_switch_interval
+from llm_proxy.storage import (
     PostgresRepository,
     Project,
     Repository,
     SqliteRepository,
 )
-from llm_proxy.server import tune_switch_interval
-from llm_proxy.tokens import PAGE_ROWS, TokenStore, TokenSync
 
 from ..test_repository import _postgres_schema, _postgres_url
 

@@ -11,8 +11,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .breaker import BreakerState, CircuitBreaker
-from .keys import ReadyCheck
+from ..keys import ReadyCheck
+from ..proxy.breaker import BreakerState, CircuitBreaker
 
 REDIS_PING_TIMEOUT_S: Final = 2.0
 

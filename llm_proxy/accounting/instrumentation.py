@@ -26,11 +26,11 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .config import EventSettings
-from .events import EventBus, RateLimitedLog, RequestCompleted
-from .exchange import Exchange
+from ..config import EventSettings
+from ..events.model import EventBus, RateLimitedLog, RequestCompleted
+from ..proxy.exchange import Exchange
+from ..proxy.multipart import form_boundary, model_from_form
 from .metrics import Metrics, method_label, status_label
-from .multipart import form_boundary, model_from_form
 from .usage import (
     ESTIMATED,
     NOT_ANSWERED,

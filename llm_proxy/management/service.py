@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
-from .crypto import (
+from ..auth.crypto import (
     KEY_CHECK_PLAINTEXT,
     DecryptionError,
     KeyCipher,
@@ -22,7 +22,8 @@ from .crypto import (
     mask_api_key,
     token_hint,
 )
-from .repository import (
+from ..auth.tokens import TokenStore
+from ..storage import (
     DuplicateNameError,
     Project,
     ProjectChanges,
@@ -31,7 +32,6 @@ from .repository import (
     Token,
     TokenFilter,
 )
-from .tokens import TokenStore
 
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200

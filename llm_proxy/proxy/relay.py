@@ -26,15 +26,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .allowlist import model_allowed
-from .capture import (
-    USAGE_ENDPOINTS,
-    ResponseCapture,
-    UsageChunkStripper,
-    inject_include_usage,
-)
-from .config import IpNetwork, Settings
-from .errors import (
+from ..config import IpNetwork, Settings
+from ..errors import (
     ApiError,
     IncompleteBodyError,
     RequestTooLargeError,
@@ -43,13 +36,20 @@ from .errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from .exchange import Exchange
-from .keys import (
+from ..keys import (
     EXCHANGE_KEY,
     PRINCIPAL_KEY,
     SETTINGS_KEY,
     UPSTREAM_SESSION_KEY,
 )
+from .allowlist import model_allowed
+from .capture import (
+    USAGE_ENDPOINTS,
+    ResponseCapture,
+    UsageChunkStripper,
+    inject_include_usage,
+)
+from .exchange import Exchange
 from .multipart import FORM_HEAD_BYTES
 
 if TYPE_CHECKING:

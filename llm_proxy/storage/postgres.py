@@ -17,7 +17,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from ..resources import data_dir
 from ._common import (
     check_page,
     dump_metadata,
@@ -43,7 +42,7 @@ from .base import (
     UsageRow,
     UsageTotals,
 )
-from .migrations import Migration, load_migrations, pending
+from .migrations import SQL_DIR, Migration, load_migrations, pending
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +267,7 @@ class PostgresRepository:
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations, each in a transaction, under an advisory lock."""
-        migrations = load_migrations(self._sql_dir or data_dir("sql"), DIALECT)
+        migrations = load_migrations(self._sql_dir or SQL_DIR, DIALECT)
         async with self._connected.acquire() as con:
             await con.execute(ADVISORY_LOCK, MIGRATION_LOCK_KEY)
             try:

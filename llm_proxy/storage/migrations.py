@@ -1,5 +1,8 @@
 """Finding and ordering the numbered schema files in `sql/<dialect>/NNN_name.sql`.
 
+`SQL_DIR` is the `sql/` folder shipped inside this package (package data), so a
+source checkout and an installed wheel read the same place.
+
 Backends apply them; this module only reads the directory and decides what is pending.
 """
 
@@ -13,6 +16,7 @@ from typing import Final
 
 from .base import MigrationError
 
+SQL_DIR: Final = Path(__file__).resolve().parent / "sql"
 MIGRATION_FILE: Final = re.compile(r"^(?P<version>\d{3})_(?P<name>[a-z0-9_]+)\.sql$")
 
 

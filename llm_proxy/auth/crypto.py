@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .private_files import make_private_dirs
+from ..private_files import make_private_dirs
 
 log = logging.getLogger(__name__)
 

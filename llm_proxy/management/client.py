@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .crypto import TOKEN_PREFIX
+from ..auth.crypto import TOKEN_PREFIX
 
 DEFAULT_TIMEOUT_S: Final = 30.0
 JsonObject = dict[str, Any]

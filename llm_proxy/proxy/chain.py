@@ -21,10 +21,8 @@ from typing import Protocol
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
-from .breaker import CircuitBreaker
-from .concurrency import InFlight, Scope
-from .errors import (
+from ..auth.tokens import AuthFailure, TokenStore
+from ..errors import (
     ApiError,
     CircuitOpenError,
     InvalidTokenError,
@@ -32,12 +30,13 @@ from .errors import (
     RateLimitedError,
     UpstreamError,
 )
+from ..keys import EXCHANGE_KEY, PRINCIPAL_KEY
+from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
+from .breaker import CircuitBreaker
+from .concurrency import InFlight, Scope
 from .exchange import Exchange
-from .instrumentation import Instrumentation
-from .keys import EXCHANGE_KEY, PRINCIPAL_KEY
-from .proxy import request_id_of
 from .ratelimit import Limiter
-from .tokens import AuthFailure, TokenStore
+from .relay import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,20 @@ class Stage(Protocol):
     ) -> None: ...
 
 
+class CallSink(Protocol):
+    """Where the chain hands each finished call (the accounting's `Instrumentation`).
+
+    `in_flight` counts calls inside the chain; `submit` takes a call's record once its
+    answer is decided and must not block: it runs in the request's coroutine.
+    """
+
+    in_flight: int
+
+    def submit(self, exchange: Exchange) -> None: ...
+
+
 def proxy_chain(
-    instrumentation: Instrumentation, stages: Sequence[Stage], handler: Handler
+    instrumentation: CallSink, stages: Sequence[Stage], handler: Handler
 ) -> Handler:
     """The /v1 handler: the stages around `handler`, instrumented, in one coroutine.
 

@@ -16,11 +16,11 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import ApiError, InvalidTokenError
-from .keys import SERVICE_KEY
+from ..errors import ApiError, InvalidTokenError
+from ..keys import SERVICE_KEY
+from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
-from .repository import Project, Token, TokenFilter
-from .services import ServiceError
+from .service import ServiceError
 from .validation import (
     Field,
     check_fields,

@@ -16,7 +16,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from .manage_client import error_message
+from ..management.client import error_message
 
 EXIT_COMMANDS: Final = frozenset({"/exit", "/quit"})
 DONE: Final = b"[DONE]"

@@ -27,10 +27,10 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .allowlist import KNOWN_METHODS
-from .breaker import BreakerState, CircuitBreaker
-from .errors import InvalidTokenError
-from .events import BusStats
+from ..errors import InvalidTokenError
+from ..events.model import BusStats
+from ..proxy.allowlist import KNOWN_METHODS
+from ..proxy.breaker import BreakerState, CircuitBreaker
 
 # Latency buckets from 1 ms (the proxy's own overhead) to 10 min (long generations).
 LATENCY_BUCKETS: Final = (

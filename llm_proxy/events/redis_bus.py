@@ -27,7 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .events import (
+from ..private_files import open_private_append
+from .model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUFFER_SIZE,
     DEFAULT_DROP_LOG_INTERVAL_S,
@@ -39,7 +40,6 @@ from .events import (
     decode_event,
     encode_event,
 )
-from .private_files import open_private_append
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Final, Protocol, TypeVar
 
-from .crypto import DecryptionError, KeyCipher, TokenHasher
-from .repository import (
+from ..storage.base import (
     ChangeCursor,
     ChangePage,
     Deletion,
@@ -32,6 +31,7 @@ from .repository import (
     Token,
     TokenUsage,
 )
+from .crypto import DecryptionError, KeyCipher, TokenHasher
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]

@@ -22,7 +22,6 @@ from typing import Any, Final
 import aiosqlite
 
 from ..private_files import create_private_file
-from ..resources import data_dir
 from ._common import (
     check_page,
     dump_metadata,
@@ -48,7 +47,7 @@ from .base import (
     UsageRow,
     UsageTotals,
 )
-from .migrations import Migration, load_migrations
+from .migrations import SQL_DIR, Migration, load_migrations
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +283,7 @@ class SqliteRepository:
 
     async def migrate(self) -> list[int]:
         """Apply each pending migration in its own transaction."""
-        migrations = load_migrations(self._sql_dir or data_dir("sql"), DIALECT)
+        migrations = load_migrations(self._sql_dir or SQL_DIR, DIALECT)
         await self._write(CREATE_SCHEMA_VERSION)
         return [m.version for m in migrations if await self._apply_if_pending(m)]
 

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import ApiError
-from .services import ServiceError
+from ..errors import ApiError
+from .service import ServiceError
 
 MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
 

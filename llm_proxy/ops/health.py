@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from . import __version__
-from .keys import READY_CHECKS_KEY, REPOSITORY_KEY
-from .manage import json_response
+from .. import __version__
+from ..keys import READY_CHECKS_KEY, REPOSITORY_KEY
+from ..management.api import json_response
 
 READY_CHECK_TIMEOUT_S = 2.0
 

@@ -35,6 +35,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..management.client import ManageClient
+from ..server import free_port, tail, wait_until_healthy
 from .bench_report import (
     BenchReport,
     Samples,
@@ -42,8 +44,6 @@ from .bench_report import (
     refusal_warning,
     target_report,
 )
-from .manage_client import ManageClient
-from .server import free_port, tail, wait_until_healthy
 
 DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
 DEFAULT_MODEL: Final = "gpt-4o-mini"
