@@ -34,7 +34,8 @@ from .management.api import create_management_app
 from .management.service import ManagementService, check_encryption_key
 from .ops.health import health_handler, live_handler, ready_handler
 from .ops.readiness import RedisCheck, breaker_check
-from .proxy.allowlist import Allowlist, default_allowlist, load_allowlist
+from .proxy.allowlist import Allowlist, default_allowlist
+from .proxy.allowlist_file import load_allowlist
 from .proxy.breaker import BreakerState, CircuitBreaker
 from .proxy.chain import (
     AllowlistStage,

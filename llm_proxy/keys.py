@@ -1,8 +1,8 @@
 """Typed keys for application and request state. Definitions only.
 
-The types are imported for the type checker only, so importing a key pulls in no
-service, store or repository: the request path can read its keys without loading the
-management or storage layers.
+The value types are imported for the type checker only (each key's annotation names
+its type), so importing a key pulls in no service, store or repository: the request
+path reads its keys without loading the management or storage layers.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ if TYPE_CHECKING:
     from .proxy.exchange import Exchange
     from .storage import Repository
 
-SETTINGS_KEY = web.AppKey["Settings"]("settings")
-REPOSITORY_KEY = web.AppKey["Repository"]("repository")
-SERVICE_KEY = web.AppKey["ManagementService"]("service")
-TOKEN_STORE_KEY = web.AppKey["TokenStore"]("token_store")
-TOKEN_SYNC_KEY = web.AppKey["TokenSync"]("token_sync")
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+REPOSITORY_KEY: web.AppKey[Repository] = web.AppKey("repository")
+SERVICE_KEY: web.AppKey[ManagementService] = web.AppKey("service")
+TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
+TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
 
-PRINCIPAL_KEY = web.RequestKey["Principal"]("principal")
+PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 
 ReadyCheck = Callable[[], Awaitable[str]]
 READY_CHECKS_KEY = web.AppKey[dict[str, ReadyCheck]]("ready_checks")
 
 UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
-EXCHANGE_KEY = web.RequestKey["Exchange"]("exchange")
+EXCHANGE_KEY: web.RequestKey[Exchange] = web.RequestKey("exchange")

@@ -12,14 +12,16 @@ from llm_proxy.proxy.allowlist import (
     MAX_PATH_LENGTH,
     NOT_FOUND,
     Allowlist,
-    AllowlistConfigError,
     Endpoint,
     MatchKind,
     ModelPatterns,
     default_allowlist,
-    load_allowlist,
     model_allowed,
     normalise_path,
+)
+from llm_proxy.proxy.allowlist_file import (
+    AllowlistConfigError,
+    load_allowlist,
     parse_allowlist,
 )
 

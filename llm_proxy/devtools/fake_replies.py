@@ -86,7 +86,6 @@ class Reply:
     headers: Headers = SUCCESS_HEADERS
 
 
-
 def load_fixture(name: str) -> bytes:
     """Return the bytes of a bundled fixture file, read once."""
     return _load_fixture(name)
@@ -183,7 +182,9 @@ def error_body(
     return json.dumps(obj, indent=2).encode()
 
 
-def error_reply(status: int, body: bytes, *, edge: bool, headers: Headers = ()) -> Reply:
+def error_reply(
+    status: int, body: bytes, *, edge: bool, headers: Headers = ()
+) -> Reply:
     content_type = _JSON_UTF8 if edge else JSON_TYPE
     extra = headers if edge else (*_OPENAI_HEADERS, *headers)
     return Reply((body,), status, content_type, False, extra)

@@ -1,7 +1,7 @@
 """The management REST API (`/manage/*`): projects and tokens, bearer-protected.
 
 Request and response shapes follow the seed plan; item routes sit beside the seed's
-body-addressed routes. Rules live in `services.py`; this module only adapts HTTP.
+body-addressed routes. Rules live in `service.py`; this module only adapts HTTP.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A small aiohttp client for the management API (`/manage/*`), used by `llm-proxy manage`.
 
-It speaks the JSON shapes of `manage.py` and turns error answers into `ManageApiError`
+It speaks the JSON shapes of `api.py` and turns error answers into `ManageApiError`
 carrying the API's own message; it knows nothing about click or output formats.
 """
 

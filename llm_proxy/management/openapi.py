@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of the management API, served at `/manage/openapi.json`.
 
 Kept next to the code it describes; a test checks that its paths and methods are
-exactly the routes `manage.py` registers.
+exactly the routes `api.py` registers.
 """
 
 from __future__ import annotations

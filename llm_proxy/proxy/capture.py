@@ -3,7 +3,7 @@
 Everything here runs per chunk on the request path, so it does only cheap byte work
 (`len`, `deque.append`, `bytes.find`) plus, when the proxy injected `include_usage`,
 one orjson parse of each SSE payload that mentions `usage`: no tokenizer. The captured
-bytes are parsed later, off the request path, by `usage.py`.
+bytes are parsed later, off the request path, by `accounting/usage.py`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ call's record, one event per call, whatever the outcome), allowlist (cheapest, n
 no secret), token auth (a dict lookup), rate limit (needs the principal), concurrency
 (calls in flight per token and project), circuit breaker (innermost, so it counts only
 real upstream attempts). Each link is a `Stage` of plain calls; the maths lives in
-`allowlist.py`, `tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`.
+`allowlist.py`, `auth/tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`.
 """
 
 from __future__ import annotations
