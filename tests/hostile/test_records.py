@@ -34,8 +34,7 @@ from llm_proxy.storage import (
     UsageEvent,
 )
 
-from ..support import bearer, proxy_token
-from ..test_repository import _postgres_schema, _postgres_url
+from ..support import _postgres_schema, _postgres_url, bearer, proxy_token
 
 Client = TestClient[Any, Any]
 FAST_RETRY = RetryPolicy(max_retries=2, base_s=0.001, max_s=0.01)

@@ -31,7 +31,7 @@ from llm_proxy.storage import (
     SqliteRepository,
 )
 
-from ..test_repository import _postgres_schema, _postgres_url
+from ..support import _postgres_schema, _postgres_url
 
 MASTER_KEY = bytes(range(32))
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
