@@ -178,7 +178,8 @@ def bench(
 async def _bench(options: Any, mock: bool, compare_direct: bool, as_json: bool) -> Any:
     from dataclasses import replace
 
-    from ..devtools.bench import mock_targets, progress_printer, run_bench
+    from ..devtools.bench import progress_printer, run_bench
+    from ..devtools.bench_mock import mock_targets
 
     progress = None
     warn = _warn

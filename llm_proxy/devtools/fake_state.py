@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,3 +154,25 @@ class FakeUpstreamState:
 
 
 FAKE_STATE_KEY: Final = web.AppKey("fake_upstream_state", FakeUpstreamState)
+
+
+async def read_body(request: web.Request, limit: int) -> tuple[bytes, int, str]:
+    """Read the whole body; keep all of it unless it is a multipart upload.
+
+    Returns the kept bytes (at most ``limit`` for multipart), the total size and the
+    SHA-256 of the whole body.
+    """
+    if not request.body_exists:
+        return b"", 0, hashlib.sha256().hexdigest()
+    keep_all = not request.content_type.startswith("multipart/")
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    kept = total = 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        total += len(chunk)
+        if keep_all or kept < limit:
+            parts.append(chunk)
+            kept += len(chunk)
+    body = b"".join(parts)
+    return (body if keep_all else body[:limit]), total, digest.hexdigest()

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
-import hashlib
 import logging
 import re
 import secrets
@@ -82,6 +81,7 @@ from .fake_state import (
     FakeFile,
     FakeUpstreamState,
     RecordedRequest,
+    read_body,
 )
 
 __all__ = [
@@ -121,34 +121,12 @@ class _Call:
 _CALL_KEY: Final = web.RequestKey("fake_upstream_call", _Call)
 
 
-async def _read_body(request: web.Request, limit: int) -> tuple[bytes, int, str]:
-    """Read the whole body; keep all of it unless it is a multipart upload.
-
-    Returns the kept bytes (at most ``limit`` for multipart), the total size and the
-    SHA-256 of the whole body.
-    """
-    if not request.body_exists:
-        return b"", 0, hashlib.sha256().hexdigest()
-    keep_all = not request.content_type.startswith("multipart/")
-    digest = hashlib.sha256()
-    parts: list[bytes] = []
-    kept = total = 0
-    async for chunk in request.content.iter_any():
-        digest.update(chunk)
-        total += len(chunk)
-        if keep_all or kept < limit:
-            parts.append(chunk)
-            kept += len(chunk)
-    body = b"".join(parts)
-    return (body if keep_all else body[:limit]), total, digest.hexdigest()
-
-
 @web.middleware
 async def _fake_upstream(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Record the request, then apply the behaviours that replace the endpoint."""
     state = request.app[FAKE_STATE_KEY]
     limit = state.max_recorded_body_bytes
-    body, size, sha = await _read_body(request, limit)
+    body, size, sha = await read_body(request, limit)
     recorded = RecordedRequest(
         request.method,
         request.path,

@@ -42,7 +42,7 @@ from llm_proxy.cli.base import run
 from llm_proxy.cli.chat import delta_content, message_content
 from llm_proxy.cli.daemon import ChildStart, owns_listener, wait_for_child
 from llm_proxy.config import ConfigError, Settings
-from llm_proxy.devtools.bench import PROXY_ENV_NAMES
+from llm_proxy.devtools.bench_mock import PROXY_ENV_NAMES
 from llm_proxy.devtools.fake_upstream import (
     load_fixture,
     split_sse_events,
