@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -429,11 +429,21 @@ class PostgresRepository:
         after: ChangeCursor | None = None,
         limit: int,
         active_only: bool = False,
+        unchanged: Callable[[str, int], bool] | None = None,
     ) -> ChangePage[Token]:
-        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on;
+        rows `unchanged` reports as such are left out unconverted."""
         args = (*_cursor(mark, after), limit, active_only)
         rows = await self._connected.fetch(TOKENS_CHANGED, *args)
-        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+        if unchanged is None:
+            tokens = [_token(row, row["change_seq"]) for row in rows]
+        else:
+            tokens = [
+                _token(row, row["change_seq"])
+                for row in rows
+                if not unchanged(row["token"], row["change_seq"])
+            ]
+        return ChangePage(tokens, _next_cursor(rows, limit))
 
     async def load_projects_changed_since(
         self, mark: int, *, after: ChangeCursor | None = None, limit: int
@@ -666,7 +676,7 @@ def _filter_args(token_filter: TokenFilter, now: datetime) -> tuple[Any, ...] | 
     return None if key is None else (key, token_filter.active, now)
 
 
-def _token(row: Any) -> Token:
+def _token(row: Any, change_seq: int | None = None) -> Token:
     return Token(
         id=str(row["id"]),
         token_hash=row["token"],
@@ -680,6 +690,7 @@ def _token(row: Any) -> Token:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         max_concurrent=row["max_concurrent"],
+        change_seq=change_seq,
     )
 
 

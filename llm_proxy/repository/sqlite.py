@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -417,11 +417,21 @@ class SqliteRepository:
         after: ChangeCursor | None = None,
         limit: int,
         active_only: bool = False,
+        unchanged: Callable[[str, int], bool] | None = None,
     ) -> ChangePage[Token]:
-        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on;
+        rows `unchanged` reports as such are left out unconverted."""
         params = (*_cursor(mark, after), limit, active_only)
         rows = await self._fetch_all(TOKENS_CHANGED, params)
-        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+        if unchanged is None:
+            tokens = [_token(row, row["change_seq"]) for row in rows]
+        else:
+            tokens = [
+                _token(row, row["change_seq"])
+                for row in rows
+                if not unchanged(row["token"], row["change_seq"])
+            ]
+        return ChangePage(tokens, _next_cursor(rows, limit))
 
     async def load_projects_changed_since(
         self, mark: int, *, after: ChangeCursor | None = None, limit: int
@@ -694,7 +704,7 @@ def _filter_params(token_filter: TokenFilter, now: datetime) -> Params:
     return (token_filter.project_id, token_filter.active, _to_text(now))
 
 
-def _token(row: sqlite3.Row) -> Token:
+def _token(row: sqlite3.Row, change_seq: int | None = None) -> Token:
     return Token(
         id=row["id"],
         token_hash=row["token"],
@@ -708,6 +718,7 @@ def _token(row: sqlite3.Row) -> Token:
         created_at=_from_text(row["created_at"]),
         last_used_at=_optional_time(row["last_used_at"]),
         max_concurrent=row["max_concurrent"],
+        change_seq=change_seq,
     )
 
 
