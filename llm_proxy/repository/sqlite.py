@@ -152,6 +152,7 @@ RECORD_TOKEN_USAGE: Final = (
 # are read by keyset on (change_seq, id): ?1 ?2 the cursor, ?3 the page size.
 CHANGE_MARK: Final = "SELECT seq + 1 FROM change_counter WHERE id = 1"
 START_ID: Final = ""  # sorts before every id, so (mark, START_ID) starts at `mark`
+CHANGE_SEQ: Final = 12  # the position of change_seq in a TOKENS_CHANGED row
 TOKENS_CHANGED: Final = (
     f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
     " WHERE (change_seq, id) > (?1, ?2) AND (?4 = 0 OR is_active = 1)"
@@ -424,12 +425,12 @@ class SqliteRepository:
         params = (*_cursor(mark, after), limit, active_only)
         rows = await self._fetch_all(TOKENS_CHANGED, params)
         if unchanged is None:
-            tokens = [_token(row, row["change_seq"]) for row in rows]
+            tokens = [_token(row, row[CHANGE_SEQ]) for row in rows]
         else:
             tokens = [
-                _token(row, row["change_seq"])
+                _token(row, row[CHANGE_SEQ])
                 for row in rows
-                if not unchanged(row["token"], row["change_seq"])
+                if not unchanged(row[1], row[CHANGE_SEQ])  # token hash, marker
             ]
         return ChangePage(tokens, _next_cursor(rows, limit))
 
@@ -705,19 +706,21 @@ def _filter_params(token_filter: TokenFilter, now: datetime) -> Params:
 
 
 def _token(row: sqlite3.Row, change_seq: int | None = None) -> Token:
+    # By position (TOKEN_COLUMNS order, which every token query selects first): a
+    # reload converts up to a page of rows per loop slice, and names cost twice as much.
     return Token(
-        id=row["id"],
-        token_hash=row["token"],
-        token_hint=row["token_hint"],
-        project_id=row["project_id"],
-        expires_at=_from_text(row["expires_at"]),
-        is_active=bool(row["is_active"]),
-        request_count=row["request_count"],
-        max_requests=row["max_requests"],
-        rate_limit_per_hour=row["rate_limit_per_hour"],
-        created_at=_from_text(row["created_at"]),
-        last_used_at=_optional_time(row["last_used_at"]),
-        max_concurrent=row["max_concurrent"],
+        id=row[0],
+        token_hash=row[1],
+        token_hint=row[2],
+        project_id=row[3],
+        expires_at=_from_text(row[4]),
+        is_active=bool(row[5]),
+        request_count=row[6],
+        max_requests=row[7],
+        rate_limit_per_hour=row[8],
+        created_at=_from_text(row[9]),
+        last_used_at=_optional_time(row[10]),
+        max_concurrent=row[11],
         change_seq=change_seq,
     )
 
