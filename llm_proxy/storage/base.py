@@ -6,7 +6,7 @@ leave the backend modules. Times are timezone-aware UTC `datetime`s.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -86,6 +86,9 @@ class Token:
     created_at: datetime
     last_used_at: datetime | None
     max_concurrent: int | None = None  # None: the TOKEN_MAX_CONCURRENT default
+    # The row's change marker as `load_tokens_changed_since` read it (None from every
+    # other read): every write gives the row a new one, so it names this version.
+    change_seq: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +253,13 @@ class Repository(Protocol):
         after: ChangeCursor | None = None,
         limit: int,
         active_only: bool = False,
+        unchanged: Callable[[str, int], bool] | None = None,
     ) -> ChangePage[Token]:
         """Tokens inserted or updated with a marker >= `mark` (expired and revoked
-        ones too, unless `active_only`), in marker order, from `after` on."""
+        ones too, unless `active_only`), in marker order, from `after` on.
+
+        A row for which `unchanged(token_hash, change_seq)` is true is left out of
+        `rows` without being converted (the page's cursor still moves past it)."""
 
     async def load_projects_changed_since(
         self, mark: int, *, after: ChangeCursor | None = None, limit: int

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -144,6 +144,7 @@ RECORD_TOKEN_USAGE: Final = (
 # $1 $2 the cursor, $3 the page size.
 CHANGE_MARK: Final = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 START_ID: Final = uuid.UUID(int=0)  # sorts before every generated id
+CHANGE_SEQ: Final = 12  # the position of change_seq in a TOKENS_CHANGED row
 TOKENS_CHANGED: Final = (
     f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
     " WHERE (change_seq, id) > ($1, $2) AND (NOT $4 OR is_active)"
@@ -428,11 +429,21 @@ class PostgresRepository:
         after: ChangeCursor | None = None,
         limit: int,
         active_only: bool = False,
+        unchanged: Callable[[str, int], bool] | None = None,
     ) -> ChangePage[Token]:
-        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on;
+        rows `unchanged` reports as such are left out unconverted."""
         args = (*_cursor(mark, after), limit, active_only)
         rows = await self._connected.fetch(TOKENS_CHANGED, *args)
-        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+        if unchanged is None:
+            tokens = [_token(row, row[CHANGE_SEQ]) for row in rows]
+        else:
+            tokens = [
+                _token(row, row[CHANGE_SEQ])
+                for row in rows
+                if not unchanged(row[1], row[CHANGE_SEQ])  # token hash, marker
+            ]
+        return ChangePage(tokens, _next_cursor(rows, limit))
 
     async def load_projects_changed_since(
         self, mark: int, *, after: ChangeCursor | None = None, limit: int
@@ -665,20 +676,23 @@ def _filter_args(token_filter: TokenFilter, now: datetime) -> tuple[Any, ...] | 
     return None if key is None else (key, token_filter.active, now)
 
 
-def _token(row: Any) -> Token:
+def _token(row: Any, change_seq: int | None = None) -> Token:
+    # By position (TOKEN_COLUMNS order, which every token query selects first): a
+    # reload converts up to a page of rows per loop slice, and names cost twice as much.
     return Token(
-        id=str(row["id"]),
-        token_hash=row["token"],
-        token_hint=row["token_hint"],
-        project_id=str(row["project_id"]),
-        expires_at=row["expires_at"],
-        is_active=row["is_active"],
-        request_count=row["request_count"],
-        max_requests=row["max_requests"],
-        rate_limit_per_hour=row["rate_limit_per_hour"],
-        created_at=row["created_at"],
-        last_used_at=row["last_used_at"],
-        max_concurrent=row["max_concurrent"],
+        id=str(row[0]),
+        token_hash=row[1],
+        token_hint=row[2],
+        project_id=str(row[3]),
+        expires_at=row[4],
+        is_active=row[5],
+        request_count=row[6],
+        max_requests=row[7],
+        rate_limit_per_hour=row[8],
+        created_at=row[9],
+        last_used_at=row[10],
+        max_concurrent=row[11],
+        change_seq=change_seq,
     )
 
 

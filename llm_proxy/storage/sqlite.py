@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,6 +151,7 @@ RECORD_TOKEN_USAGE: Final = (
 # are read by keyset on (change_seq, id): ?1 ?2 the cursor, ?3 the page size.
 CHANGE_MARK: Final = "SELECT seq + 1 FROM change_counter WHERE id = 1"
 START_ID: Final = ""  # sorts before every id, so (mark, START_ID) starts at `mark`
+CHANGE_SEQ: Final = 12  # the position of change_seq in a TOKENS_CHANGED row
 TOKENS_CHANGED: Final = (
     f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
     " WHERE (change_seq, id) > (?1, ?2) AND (?4 = 0 OR is_active = 1)"
@@ -416,11 +417,21 @@ class SqliteRepository:
         after: ChangeCursor | None = None,
         limit: int,
         active_only: bool = False,
+        unchanged: Callable[[str, int], bool] | None = None,
     ) -> ChangePage[Token]:
-        """Tokens written with a marker >= `mark`, in marker order, from `after` on."""
+        """Tokens written with a marker >= `mark`, in marker order, from `after` on;
+        rows `unchanged` reports as such are left out unconverted."""
         params = (*_cursor(mark, after), limit, active_only)
         rows = await self._fetch_all(TOKENS_CHANGED, params)
-        return ChangePage([_token(row) for row in rows], _next_cursor(rows, limit))
+        if unchanged is None:
+            tokens = [_token(row, row[CHANGE_SEQ]) for row in rows]
+        else:
+            tokens = [
+                _token(row, row[CHANGE_SEQ])
+                for row in rows
+                if not unchanged(row[1], row[CHANGE_SEQ])  # token hash, marker
+            ]
+        return ChangePage(tokens, _next_cursor(rows, limit))
 
     async def load_projects_changed_since(
         self, mark: int, *, after: ChangeCursor | None = None, limit: int
@@ -693,20 +704,23 @@ def _filter_params(token_filter: TokenFilter, now: datetime) -> Params:
     return (token_filter.project_id, token_filter.active, _to_text(now))
 
 
-def _token(row: sqlite3.Row) -> Token:
+def _token(row: sqlite3.Row, change_seq: int | None = None) -> Token:
+    # By position (TOKEN_COLUMNS order, which every token query selects first): a
+    # reload converts up to a page of rows per loop slice, and names cost twice as much.
     return Token(
-        id=row["id"],
-        token_hash=row["token"],
-        token_hint=row["token_hint"],
-        project_id=row["project_id"],
-        expires_at=_from_text(row["expires_at"]),
-        is_active=bool(row["is_active"]),
-        request_count=row["request_count"],
-        max_requests=row["max_requests"],
-        rate_limit_per_hour=row["rate_limit_per_hour"],
-        created_at=_from_text(row["created_at"]),
-        last_used_at=_optional_time(row["last_used_at"]),
-        max_concurrent=row["max_concurrent"],
+        id=row[0],
+        token_hash=row[1],
+        token_hint=row[2],
+        project_id=row[3],
+        expires_at=_from_text(row[4]),
+        is_active=bool(row[5]),
+        request_count=row[6],
+        max_requests=row[7],
+        rate_limit_per_hour=row[8],
+        created_at=_from_text(row[9]),
+        last_used_at=_optional_time(row[10]),
+        max_concurrent=row[11],
+        change_seq=change_seq,
     )
 
 
