@@ -52,7 +52,9 @@ def start_summary(
 ) -> dict[str, Any]:
     """What the start log line says: enough to debug a deployment, no secret."""
     listener = listener or settings.listener
+    worker = {} if settings.worker_index is None else {"worker": settings.worker_index}
     return {
+        **worker,
         "version": __version__,
         "listen": f"{settings.listen_host}:{settings.listen_port}",
         "database": "postgresql" if settings.is_postgres else "sqlite",
@@ -100,12 +102,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings, pid_file: Path | None = None) -> None:
+def serve(
+    settings: Settings,
+    pid_file: Path | None = None,
+    sock: socket.socket | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish.
 
     With `pid_file`, this process's PID is written there once it listens and the file
-    is removed on exit (only if it still names this process). Client connections are
-    bounded by `listener.py` (header deadline, header size, connection cap).
+    is removed on exit (only if it still names this process). With `sock`, serve on
+    that listening socket (a worker of `workers.py`) instead of binding LISTEN_ADDR.
+    Client connections are bounded by `listener.py` (header deadline, header size,
+    connection cap).
     """
     listener = resolve_listener(settings, raise_open_files_limit())
     app = create_app(settings)
@@ -113,7 +121,7 @@ def serve(settings: Settings, pid_file: Path | None = None) -> None:
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(
-            _serve_until_signalled(app, settings, listener, pid_file)
+            _serve_until_signalled(app, settings, listener, pid_file, sock)
         )
     finally:
         try:
@@ -132,6 +140,7 @@ async def _serve_until_signalled(
     settings: Settings,
     listener: ListenerSettings,
     pid_file: Path | None,
+    sock: socket.socket | None = None,
 ) -> None:
     """Listen until the first SIGTERM/SIGINT, then shut down within the grace period."""
     stop = asyncio.Event()
@@ -149,7 +158,11 @@ async def _serve_until_signalled(
         loop.add_signal_handler(signum, stop.set)  # later signals: already stopping
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        )
         await site.start()
         tune_gc()
         tune_switch_interval()

@@ -1,9 +1,10 @@
 """Bus consumers that deliver events: file, Helicone, Lunary, HTTP, usage recorder.
 
-In the proxy process, `dispatchers_ctx` runs the usage recorder (always, so the
-admin pages have data), the file dispatcher (when FILE_EVENT_LOG is set) and, on the
-memory bus, the http, Helicone and Lunary dispatchers whose settings are given. As a
-process of its own, `run_dispatcher` runs one backend on the Redis bus until SIGTERM.
+In the proxy process (in a `--workers N` fleet: worker 0 only), `dispatchers_ctx`
+runs the usage recorder (always, so the admin pages have data), the file dispatcher
+(when FILE_EVENT_LOG is set) and, on the memory bus, the http, Helicone and Lunary
+dispatchers whose settings are given. As a process of its own, `run_dispatcher` runs
+one backend on the Redis bus until SIGTERM.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def create_event_bus(settings: Settings) -> EventBus:
             flush_interval_s=events.flush_interval_s,
             stream_key=events.stream_key,
             maxlen=events.stream_maxlen,
+            consumer_name=events.consumer_name,
         )
     return InMemoryEventBus(
         buffer_size=events.buffer_size,
@@ -213,6 +215,12 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
     """
     settings, bus = app[SETTINGS_KEY], app[EVENT_BUS_KEY]
     metrics = app.get(METRICS_KEY)
+    if settings.worker_index not in (None, 0):
+        # Workers 1..N-1 of a fleet only publish: worker 0 delivers the Redis
+        # stream, so the JSONL log has one writer and one rotation.
+        app[DISPATCHERS_KEY] = []
+        yield
+        return
     dispatchers = [
         new_dispatcher(
             UsageRecorder(app[REPOSITORY_KEY]),
