@@ -221,7 +221,7 @@ class Supervisor:
         signum = self._stop_signal or signal.SIGTERM
         running = [s.process for s in self._slots if s.process is not None]
         for slot in self._slots:
-            slot.restart_at = None
+            slot.process = slot.restart_at = None
         log.info("stopping %d workers (%s)", len(running), signal.Signals(signum).name)
         for process in running:
             with contextlib.suppress(ProcessLookupError):
