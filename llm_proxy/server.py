@@ -106,13 +106,14 @@ def serve(
     settings: Settings,
     pid_file: Path | None = None,
     sock: socket.socket | None = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish.
 
     With `pid_file`, this process's PID is written there once it listens and the file
     is removed on exit (only if it still names this process). With `sock`, serve on
-    that listening socket (a worker of `workers.py`) instead of binding LISTEN_ADDR.
-    Client connections are bounded by `listener.py` (header deadline, header size,
+    that listening socket (a worker of `workers.py`) instead of binding LISTEN_ADDR;
+    `on_listening` is called once it serves. Client connections are bounded by `listener.py` (header deadline, header size,
     connection cap).
     """
     listener = resolve_listener(settings, raise_open_files_limit())
@@ -121,7 +122,9 @@ def serve(
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(
-            _serve_until_signalled(app, settings, listener, pid_file, sock)
+            _serve_until_signalled(
+                app, settings, listener, pid_file, sock, on_listening
+            )
         )
     finally:
         try:
@@ -141,6 +144,7 @@ async def _serve_until_signalled(
     listener: ListenerSettings,
     pid_file: Path | None,
     sock: socket.socket | None = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Listen until the first SIGTERM/SIGINT, then shut down within the grace period."""
     stop = asyncio.Event()
@@ -168,6 +172,8 @@ async def _serve_until_signalled(
         tune_switch_interval()
         if pid_file is not None:
             write_pid_file(pid_file, os.getpid())
+        if on_listening is not None:
+            on_listening()
         log.info("llm-proxy started", extra=start_summary(settings, listener))
         await stop.wait()
         log.info("llm-proxy stopping", extra={"grace_s": settings.shutdown_grace_s})

@@ -27,9 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from .config import Settings
+from .config import ConfigError, Settings
 
-log = logging.getLogger(__name__)
+# By name: a worker runs this module as __main__.
+log = logging.getLogger("llm_proxy.workers")
 
 # A worker re-listens with aiohttp's backlog (SockSite calls listen() again).
 LISTEN_BACKLOG: Final = 128
@@ -42,15 +43,19 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
-Spawn = Callable[[int], "subprocess.Popen[bytes]"]
+# spawn(index, ready_fd): the started worker, which writes one byte to `ready_fd` once
+# it serves (the supervisor closes its own copy of the descriptor after the call).
+Spawn = Callable[[int, int], "subprocess.Popen[bytes]"]
 
 
 @dataclass(frozen=True, slots=True)
 class RestartPolicy:
     """When a worker that exited starts again, and when the supervisor gives up.
 
-    An exit within `early_exit_s` of the worker's start is an early exit. A worker
-    that ran longer is restarted at once and its count of early exits starts over;
+    An exit before the worker served, or within `early_exit_s` of its first serving,
+    is an early exit (a start's length is not counted: imports alone take seconds on
+    a loaded machine). A worker that served longer is restarted at once and its
+    count of early exits starts over;
     after an early exit it waits `backoff_base_s`, doubling per early exit in a row
     up to `backoff_max_s`. The `max_early_exits`-th early exit in a row of one
     worker stops the fleet: that is a crash loop, not bad luck.
@@ -58,12 +63,17 @@ class RestartPolicy:
 
     early_exit_s: float = 5.0
     max_early_exits: int = 5
-    backoff_base_s: float = 0.5
+    backoff_base_s: float = 0.25
     backoff_max_s: float = 10.0
 
-    def after_exit(self, early_exits: int, lived_s: float) -> tuple[int, float | None]:
-        """(early exits in a row now, seconds until the restart or None: give up)."""
-        if lived_s >= self.early_exit_s:
+    def after_exit(
+        self, early_exits: int, served_s: float | None
+    ) -> tuple[int, float | None]:
+        """(early exits in a row now, seconds until the restart or None: give up).
+
+        `served_s`: how long the worker served; None when it never did.
+        """
+        if served_s is not None and served_s >= self.early_exit_s:
             return 0, 0.0
         early_exits += 1
         if early_exits >= self.max_early_exits:
@@ -79,6 +89,8 @@ class _Slot:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    ready_fd: int | None = None  # read end of the worker's ready pipe, until read
+    serving_since: float | None = None
     early_exits: int = 0
     restart_at: float | None = None
 
@@ -133,6 +145,12 @@ class Supervisor:
         """The PID of each worker position (None while it waits for a restart)."""
         return [s.process.pid if s.process else None for s in self._slots]
 
+    def serving(self) -> list[bool]:
+        """Whether each worker position has a worker that reported serving."""
+        return [
+            s.process is not None and s.serving_since is not None for s in self._slots
+        ]
+
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a graceful stop; `signum` is what the workers are sent."""
         if self._stop_signal is None:
@@ -167,15 +185,40 @@ class Supervisor:
         due = [s.restart_at for s in self._slots if s.restart_at is not None]
         if due:
             timeout = max(0.0, min(timeout, min(due) - self._clock()))
+        pipes = {s.ready_fd: s for s in self._slots if s.ready_fd is not None}
         with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select([self._wake_r], [], [], timeout)
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 512)
+            ready, _, _ = select.select([self._wake_r, *pipes], [], [], timeout)
+            for fd in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 512)
+                else:
+                    self._ready(pipes[fd], os.read(fd, 1))
+
+    def _ready(self, slot: _Slot, data: bytes) -> None:
+        """The worker's ready pipe spoke: a byte (it serves) or EOF (it died)."""
+        self._close_ready(slot)
+        if data and slot.process is not None:
+            slot.serving_since = self._clock()
+            log.info("worker %d (PID %d) serves", slot.index, slot.process.pid)
+
+    @staticmethod
+    def _close_ready(slot: _Slot) -> None:
+        if slot.ready_fd is not None:
+            os.close(slot.ready_fd)
+            slot.ready_fd = None
 
     def _start(self, slot: _Slot) -> None:
-        slot.restart_at = None
-        slot.process = self._spawn(slot.index)
+        slot.restart_at = slot.serving_since = None
+        read_fd, write_fd = os.pipe()
+        try:
+            slot.process = self._spawn(slot.index, write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        slot.ready_fd = read_fd
         slot.started_at = self._clock()
         log.info("worker %d started (PID %d)", slot.index, slot.process.pid)
 
@@ -195,15 +238,19 @@ class Supervisor:
     def _exited(self, slot: _Slot, now: float) -> str | None:
         process, lived_s = slot.process, now - slot.started_at
         assert process is not None and process.returncode is not None
+        if slot.ready_fd is not None:  # a ready byte may still wait in the pipe
+            with contextlib.suppress(BlockingIOError):
+                self._ready(slot, os.read(slot.ready_fd, 1))
+        self._close_ready(slot)
+        served_s = None if slot.serving_since is None else now - slot.serving_since
         slot.process = None
         how = exit_text(process.returncode)
-        slot.early_exits, delay = self._policy.after_exit(slot.early_exits, lived_s)
+        slot.early_exits, delay = self._policy.after_exit(slot.early_exits, served_s)
         if delay is None:
             return (
-                f"worker {slot.index} exited ({how}) within "
-                f"{self._policy.early_exit_s:g} s of its start "
-                f"{slot.early_exits} times in a row: giving up (its log lines above "
-                "say why)"
+                f"worker {slot.index} exited ({how}) before serving or within "
+                f"{self._policy.early_exit_s:g} s of it, {slot.early_exits} times in "
+                "a row: giving up (its log lines above say why)"
             )
         log.warning(
             "worker %d (PID %d) exited (%s) after %.1f s; restarting in %.1f s",
@@ -221,6 +268,7 @@ class Supervisor:
         signum = self._stop_signal or signal.SIGTERM
         running = [s.process for s in self._slots if s.process is not None]
         for slot in self._slots:
+            self._close_ready(slot)
             slot.process = slot.restart_at = None
         log.info("stopping %d workers (%s)", len(running), signal.Signals(signum).name)
         for process in running:
@@ -281,7 +329,7 @@ def prepare_database(settings: Settings) -> None:
         runner.run(prepare())
 
 
-def worker_argv(index: int, fd: int) -> list[str]:
+def worker_argv(index: int, fd: int, ready_fd: int) -> list[str]:
     """The command line of worker `index` serving on inherited descriptor `fd`."""
     return [
         sys.executable,
@@ -289,6 +337,8 @@ def worker_argv(index: int, fd: int) -> list[str]:
         "llm_proxy.workers",
         "--listen-fd",
         str(fd),
+        "--ready-fd",
+        str(ready_fd),
         str(index),
     ]
 
@@ -321,9 +371,12 @@ def run_fleet(
         fd = listener.fileno()
         env = dict(environ)
 
-        def spawn(index: int) -> subprocess.Popen[bytes]:
+        def spawn(index: int, ready_fd: int) -> subprocess.Popen[bytes]:
             return subprocess.Popen(
-                worker_argv(index, fd), env=env, pass_fds=(fd,), close_fds=True
+                worker_argv(index, fd, ready_fd),
+                env=env,
+                pass_fds=(fd, ready_fd),
+                close_fds=True,
             )
 
         supervisor = Supervisor(
@@ -405,29 +458,44 @@ def watch_parent(
     return thread
 
 
-def parse_worker_argv(argv: Sequence[str]) -> tuple[int, int]:
-    """`--listen-fd FD INDEX` → (fd, index)."""
+def parse_worker_argv(argv: Sequence[str]) -> tuple[int, int, int]:
+    """`--listen-fd FD --ready-fd FD INDEX` → (listen fd, ready fd, index)."""
+    numbers = [*argv[1:2], *argv[3:5]]
     if (
-        len(argv) != 3
-        or argv[0] != "--listen-fd"
-        or not all(a.isdigit() for a in argv[1:])
+        len(argv) != 5
+        or (argv[0], argv[2]) != ("--listen-fd", "--ready-fd")
+        or not all(a.isdigit() for a in numbers)
     ):
-        raise SystemExit("usage: python -m llm_proxy.workers --listen-fd FD INDEX")
-    return int(argv[1]), int(argv[2])
+        raise SystemExit(
+            "usage: python -m llm_proxy.workers --listen-fd FD --ready-fd FD INDEX"
+        )
+    return int(argv[1]), int(argv[3]), int(argv[4])
+
+
+def tell_ready(fd: int) -> None:
+    """Tell the supervisor this worker serves: one byte on its ready pipe."""
+    with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
+        os.write(fd, b"1")
+    os.close(fd)
 
 
 def worker_main(argv: Sequence[str]) -> None:  # pragma: no cover - a child process
     """Worker `INDEX`: the app on the inherited socket until SIGTERM/SIGINT."""
+    from .allowlist import AllowlistConfigError
     from .logs import configure_logging
     from .server import serve
 
-    fd, index = parse_worker_argv(argv)
+    fd, ready_fd, index = parse_worker_argv(argv)
     sock = socket.socket(fileno=fd)
     port = sock.getsockname()[1]
     settings = worker_settings(Settings.from_env(os.environ), index, port)
     configure_logging(settings.log_level, settings.log_format)
     watch_parent(os.getppid())
-    serve(settings, sock=sock)
+    try:
+        serve(settings, sock=sock, on_listening=lambda: tell_ready(ready_fd))
+    except (ConfigError, AllowlistConfigError) as exc:  # one line, no traceback
+        log.error("worker %d cannot start: %s", index, exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover - the worker's entry point

@@ -38,12 +38,18 @@ FAST = RestartPolicy(
 REDIS = "redis://127.0.0.1:6379/0"
 
 
-def stand_in(code: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", code])
+READY = "import os, sys; os.write(int(sys.argv[1]), b'1')\n"
 
 
-def sleeper(index: int) -> subprocess.Popen[bytes]:
-    return stand_in("import time; time.sleep(60)")
+def stand_in(code: str, ready_fd: int) -> subprocess.Popen[bytes]:
+    """A worker stand-in; `sys.argv[1]` is its ready descriptor."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(ready_fd)], pass_fds=(ready_fd,)
+    )
+
+
+def sleeper(index: int, ready_fd: int) -> subprocess.Popen[bytes]:
+    return stand_in(READY + "import time; time.sleep(60)", ready_fd)
 
 
 @pytest.fixture
@@ -76,7 +82,7 @@ def test_restart_policy_restarts_a_long_lived_worker_at_once_and_forgets_early_e
     None
 ):
     policy = RestartPolicy(early_exit_s=5, max_early_exits=5, backoff_base_s=0.5)
-    assert policy.after_exit(3, lived_s=60.0) == (0, 0.0)
+    assert policy.after_exit(3, served_s=60.0) == (0, 0.0)
 
 
 def test_restart_policy_backs_off_doubling_then_gives_up_at_the_limit() -> None:
@@ -85,7 +91,7 @@ def test_restart_policy_backs_off_doubling_then_gives_up_at_the_limit() -> None:
     )
     delays, early = [], 0
     for _ in range(5):
-        early, delay = policy.after_exit(early, lived_s=1.0)
+        early, delay = policy.after_exit(early, served_s=None if early else 1.0)
         delays.append(delay)
     assert delays == [0.5, 1.0, 2.0, 3.0, None]
     assert early == 5
@@ -153,11 +159,11 @@ def test_worker_settings_give_each_worker_its_spool_and_a_stable_consumer() -> N
 
 
 def test_worker_argv_round_trips_and_a_bad_one_is_refused() -> None:
-    argv = worker_argv(2, 7)
+    argv = worker_argv(2, 7, 9)
     assert argv[:3] == [sys.executable, "-m", "llm_proxy.workers"]
-    assert parse_worker_argv(argv[3:]) == (7, 2)
+    assert parse_worker_argv(argv[3:]) == (7, 9, 2)
     with pytest.raises(SystemExit, match="usage"):
-        parse_worker_argv(["--listen-fd", "x", "1"])
+        parse_worker_argv(["--listen-fd", "x", "--ready-fd", "3", "1"])
 
 
 def test_bind_listener_binds_once_and_tells_the_port() -> None:
@@ -177,7 +183,7 @@ def test_supervisor_replaces_a_killed_worker_and_drains_on_stop(
     supervisor = Supervisor(2, sleeper, policy=FAST, drain_timeout_s=5)
     running.append(supervisor)
     thread, result = in_thread(supervisor)
-    wait_for(lambda: all(supervisor.pids()))
+    wait_for(lambda: supervisor.serving() == [True, True])
     first = supervisor.pids()
     victim = first[1]
     assert victim is not None
@@ -192,8 +198,10 @@ def test_supervisor_replaces_a_killed_worker_and_drains_on_stop(
 def test_supervisor_gives_up_when_a_worker_keeps_dying_at_start(
     running: list[Supervisor],
 ) -> None:
-    def spawn(index: int) -> subprocess.Popen[bytes]:
-        return stand_in("raise SystemExit(3)") if index == 1 else sleeper(index)
+    def spawn(index: int, ready_fd: int) -> subprocess.Popen[bytes]:
+        if index == 1:
+            return stand_in("raise SystemExit(3)", ready_fd)
+        return sleeper(index, ready_fd)
 
     supervisor = Supervisor(2, spawn, policy=FAST, drain_timeout_s=5)
     running.append(supervisor)
@@ -201,8 +209,8 @@ def test_supervisor_gives_up_when_a_worker_keeps_dying_at_start(
     thread.join(20)
     assert result == [1]
     assert supervisor.failure == (
-        "worker 1 exited (code 3) within 2 s of its start 3 times in a row: giving up "
-        "(its log lines above say why)"
+        "worker 1 exited (code 3) before serving or within 2 s of it, 3 times in a "
+        "row: giving up (its log lines above say why)"
     )
     assert supervisor.restarts == 2
     assert supervisor.pids() == [None, None]  # the healthy worker was stopped too
@@ -211,20 +219,18 @@ def test_supervisor_gives_up_when_a_worker_keeps_dying_at_start(
 def test_supervisor_kills_a_worker_that_does_not_stop_in_time(
     running: list[Supervisor],
 ) -> None:
-    def stubborn(index: int) -> subprocess.Popen[bytes]:
+    def stubborn(index: int, ready_fd: int) -> subprocess.Popen[bytes]:
         return stand_in(
-            "import signal, sys, time\n"
+            "import signal, time\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(60)"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n" + READY + "time.sleep(60)",
+            ready_fd,
         )
 
     supervisor = Supervisor(1, stubborn, policy=FAST, drain_timeout_s=0.5)
     running.append(supervisor)
     thread, result = in_thread(supervisor)
-    wait_for(lambda: all(supervisor.pids()))
-    time.sleep(0.5)  # past the interpreter's start, so SIGTERM is ignored
+    wait_for(lambda: supervisor.serving() == [True])  # its SIGTERM is ignored now
     started = time.monotonic()
     supervisor.stop(signal.SIGINT)
     thread.join(10)
