@@ -13,7 +13,7 @@ import binascii
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -98,6 +98,9 @@ class EventSettings:
     # Approximate cap on the Redis stream's entries; None never trims.
     stream_maxlen: int | None = 1_000_000
     usage_estimation: bool = True
+    # The Redis consumer name of this process; None: `<host>-<pid>`. A worker of a
+    # `--workers N` fleet gets a stable one, so its replacement resumes its batches.
+    consumer_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,11 @@ class Settings:
     db_pool_max_size: int = 10
     events: EventSettings = field(default_factory=EventSettings)
     dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
+    # Processes of `serve` (WORKERS, --workers; `auto` = the CPU count).
+    workers: int = 1
+    # Which worker of a fleet this process is, set by the supervisor (workers.py);
+    # None: the only process. Only worker 0 runs the in-process dispatchers.
+    worker_index: int | None = None
 
     @property
     def is_postgres(self) -> bool:
@@ -307,9 +315,62 @@ def _parse(env: _Env) -> Settings:
         db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
         events=_events(env),
         dispatcher=_dispatcher(env),
+        workers=_workers(env.text("WORKERS")),
     )
+    settings = _fleet_event_bus(settings, env)
     _check_cross_field(settings)
     return settings
+
+
+def _workers(value: str | None) -> int:
+    """WORKERS: a count >= 1, or `auto` for the CPU count."""
+    if value is None:
+        return 1
+    if value.lower() == "auto":
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"WORKERS (--workers) must be a number >= 1 or auto, got {value!r}"
+        )
+    return int(value)
+
+
+def _fleet_event_bus(settings: Settings, env: _Env) -> Settings:
+    """With several workers the events travel on Redis unless the bus was named.
+
+    One JSONL log and one usage table then get every worker's events through one
+    writer (worker 0, see dispatchers_ctx); an explicit `memory` is refused below.
+    """
+    if settings.workers > 1 and env.text("LLM_PROXY_EVENT_BUS") is None:
+        return replace(settings, event_bus="redis")
+    return settings
+
+
+def _check_fleet(settings: Settings) -> None:
+    """What `--workers N` (N > 1) needs: state shared through Redis, no per-process
+    admin state."""
+    if settings.workers == 1:
+        return
+    given = f"WORKERS={settings.workers} (--workers)"
+    if not settings.redis_url:
+        raise ConfigError(
+            f"{given} needs REDIS_URL: the workers share the event bus (and the "
+            "fleet's limits) through Redis; set REDIS_URL=redis://host:6379/0 or "
+            "run one worker"
+        )
+    if settings.event_bus == "memory":
+        raise ConfigError(
+            f"{given} needs LLM_PROXY_EVENT_BUS=redis (or unset): with an in-memory "
+            "bus per worker the JSONL log and the usage table would get one writer "
+            "per worker"
+        )
+    if settings.admin_enabled:
+        raise ConfigError(
+            f"{given} cannot serve the admin pages yet: their CSRF secret and the "
+            "one-time display of a new token live in one process; unset ADMIN_USER "
+            "and ADMIN_PASSWORD, or serve them from a one-worker `llm-proxy serve` "
+            "on the same database"
+        )
 
 
 def _check_cross_field(settings: Settings) -> None:
@@ -330,6 +391,7 @@ def _check_cross_field(settings: Settings) -> None:
             "and a short password falls to guessing (generate one with: python -c "
             "'import secrets; print(secrets.token_urlsafe(18))')"
         )
+    _check_fleet(settings)
     if settings.event_bus == "redis" and not settings.redis_url:
         raise ConfigError("REDIS_URL is required when LLM_PROXY_EVENT_BUS=redis")
 

@@ -52,7 +52,9 @@ def start_summary(
 ) -> dict[str, Any]:
     """What the start log line says: enough to debug a deployment, no secret."""
     listener = listener or settings.listener
+    worker = {} if settings.worker_index is None else {"worker": settings.worker_index}
     return {
+        **worker,
         "version": __version__,
         "listen": f"{settings.listen_host}:{settings.listen_port}",
         "database": "postgresql" if settings.is_postgres else "sqlite",
@@ -100,12 +102,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings, pid_file: Path | None = None) -> None:
+def serve(
+    settings: Settings,
+    pid_file: Path | None = None,
+    sock: socket.socket | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT; in-flight requests get `shutdown_grace_s` to finish.
 
     With `pid_file`, this process's PID is written there once it listens and the file
-    is removed on exit (only if it still names this process). Client connections are
-    bounded by `listener.py` (header deadline, header size, connection cap).
+    is removed on exit (only if it still names this process). With `sock`, serve on
+    that listening socket (a worker of `workers.py`) instead of binding LISTEN_ADDR;
+    `on_listening` is called once it serves. Client connections are bounded by `listener.py` (header deadline, header size,
+    connection cap).
     """
     listener = resolve_listener(settings, raise_open_files_limit())
     app = create_app(settings)
@@ -113,7 +122,9 @@ def serve(settings: Settings, pid_file: Path | None = None) -> None:
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(
-            _serve_until_signalled(app, settings, listener, pid_file)
+            _serve_until_signalled(
+                app, settings, listener, pid_file, sock, on_listening
+            )
         )
     finally:
         try:
@@ -132,6 +143,8 @@ async def _serve_until_signalled(
     settings: Settings,
     listener: ListenerSettings,
     pid_file: Path | None,
+    sock: socket.socket | None = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Listen until the first SIGTERM/SIGINT, then shut down within the grace period."""
     stop = asyncio.Event()
@@ -149,12 +162,18 @@ async def _serve_until_signalled(
         loop.add_signal_handler(signum, stop.set)  # later signals: already stopping
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        )
         await site.start()
         tune_gc()
         tune_switch_interval()
         if pid_file is not None:
             write_pid_file(pid_file, os.getpid())
+        if on_listening is not None:
+            on_listening()
         log.info("llm-proxy started", extra=start_summary(settings, listener))
         await stop.wait()
         log.info("llm-proxy stopping", extra={"grace_s": settings.shutdown_grace_s})

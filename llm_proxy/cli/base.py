@@ -50,6 +50,7 @@ SERVE_FLAGS: Mapping[str, str] = {
     "log_level": "LOG_LEVEL",
     "log_format": "LOG_FORMAT",
     "file_event_log": "FILE_EVENT_LOG",
+    "workers": "WORKERS",
 }
 
 
@@ -100,6 +101,17 @@ def load_settings(
     if not needs_management_token:
         overrides["MANAGEMENT_TOKEN"] = UNUSED_MANAGEMENT_TOKEN
     return Settings.from_env(dotenv_environ(), overrides=overrides)
+
+
+def settings_environ(flags: Mapping[str, Any]) -> dict[str, str]:
+    """What `load_settings(flags)` reads, as one environment (for child processes)."""
+    environ = dotenv_environ()
+    environ.update(
+        (SERVE_FLAGS[name], str(value))
+        for name, value in flags.items()
+        if name in SERVE_FLAGS and value is not None
+    )
+    return environ
 
 
 def local_url(environ: Mapping[str, str]) -> str:

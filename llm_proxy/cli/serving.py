@@ -34,6 +34,7 @@ from .base import (
     local_url,
     main,
     run,
+    settings_environ,
 )
 from .daemon import owns_listener, start_daemon
 
@@ -60,10 +61,8 @@ def settings_options(function: F) -> F:
         ),
         click.option(
             "--workers",
-            type=int,
-            default=1,
-            show_default=True,
-            help="Reserved; one process for now.",
+            help="Worker processes on one port, or auto (CPU count); "
+            "more than 1 needs REDIS_URL (WORKERS, default 1).",
         ),
         click.option(
             "-d",
@@ -106,7 +105,6 @@ def pid_file_option(function: F) -> F:
 def serve(
     ctx: click.Context,
     /,
-    workers: int,
     daemon: bool,
     pid_file: Path | None,
     log_file: Path,
@@ -114,8 +112,6 @@ def serve(
 ) -> None:
     """Run the proxy (foreground until SIGTERM or Ctrl-C, or -d in the background)."""
     settings = load_settings(flags)
-    if workers != 1:
-        fail("--workers other than 1 is not supported yet", 2)
     if daemon:
         debug = bool(ctx.find_root().params.get("debug"))
         start_daemon(settings, flags, pid_file or DEFAULT_PID_FILE, log_file, debug)
@@ -126,6 +122,10 @@ def serve(
     from ..server import serve as run_server
 
     try:
+        if settings.workers > 1:
+            from ..workers import run_fleet
+
+            sys.exit(run_fleet(settings, settings_environ(flags), pid_file))
         run_server(settings, pid_file)
     except OSError as exc:
         fail(

@@ -27,6 +27,7 @@ def create_event_bus(settings: Settings) -> EventBus:
             flush_interval_s=events.flush_interval_s,
             stream_key=events.stream_key,
             maxlen=events.stream_maxlen,
+            consumer_name=events.consumer_name,
         )
     return InMemoryEventBus(
         buffer_size=events.buffer_size,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
-from ..keys import READY_CHECKS_KEY, REPOSITORY_KEY
+from ..keys import READY_CHECKS_KEY, REPOSITORY_KEY, SETTINGS_KEY
 from ..management.api import json_response
 
 READY_CHECK_TIMEOUT_S = 2.0
@@ -20,8 +22,13 @@ def _now() -> str:
 
 
 async def health_handler(request: web.Request) -> web.Response:
-    """GET /health: status, timestamp and version."""
-    return json_response({"status": "ok", "timestamp": _now(), "version": __version__})
+    """GET /health: status, timestamp and version (and, in a fleet, which worker)."""
+    body: dict[str, Any] = {"status": "ok", "timestamp": _now(), "version": __version__}
+    settings = request.app.get(SETTINGS_KEY)
+    index = None if settings is None else settings.worker_index
+    if index is not None:  # `--workers N`: who answered, to see the spread and restarts
+        body["worker"] = {"index": index, "pid": os.getpid()}
+    return json_response(body)
 
 
 async def live_handler(request: web.Request) -> web.Response:

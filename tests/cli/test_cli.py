@@ -313,13 +313,13 @@ def test_serve_with_the_wrong_encryption_key_fails_and_debug_shows_it(
 
 def test_daemon_argv_reruns_serve_in_the_foreground(tmp_path: Path) -> None:
     argv = daemon_argv(
-        {"listen_addr": ":9000", "database_url": None, "workers": 1},
+        {"listen_addr": ":9000", "database_url": None, "workers": "2"},
         Path("x.pid"),
         debug=True,
     )
     assert argv[:5] == [sys.executable, "-m", "llm_proxy", "--debug", "serve"]
     assert argv[5:7] == ["--pid-file", str(tmp_path / "x.pid")]
-    assert argv[7:] == ["--listen-addr", ":9000"]
+    assert argv[7:] == ["--listen-addr", ":9000", "--workers", "2"]
 
 
 # -- server stop | status | health -----------------------------------------------------
