@@ -27,6 +27,7 @@ from .instrumentation import INSTRUMENTATION_KEY, Instrumentation, instrumentati
 from .keys import (
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
+    RETENTION_JOB_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
     TOKEN_STORE_KEY,
@@ -47,6 +48,7 @@ from .proxy import proxy_handler, upstream_session_ctx
 from .ratelimit import GcraLimiter
 from .readiness import RedisCheck, breaker_check
 from .repository import create_repository
+from .retention import Purger, RetentionJob
 from .services import ManagementService, check_encryption_key
 from .tokens import TokenStore, TokenSync
 
@@ -98,6 +100,11 @@ def create_app(settings: Settings) -> web.Application:
         app.on_cleanup.append(redis_check.close_on_cleanup)
     metrics = app[METRICS_KEY] = Metrics()
     metrics.live.breaker = breaker
+    retention = settings.retention
+    if retention.purge_interval_s is not None:
+        app[RETENTION_JOB_KEY] = RetentionJob(
+            Purger(repository, retention), retention.purge_interval_s, metrics=metrics
+        )
     bus = app[EVENT_BUS_KEY] = create_event_bus(settings)
     instrumentation = Instrumentation(bus, settings.events, metrics)
     app[INSTRUMENTATION_KEY] = instrumentation
@@ -108,6 +115,7 @@ def create_app(settings: Settings) -> web.Application:
         [
             repository_ctx,
             token_sync_ctx,
+            retention_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -213,6 +221,17 @@ async def token_sync_ctx(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
+
+
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the scheduled retention purge (when PURGE_INTERVAL is not off)."""
+    job = app.get(RETENTION_JOB_KEY)
+    if job is None:
+        yield
+        return
+    job.start()
+    yield
+    await job.close()
 
 
 def mount_admin(app: web.Application, settings: Settings) -> None:

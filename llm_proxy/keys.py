@@ -10,6 +10,7 @@ from aiohttp import web
 from .config import Settings
 from .exchange import Exchange
 from .repository import Repository
+from .retention import RetentionJob
 from .services import ManagementService
 from .tokens import Principal, TokenStore, TokenSync
 
@@ -18,6 +19,8 @@ REPOSITORY_KEY = web.AppKey("repository", Repository)
 SERVICE_KEY = web.AppKey("service", ManagementService)
 TOKEN_STORE_KEY = web.AppKey("token_store", TokenStore)
 TOKEN_SYNC_KEY = web.AppKey("token_sync", TokenSync)
+# Only set when PURGE_INTERVAL schedules purges.
+RETENTION_JOB_KEY = web.AppKey("retention_job", RetentionJob)
 
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
