@@ -25,6 +25,7 @@ from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
+    RETENTION_JOB_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
     TOKEN_STORE_KEY,
@@ -34,6 +35,7 @@ from .management.api import create_management_app
 from .management.service import ManagementService, check_encryption_key
 from .ops.health import health_handler, live_handler, ready_handler
 from .ops.readiness import RedisCheck, breaker_check
+from .ops.retention import Purger, RetentionJob
 from .proxy.allowlist import Allowlist, default_allowlist
 from .proxy.allowlist_file import load_allowlist
 from .proxy.breaker import BreakerState, CircuitBreaker
@@ -99,6 +101,11 @@ def create_app(settings: Settings) -> web.Application:
         app.on_cleanup.append(redis_check.close_on_cleanup)
     metrics = app[METRICS_KEY] = Metrics()
     metrics.live.breaker = breaker
+    retention = settings.retention
+    if retention.purge_interval_s is not None:
+        app[RETENTION_JOB_KEY] = RetentionJob(
+            Purger(repository, retention), retention.purge_interval_s, metrics=metrics
+        )
     bus = app[EVENT_BUS_KEY] = create_event_bus(settings)
     instrumentation = Instrumentation(bus, settings.events, metrics)
     app[INSTRUMENTATION_KEY] = instrumentation
@@ -109,6 +116,7 @@ def create_app(settings: Settings) -> web.Application:
         [
             repository_ctx,
             token_sync_ctx,
+            retention_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -214,6 +222,17 @@ async def token_sync_ctx(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
+
+
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the scheduled retention purge (when PURGE_INTERVAL is not off)."""
+    job = app.get(RETENTION_JOB_KEY)
+    if job is None:
+        yield
+        return
+    job.start()
+    yield
+    await job.close()
 
 
 def mount_admin(app: web.Application, settings: Settings) -> None:

@@ -27,6 +27,7 @@ MIN_ADMIN_PASSWORD_CHARS: Final = 12
 LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "warn", "error", "critical"})
 LOG_FORMATS: Final = frozenset({"json", "text"})
 EVENT_BUSES: Final = frozenset({"memory", "in-memory", "redis"})
+MAX_RETENTION_DAYS: Final = 36_500  # a hundred years: later cut-offs overflow dates
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,15 @@ class TenantLimits:
 
     token_max_concurrent: int = 100
     project_max_concurrent: int = 250
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """How long dead tokens and usage events are kept; how often the purge runs."""
+
+    token_days: int | None = 30  # None: tokens are never purged
+    usage_days: int | None = 90  # None: usage events are never purged
+    purge_interval_s: float | None = 3600.0  # None: no scheduled purge in `serve`
 
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -155,6 +165,7 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     file_event_log: Path | None = None
     db_pool_max_size: int = 10
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     events: EventSettings = field(default_factory=EventSettings)
     dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
     # Processes of `serve` (WORKERS, --workers; `auto` = the CPU count).
@@ -313,6 +324,7 @@ def _parse(env: _Env) -> Settings:
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=_event_log_path(env.text("FILE_EVENT_LOG", DEFAULT_EVENT_LOG)),
         db_pool_max_size=env.integer("DATABASE_POOL_SIZE", 10, minimum=1),
+        retention=_retention(env),
         events=_events(env),
         dispatcher=_dispatcher(env),
         workers=_workers(env.text("WORKERS")),
@@ -413,6 +425,31 @@ def _events(env: _Env) -> EventSettings:
             "STREAM_CAPTURE_MAX_BYTES", 256 * 1024, minimum=1024
         ),
     )
+
+
+def _retention(env: _Env) -> RetentionSettings:
+    interval = env.text("PURGE_INTERVAL")
+    off = interval is not None and interval.lower() in OFF_WORDS
+    return RetentionSettings(
+        token_days=_retention_days(env, "TOKEN_RETENTION_DAYS", 30),
+        usage_days=_retention_days(env, "USAGE_RETENTION_DAYS", 90),
+        purge_interval_s=None if off else env.seconds("PURGE_INTERVAL", 3600.0),
+    )
+
+
+def _retention_days(env: _Env, name: str, default: int) -> int | None:
+    """Whole days from 1 to MAX_RETENTION_DAYS, or 0/off: kept forever (None)."""
+    raw = env.text(name)
+    if raw is None:
+        return default
+    if raw.lower() in OFF_WORDS:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RETENTION_DAYS:
+        raise ConfigError(
+            f"{name} must be a whole number of days from 1 to {MAX_RETENTION_DAYS}, "
+            f"or 0 (or off) to keep forever, got {raw!r}"
+        )
+    return int(raw)
 
 
 def _optional_addr(env: _Env, name: str) -> tuple[str, int] | None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .auth.tokens import Principal, TokenStore, TokenSync
     from .config import Settings
     from .management.service import ManagementService
+    from .ops.retention import RetentionJob
     from .proxy.exchange import Exchange
     from .storage import Repository
 
@@ -25,6 +26,8 @@ REPOSITORY_KEY: web.AppKey[Repository] = web.AppKey("repository")
 SERVICE_KEY: web.AppKey[ManagementService] = web.AppKey("service")
 TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
 TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
+# Only set when PURGE_INTERVAL schedules purges.
+RETENTION_JOB_KEY: web.AppKey[RetentionJob] = web.AppKey("retention_job")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 

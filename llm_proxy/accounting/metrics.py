@@ -341,6 +341,19 @@ class Metrics:
             ["service"],
             registry=registry,
         )
+        self.purge_runs = Counter(
+            "llm_proxy_retention_purge_runs",
+            "Scheduled retention purges, by outcome (done, partial: stopped at its "
+            "time bound, skipped: another process held the lock, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.purged_rows = Counter(
+            "llm_proxy_retention_purged_rows",
+            "Rows deleted by retention purges, by table (tokens, usage_events).",
+            ["table"],
+            registry=registry,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

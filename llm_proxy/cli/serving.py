@@ -1,10 +1,11 @@
-"""`serve`, `server start|stop|status|health` and `db migrate|status`."""
+"""`serve`, `server start|stop|status|health` and `db migrate|status|purge`."""
 
 from __future__ import annotations
 
 import ipaddress
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from yarl import URL
 
 from ..app import master_key, sqlite_path
 from ..logs import configure_logging
+from ..ops.retention import SCHEMA_VERSION, Cutoffs, Purger, PurgeReport, format_cutoff
 from ..server import (
     DEFAULT_LOG_FILE,
     DEFAULT_PID_FILE,
@@ -23,7 +25,7 @@ from ..server import (
     running_pid,
     stop_process,
 )
-from ..storage import create_repository
+from ..storage import PurgeCounts, create_repository
 from .base import (
     EXIT_NOT_RUNNING,
     F,
@@ -250,7 +252,7 @@ def _check_listener(base_url: str, port: int, pid_file: Path) -> None:
 
 @main.group()
 def db() -> None:
-    """Database schema: migrate, status."""
+    """Database schema and retention: migrate, status, purge."""
 
 
 @db.command("migrate")
@@ -281,6 +283,80 @@ def db_status(database_url: str | None) -> None:
         settings.database_url, lambda repo: repo.schema_version()
     )
     click.echo(f"schema version: {version}")
+
+
+# A purge from the command line runs to the end unless it takes longer than this.
+CLI_PURGE_MAX_RUN_S = 3600.0
+
+
+@db.command("purge")
+@click.option("--database-url", help="Override DATABASE_URL.")
+@click.option(
+    "--dry-run", is_flag=True, help="Only show what would be deleted; change nothing."
+)
+def db_purge(database_url: str | None, dry_run: bool) -> None:
+    """Delete tokens and usage events past TOKEN_/USAGE_RETENTION_DAYS now.
+
+    Tokens go when they expired, or were revoked, before the token cut-off; usage
+    events when they are older than the usage cut-off. Projects are never deleted.
+    """
+    settings = load_settings(
+        {"database_url": database_url}, needs_management_token=False
+    )
+    path = None if settings.is_postgres else sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        fail(f"no database at {path} (create it with `llm-proxy db migrate`)")
+    retention = settings.retention
+
+    async def purge(repository: Any) -> tuple[Cutoffs, PurgeCounts, Any]:
+        version = await repository.schema_version()
+        if version < SCHEMA_VERSION:
+            fail(
+                f"the database schema is version {version}; the purge needs "
+                f"{SCHEMA_VERSION} (apply it with `llm-proxy db migrate`)"
+            )
+        purger = Purger(repository, retention, max_run_s=CLI_PURGE_MAX_RUN_S)
+        cutoffs, counts = await purger.preview()
+        if dry_run or not cutoffs.any:
+            return cutoffs, counts, None
+        return cutoffs, counts, await purger.run() or "locked"
+
+    cutoffs, counts, outcome = _with_repository(settings.database_url, purge)
+    token_line = _kind_line(
+        counts.tokens,
+        cutoffs.tokens_before,
+        "expired or revoked before",
+        f"TOKEN_RETENTION_DAYS={retention.token_days or 'off'}",
+    )
+    usage_line = _kind_line(
+        counts.usage_events,
+        cutoffs.usage_before,
+        "older than",
+        f"USAGE_RETENTION_DAYS={retention.usage_days or 'off'}",
+    )
+    click.echo(f"tokens:       {token_line}")
+    click.echo(f"usage events: {usage_line}")
+    if dry_run:
+        click.echo("dry run: nothing deleted")
+    elif outcome == "locked":
+        fail("another process is purging right now (it holds the purge lock)")
+    elif isinstance(outcome, PurgeReport):
+        deleted = outcome.deleted
+        click.echo(
+            f"deleted {deleted.tokens} tokens and {deleted.usage_events} usage events"
+            f" in {outcome.seconds:.1f} s"
+        )
+        if not outcome.complete:
+            click.echo(f"stopped after {CLI_PURGE_MAX_RUN_S:g} s: run it again")
+    else:
+        click.echo("retention is off: nothing to delete")
+
+
+def _kind_line(count: int, before: datetime | None, phrase: str, setting: str) -> str:
+    """One kind's line: how many would go, or that retention keeps it forever."""
+    if before is None:
+        return f"kept forever ({setting})"
+    return f"{count} {phrase} {format_cutoff(before)} ({setting})"
 
 
 def _with_repository(database_url: str, work: Callable[[Any], Any]) -> Any:

@@ -7,6 +7,7 @@ leave the backend modules. Times are timezone-aware UTC `datetime`s.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -123,6 +124,14 @@ class RevokeCounts:
     revoked_count: int
     already_revoked_count: int
     total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCounts:
+    """Rows that retention deletes (or, in a dry run, would delete)."""
+
+    tokens: int = 0
+    usage_events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +282,27 @@ class Repository(Protocol):
 
     async def purge_deletions(self, *, before: datetime) -> int:
         """Forget tombstones older than `before`; return how many."""
+
+    def purge_lock(self, *, lease_s: float) -> AbstractAsyncContextManager[bool]:
+        """Hold the one retention-purge lock of every process on this database.
+
+        Yields False at once when another process holds it. The lock ends with the
+        block, or when its holder dies (its connection closes, or after `lease_s`
+        where the database has no lock tied to a connection).
+        """
+
+    async def count_purgeable(
+        self, *, tokens_before: datetime | None, usage_before: datetime | None
+    ) -> PurgeCounts:
+        """What the purges would delete at these cut-offs (None: that kind is kept)."""
+
+    async def purge_tokens(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` tokens that expired or were revoked before `before`,
+        in one short transaction (tombstones included); return how many."""
+
+    async def purge_usage_events(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` usage events with ts before `before`, oldest first,
+        in one short transaction; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +33,7 @@ from .base import (
     MigrationError,
     Project,
     ProjectChanges,
+    PurgeCounts,
     RejectedRowsError,
     RepositoryError,
     RevokeCounts,
@@ -159,6 +161,32 @@ DELETIONS_SINCE: Final = (
     " WHERE (change_seq, id) > ($1, $2) ORDER BY change_seq, id LIMIT $3"
 )
 PURGE_DELETIONS: Final = "DELETE FROM deletions WHERE deleted_at < $1"
+# Retention (migration 005 dates revocations): $1 the cut-off, $2 the batch size. Each
+# batch is one autocommitted DELETE by primary key; SKIP LOCKED passes over tokens a
+# usage flush is writing (the next run takes them).
+PURGEABLE_TOKENS: Final = "expires_at < $1 OR (NOT is_active AND revoked_at < $1)"
+COUNT_PURGEABLE_TOKENS: Final = f"SELECT count(*) FROM tokens WHERE {PURGEABLE_TOKENS}"
+PURGE_TOKENS: Final = f"""
+WITH doomed AS (
+    SELECT id FROM tokens WHERE {PURGEABLE_TOKENS} LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM tokens USING doomed WHERE tokens.id = doomed.id"""
+COUNT_OLD_USAGE_EVENTS: Final = "SELECT count(*) FROM usage_events WHERE ts < $1"
+PURGE_USAGE_EVENTS: Final = """
+WITH doomed AS (
+    SELECT event_id FROM usage_events WHERE ts < $1 ORDER BY ts LIMIT $2
+)
+DELETE FROM usage_events USING doomed WHERE usage_events.event_id = doomed.event_id"""
+# The purge lock: a transaction-level advisory lock, held by a transaction left open
+# on one connection while the batches commit on others. It ends with that transaction
+# or its connection (a crashed holder frees it), and works behind a transaction-mode
+# pooler, where a session lock and its unlock may reach different server sessions.
+PURGE_LOCK_KEY: Final = 0x6C6C6D5F70757267  # "llm_purg"
+TRY_PURGE_LOCK: Final = "SELECT pg_try_advisory_xact_lock($1)"
+# A holder that hangs is cut off by the server once idle in its transaction this long.
+SET_LOCK_LEASE: Final = (
+    "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"
+)
 
 USAGE_COLUMNS: Final = (
     "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
@@ -465,6 +493,39 @@ class PostgresRepository:
     async def purge_deletions(self, *, before: datetime) -> int:
         """Forget tombstones older than `before`; return how many."""
         return _affected(await self._connected.execute(PURGE_DELETIONS, before))
+
+    @asynccontextmanager
+    async def purge_lock(self, *, lease_s: float) -> AsyncIterator[bool]:
+        """Hold the purge advisory lock of every process on this database."""
+        async with self._connected.acquire() as con, con.transaction():
+            await con.fetchval(SET_LOCK_LEASE, f"{max(1, round(lease_s * 1000))}ms")
+            taken = bool(await con.fetchval(TRY_PURGE_LOCK, PURGE_LOCK_KEY))
+            # A simple-protocol statement drops the portal of the last one, and with
+            # it its snapshot: the idle transaction then holds back no VACUUM.
+            await con.execute(PING)
+            yield taken
+
+    async def count_purgeable(
+        self, *, tokens_before: datetime | None, usage_before: datetime | None
+    ) -> PurgeCounts:
+        """What the purges would delete at these cut-offs (None: that kind is kept)."""
+        pool = self._connected
+        tokens = usage_events = 0
+        if tokens_before is not None:
+            tokens = int(await pool.fetchval(COUNT_PURGEABLE_TOKENS, tokens_before))
+        if usage_before is not None:
+            old = await pool.fetchval(COUNT_OLD_USAGE_EVENTS, usage_before)
+            usage_events = int(old)
+        return PurgeCounts(tokens=tokens, usage_events=usage_events)
+
+    async def purge_tokens(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` tokens expired or revoked before `before`."""
+        return _affected(await self._connected.execute(PURGE_TOKENS, before, limit))
+
+    async def purge_usage_events(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` of the oldest usage events with ts before `before`."""
+        status = await self._connected.execute(PURGE_USAGE_EVENTS, before, limit)
+        return _affected(status)
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted.

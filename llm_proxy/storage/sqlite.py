@@ -13,9 +13,10 @@ import contextlib
 import functools
 import logging
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +38,7 @@ from .base import (
     MigrationError,
     Project,
     ProjectChanges,
+    PurgeCounts,
     RejectedRowsError,
     RepositoryError,
     RevokeCounts,
@@ -166,6 +168,29 @@ DELETIONS_SINCE: Final = (
     " WHERE (change_seq, id) > (?1, ?2) ORDER BY change_seq, id LIMIT ?3"
 )
 PURGE_DELETIONS: Final = "DELETE FROM deletions WHERE deleted_at < ?"
+# Retention (migration 005 dates revocations): ?1 the cut-off, ?2 the batch size. Each
+# batch is one DELETE, its own short write transaction; rows go by rowid.
+PURGEABLE_TOKENS: Final = "expires_at < ?1 OR (is_active = 0 AND revoked_at < ?1)"
+COUNT_PURGEABLE_TOKENS: Final = f"SELECT count(*) FROM tokens WHERE {PURGEABLE_TOKENS}"
+PURGE_TOKENS: Final = (
+    "DELETE FROM tokens WHERE rowid IN"
+    f" (SELECT rowid FROM tokens WHERE {PURGEABLE_TOKENS} LIMIT ?2)"
+)
+COUNT_OLD_USAGE_EVENTS: Final = "SELECT count(*) FROM usage_events WHERE ts < ?1"
+PURGE_USAGE_EVENTS: Final = (
+    "DELETE FROM usage_events WHERE rowid IN"
+    " (SELECT rowid FROM usage_events WHERE ts < ?1 ORDER BY ts LIMIT ?2)"
+)
+# The purge lock is a lease in `meta`, "<expiry>|<holder>", taken when absent or
+# expired: SQLite has no lock that ends with a connection, and a lease also ends when
+# its holder dies. The expiry is the value's first 27 characters (fixed-width time).
+PURGE_LOCK_KEY: Final = "purge_lock"
+TAKE_PURGE_LOCK: Final = (
+    "INSERT INTO meta (key, value) VALUES (?1, ?2)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    " WHERE substr(meta.value, 1, 27) < ?3"
+)
+RELEASE_PURGE_LOCK: Final = "DELETE FROM meta WHERE key = ?1 AND value = ?2"
 
 USAGE_COLUMNS: Final = (
     "event_id, ts, project_id, token_id, endpoint, method, model, status_code,"
@@ -453,6 +478,40 @@ class SqliteRepository:
     async def purge_deletions(self, *, before: datetime) -> int:
         """Forget tombstones older than `before`; return how many."""
         return await self._write(PURGE_DELETIONS, (_to_text(before),))
+
+    @asynccontextmanager
+    async def purge_lock(self, *, lease_s: float) -> AsyncIterator[bool]:
+        """Hold the purge lease of every process on this file for the block."""
+        now = datetime.now(UTC)
+        lease = f"{_to_text(now + timedelta(seconds=lease_s))}|{uuid.uuid4().hex}"
+        params = (PURGE_LOCK_KEY, lease, _to_text(now))
+        taken = await self._write(TAKE_PURGE_LOCK, params) > 0
+        try:
+            yield taken
+        finally:
+            if taken:
+                await self._write(RELEASE_PURGE_LOCK, (PURGE_LOCK_KEY, lease))
+
+    async def count_purgeable(
+        self, *, tokens_before: datetime | None, usage_before: datetime | None
+    ) -> PurgeCounts:
+        """What the purges would delete at these cut-offs (None: that kind is kept)."""
+        tokens = usage_events = 0
+        if tokens_before is not None:
+            params = (_to_text(tokens_before),)
+            tokens = int(await self._scalar(COUNT_PURGEABLE_TOKENS, params))
+        if usage_before is not None:
+            params = (_to_text(usage_before),)
+            usage_events = int(await self._scalar(COUNT_OLD_USAGE_EVENTS, params))
+        return PurgeCounts(tokens=tokens, usage_events=usage_events)
+
+    async def purge_tokens(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` tokens expired or revoked before `before`."""
+        return await self._write(PURGE_TOKENS, (_to_text(before), limit))
+
+    async def purge_usage_events(self, *, before: datetime, limit: int) -> int:
+        """Delete up to `limit` of the oldest usage events with ts before `before`."""
+        return await self._write(PURGE_USAGE_EVENTS, (_to_text(before), limit))
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events, skipping event ids already stored; return rows inserted.
