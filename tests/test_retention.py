@@ -279,6 +279,7 @@ async def test_postgres_purge_lock_holds_back_no_vacuum() -> None:
     try:
         async with repository.purge_lock(lease_s=60) as held:
             assert held
+            await repository.ping()  # the lock takes no connection of the pool
             row = await admin.fetchrow(
                 "SELECT a.state, a.backend_xmin FROM pg_locks l"
                 " JOIN pg_stat_activity a ON a.pid = l.pid"
