@@ -496,14 +496,26 @@ class PostgresRepository:
 
     @asynccontextmanager
     async def purge_lock(self, *, lease_s: float) -> AsyncIterator[bool]:
-        """Hold the purge advisory lock of every process on this database."""
-        async with self._connected.acquire() as con, con.transaction():
-            await con.fetchval(SET_LOCK_LEASE, f"{max(1, round(lease_s * 1000))}ms")
-            taken = bool(await con.fetchval(TRY_PURGE_LOCK, PURGE_LOCK_KEY))
-            # A simple-protocol statement drops the portal of the last one, and with
-            # it its snapshot: the idle transaction then holds back no VACUUM.
-            await con.execute(PING)
-            yield taken
+        """Hold the purge advisory lock of every process on this database.
+
+        On a connection of its own, outside the pool: the batches need the pool's
+        connections meanwhile, and a pool of one would otherwise wait forever.
+        """
+        _ = self._connected  # not connected: raise, as every other method does
+        con = await asyncpg.connect(
+            self._dsn, server_settings=_server_settings(self._schema)
+        )
+        try:
+            async with con.transaction():
+                lease = f"{max(1, round(lease_s * 1000))}ms"
+                await con.fetchval(SET_LOCK_LEASE, lease)
+                taken = bool(await con.fetchval(TRY_PURGE_LOCK, PURGE_LOCK_KEY))
+                # A simple-protocol statement drops the portal of the last one, and
+                # with it its snapshot: the idle transaction holds back no VACUUM.
+                await con.execute(PING)
+                yield taken
+        finally:
+            await con.close()
 
     async def count_purgeable(
         self, *, tokens_before: datetime | None, usage_before: datetime | None

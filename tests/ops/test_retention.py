@@ -279,6 +279,7 @@ async def test_postgres_purge_lock_holds_back_no_vacuum() -> None:
     try:
         async with repository.purge_lock(lease_s=60) as held:
             assert held
+            await repository.ping()  # the lock takes no connection of the pool
             row = await admin.fetchrow(
                 "SELECT a.state, a.backend_xmin FROM pg_locks l"
                 " JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -647,3 +648,25 @@ def test_db_purge_needs_no_management_token(tmp_path: Path) -> None:
     url = f"sqlite:///{path}"
     result = _invoke(["db", "purge", "--dry-run", "--database-url", url], {})
     assert result.exit_code == 0, result.output
+
+
+async def test_job_close_cancels_a_run_that_does_not_stop_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("llm_proxy.retention.STOP_TIMEOUT_S", 0.05)
+    cancelled: list[bool] = []
+
+    class _Stuck(_FakePurger):
+        async def run(self) -> PurgeReport | None:
+            try:
+                await asyncio.sleep(60)  # ignores stop()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return None
+
+    job = RetentionJob(_Stuck(), 0.01, uniform=lambda a, b: a)  # type: ignore[arg-type]
+    job.start()
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(job.close(), 5)
+    assert cancelled == [True]
