@@ -653,7 +653,7 @@ def test_db_purge_needs_no_management_token(tmp_path: Path) -> None:
 async def test_job_close_cancels_a_run_that_does_not_stop_in_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("llm_proxy.retention.STOP_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("llm_proxy.ops.retention.STOP_TIMEOUT_S", 0.05)
     cancelled: list[bool] = []
 
     class _Stuck(_FakePurger):
