@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .auth.invalidation import TokenInvalidation
     from .auth.tokens import Principal, TokenStore, TokenSync
     from .config import Settings
     from .management.service import ManagementService
@@ -25,6 +26,7 @@ REPOSITORY_KEY: web.AppKey[Repository] = web.AppKey("repository")
 SERVICE_KEY: web.AppKey[ManagementService] = web.AppKey("service")
 TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
 TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
+TOKEN_INVALIDATION_KEY: web.AppKey[TokenInvalidation] = web.AppKey("token_invalidation")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 
