@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +22,7 @@ from llm_proxy.auth.tokens import TokenStore, TokenSync
 from llm_proxy.server import free_port
 from llm_proxy.storage import SqliteRepository
 
-from ..support import REDIS_URL, PrivateRedis, require_redis
+from ..support import AUTH, REDIS_URL, PrivateRedis, bearer, proxy_token, require_redis
 
 MASTER_KEY = bytes(range(32))
 
@@ -298,3 +299,71 @@ async def test_a_redis_that_stops_answering_counts_as_down(tmp_path: Path) -> No
         await admin.aclose()
         await channel.close()
         await redis.stop()
+
+
+# -- wired into the app --------------------------------------------------------------
+
+
+async def ready_checks(client: Any) -> dict[str, str]:
+    response = await client.get("/ready")
+    checks: dict[str, str] = (await response.json())["checks"]
+    return checks
+
+
+@pytest.mark.redis
+async def test_two_apps_on_one_database_and_redis_apply_each_others_changes(
+    start_proxy: Callable[..., Any],
+) -> None:
+    """Revocation, deactivation and a new token, through one app, seen by the other
+    long before its periodic reload (an hour here)."""
+    await require_redis()
+    a = await start_proxy(REDIS_URL=REDIS_URL, TOKEN_REFRESH_INTERVAL="3600")
+    b = await start_proxy(REDIS_URL=REDIS_URL, TOKEN_REFRESH_INTERVAL="3600")
+    for client in (a, b):
+        async with asyncio.timeout(5):
+            while True:
+                if (await ready_checks(client)).get("token_invalidation") == "ok":
+                    break
+                await asyncio.sleep(0.01)
+
+    async def b_status(token: str) -> int:
+        response = await b.get("/v1/models", headers=bearer(token))
+        await response.read()
+        return response.status
+
+    async def until_b(token: str, status: int) -> None:
+        async with asyncio.timeout(2):
+            while True:
+                if await b_status(token) == status:
+                    return
+                await asyncio.sleep(0.005)
+
+    project_id, token = await proxy_token(a)
+    await until_b(token, 200)  # creation pokes too
+    lookup = await a.post("/manage/tokens/lookup", json={"token": token}, headers=AUTH)
+    token_id = (await lookup.json())["token_id"]
+    assert (await a.delete(f"/manage/tokens/{token_id}", headers=AUTH)).status == 204
+    await until_b(token, 401)
+
+    other_project, other = await proxy_token(a)
+    await until_b(other, 200)
+    patched = await a.patch(
+        f"/manage/projects/{other_project}", json={"is_active": False}, headers=AUTH
+    )
+    assert patched.status == 200
+    await until_b(other, 403)
+
+    metrics = await (await b.get("/metrics")).text()
+    assert "llm_proxy_token_invalidation_subscribed 1.0" in metrics
+    assert (
+        'llm_proxy_token_invalidation_messages_total{direction="received"}' in metrics
+    )
+    assert project_id != other_project
+
+
+async def test_without_redis_there_is_no_invalidation_channel(
+    start_proxy: Callable[..., Any],
+) -> None:
+    client = await start_proxy()
+    assert "token_invalidation" not in await ready_checks(client)
+    assert "token_invalidation" not in await (await client.get("/metrics")).text()
