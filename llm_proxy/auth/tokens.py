@@ -470,7 +470,6 @@ class TokenSync:
         a write cancelled half-way could neither be retried nor counted as stored.
         """
         self._stopping.set()
-        self._wake.set()
         if self._tasks:
             self._tasks[0].cancel()  # the reload loop
         for task in self._tasks:
@@ -494,7 +493,7 @@ class TokenSync:
         wake: asyncio.Event | None = None,
     ) -> None:
         """Run `work` every `interval_s`, and at once whenever `wake` is set."""
-        signal = wake or self._stopping
+        signal = wake if wake is not None else self._stopping
         while not self._stopping.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(signal.wait(), interval_s)
