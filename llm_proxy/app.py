@@ -18,6 +18,7 @@ from .accounting.instrumentation import (
 )
 from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
 from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
+from .auth.invalidation import TokenInvalidation
 from .auth.tokens import TokenStore, TokenSync
 from .config import Settings
 from .dispatchers import dispatchers_ctx
@@ -28,6 +29,7 @@ from .keys import (
     RETENTION_JOB_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
+    TOKEN_INVALIDATION_KEY,
     TOKEN_STORE_KEY,
     TOKEN_SYNC_KEY,
 )
@@ -84,22 +86,33 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[REPOSITORY_KEY] = repository
     app[TOKEN_STORE_KEY] = store
-    app[SERVICE_KEY] = ManagementService(
-        repository, KeyCipher(key), TokenHasher(key), store
-    )
-    app[TOKEN_SYNC_KEY] = TokenSync(
+    sync = app[TOKEN_SYNC_KEY] = TokenSync(
         store,
         repository,
         reload_interval_s=settings.token_refresh_interval_s,
         flush_interval_s=settings.usage_flush_interval_s,
     )
+    invalidation = (
+        TokenInvalidation(settings.redis_url, sync.poke) if settings.redis_url else None
+    )
+    app[SERVICE_KEY] = ManagementService(
+        repository,
+        KeyCipher(key),
+        TokenHasher(key),
+        store,
+        on_change=invalidation.publish if invalidation else None,
+    )
     breaker = new_breaker(settings)
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
+    metrics = app[METRICS_KEY] = Metrics()
     if settings.redis_url:
         redis_check = RedisCheck(settings.redis_url)
         app[READY_CHECKS_KEY]["redis"] = redis_check
         app.on_cleanup.append(redis_check.close_on_cleanup)
-    metrics = app[METRICS_KEY] = Metrics()
+    if invalidation is not None:
+        app[TOKEN_INVALIDATION_KEY] = invalidation
+        app[READY_CHECKS_KEY]["token_invalidation"] = invalidation.ready_check
+        metrics.live.invalidation = invalidation.stats
     metrics.live.breaker = breaker
     retention = settings.retention
     if retention.purge_interval_s is not None:
@@ -117,6 +130,7 @@ def create_app(settings: Settings) -> web.Application:
             repository_ctx,
             token_sync_ctx,
             retention_ctx,
+            token_invalidation_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -233,6 +247,17 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     job.start()
     yield
     await job.close()
+
+
+async def token_invalidation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With REDIS_URL: listen for other processes' changes (after the warm reload)."""
+    invalidation = app.get(TOKEN_INVALIDATION_KEY)
+    if invalidation is None:
+        yield
+        return
+    await invalidation.start()
+    yield
+    await invalidation.close()
 
 
 def mount_admin(app: web.Application, settings: Settings) -> None:

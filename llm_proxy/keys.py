@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .auth.invalidation import TokenInvalidation
     from .auth.tokens import Principal, TokenStore, TokenSync
     from .config import Settings
     from .management.service import ManagementService
@@ -28,6 +29,7 @@ TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
 TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
 # Only set when PURGE_INTERVAL schedules purges.
 RETENTION_JOB_KEY: web.AppKey[RetentionJob] = web.AppKey("retention_job")
+TOKEN_INVALIDATION_KEY: web.AppKey[TokenInvalidation] = web.AppKey("token_invalidation")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 

@@ -1,10 +1,12 @@
 """Helpers and fakes shared by the test modules: constants, management API shortcuts,
-a fake clock, the admin app, throw-away PostgreSQL schemas, Redis checks."""
+a fake clock, the admin app, throw-away PostgreSQL schemas, Redis checks, a private
+redis-server."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -161,3 +163,55 @@ async def _postgres_schema() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.close()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, which a test may stop and
+    start again (on the same port); never the shared server other tests use."""
+
+    def __init__(self, workdir: Path) -> None:
+        from llm_proxy.server import free_port
+
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start it and wait until it answers PING (skip when redis-server is missing)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("redis-server is not installed")
+            pytest.skip("redis-server is not installed")
+        self._process = await asyncio.create_subprocess_exec(
+            *[binary, "--port", str(self.port), "--bind", "127.0.0.1"],
+            *["--save", "", "--appendonly", "no", "--dir", str(self._workdir)],
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        """Stop it (SIGTERM) and wait until it is gone."""
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ..auth.invalidation import InvalidationStats
 from ..errors import InvalidTokenError
 from ..events.model import BusStats
 from ..proxy.allowlist import KNOWN_METHODS
@@ -223,6 +224,7 @@ class _LiveState(Collector):
         self.bus_stats: Callable[[], BusStats] | None = None
         self.accounting_dropped: Callable[[], int] = lambda: 0
         self.breaker: CircuitBreaker | None = None
+        self.invalidation: Callable[[], InvalidationStats] | None = None
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -237,6 +239,8 @@ class _LiveState(Collector):
                 "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
                 value=BREAKER_STATE_VALUES[self.breaker.state],
             )
+        if self.invalidation is not None:
+            yield from _invalidation(self.invalidation())
 
     def _bus(self) -> Iterable[Metric]:
         stats = self.bus_stats() if self.bus_stats is not None else BusStats()
@@ -265,6 +269,28 @@ class _LiveState(Collector):
             "Events waiting in the local spool file for Redis.",
             value=stats.spooled,
         )
+
+
+def _invalidation(stats: InvalidationStats) -> Iterable[Metric]:
+    yield GaugeMetricFamily(
+        "llm_proxy_token_invalidation_subscribed",
+        "1 while this process hears other processes' token changes over Redis.",
+        value=int(stats.subscribed),
+    )
+    messages = CounterMetricFamily(
+        "llm_proxy_token_invalidation_messages",
+        "Token invalidation messages, by direction (received, published, failed).",
+        labels=["direction"],
+    )
+    messages.add_metric(["received"], stats.received)
+    messages.add_metric(["published"], stats.published)
+    messages.add_metric(["failed"], stats.publish_failures)
+    yield messages
+    yield CounterMetricFamily(
+        "llm_proxy_token_invalidation_reconnects",
+        "Times the invalidation subscriber came back after an outage.",
+        value=stats.reconnects,
+    )
 
 
 class Metrics:

@@ -449,6 +449,8 @@ class TokenSync:
         self._monotonic = monotonic
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        # Set by `poke()`: the reload loop runs at once instead of at its interval.
+        self._wake = asyncio.Event()
         self._mark: int | None = None  # where the next incremental reload starts
         self._last_resync = 0.0
         # Held by a flush from taking counts until the store knows they are written,
@@ -564,10 +566,13 @@ class TokenSync:
 
     async def start(self) -> None:
         """Warm the snapshot, then keep it fresh and flush usage in the background."""
+        self._wake.clear()  # the warm reload covers every earlier poke
         await self.reload()
         self._stopping.clear()
         self._tasks = [
-            asyncio.create_task(self._every(self._reload_interval_s, self.reload)),
+            asyncio.create_task(
+                self._every(self._reload_interval_s, self.reload, self._wake)
+            ),
             asyncio.create_task(self._every(self._flush_interval_s, self.flush)),
         ]
 
@@ -586,14 +591,29 @@ class TokenSync:
         self._tasks = []
         await self.flush()
 
+    def poke(self) -> None:
+        """Reload now (something changed elsewhere), not at the next interval.
+
+        Coalesced: pokes during a reload queue one more reload after it, since that
+        reload may have read the database before the change; further pokes add none.
+        """
+        self._wake.set()
+
     async def _every(
-        self, interval_s: float, work: Callable[[], Awaitable[object]]
+        self,
+        interval_s: float,
+        work: Callable[[], Awaitable[object]],
+        wake: asyncio.Event | None = None,
     ) -> None:
+        """Run `work` every `interval_s`, and at once whenever `wake` is set."""
+        signal = wake if wake is not None else self._stopping
         while not self._stopping.is_set():
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval_s)
+                await asyncio.wait_for(signal.wait(), interval_s)
             if self._stopping.is_set():
                 return
+            if wake is not None:
+                wake.clear()  # a poke from now on queues the next run
             try:
                 await work()
             except Exception:

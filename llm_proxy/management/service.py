@@ -2,13 +2,15 @@
 
 Every write goes through here: it validates, encrypts or hashes secrets, writes through
 the repository, and updates the in-memory `TokenStore` so the change applies to the
-very next proxied request of this process.
+very next proxied request of this process. After the write is committed it calls
+`on_change` (the Redis invalidation publisher, when REDIS_URL is set) so the other
+processes reload it at once instead of at their next periodic reload.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
@@ -39,6 +41,8 @@ MAX_DESCRIPTION_CHARS: Final = 2000
 KEY_CHECK_META: Final = "encryption_key_check"
 
 Now = Callable[[], datetime]
+# Called after a committed change to a project or token: ("project" | "token", id).
+ChangeHook = Callable[[str, str], Awaitable[None]]
 T = TypeVar("T")
 
 
@@ -128,12 +132,19 @@ class ManagementService:
         store: TokenStore,
         *,
         now: Now = utc_now,
+        on_change: ChangeHook | None = None,
     ) -> None:
         self._repository = repository
         self._cipher = cipher
         self._hasher = hasher
         self._store = store
         self._now = now
+        self._on_change = on_change
+
+    async def _changed(self, kind: str, object_id: str) -> None:
+        """A committed change: tell the other processes, when there is a way to."""
+        if self._on_change is not None:
+            await self._on_change(kind, object_id)
 
     @property
     def cipher(self) -> KeyCipher:
@@ -173,6 +184,7 @@ class ManagementService:
                 f"A project named {name!r} already exists.", param="name"
             ) from None
         self._store.put_project(project)
+        await self._changed("project", project.id)
         return project
 
     async def get_project(self, project_id: str) -> Project:
@@ -236,6 +248,7 @@ class ManagementService:
         if project is None:
             raise NotFound(f"No project with id {project_id!r}.", param="project_id")
         self._store.put_project(project)
+        await self._changed("project", project.id)
         return project
 
     async def delete_project(self, project_id: str) -> None:
@@ -243,12 +256,14 @@ class ManagementService:
         if not await self._repository.delete_project(project_id):
             raise NotFound(f"No project with id {project_id!r}.", param="project_id")
         self._store.remove_project(project_id)
+        await self._changed("project", project_id)
 
     async def revoke_project_tokens(self, project_id: str) -> RevokeCounts:
         """Revoke every token of a project."""
         await self.get_project(project_id)
         counts = await self._repository.revoke_project_tokens(project_id)
         self._store.remove_tokens_of(project_id)
+        await self._changed("project", project_id)
         return counts
 
     # -- tokens -----------------------------------------------------------------
@@ -292,6 +307,7 @@ class ManagementService:
         )
         await self._repository.create_token(token)
         self._store.put_token(token)
+        await self._changed("token", token.id)
         return NewToken(token, value)
 
     async def get_token(self, token_id: str) -> Token:
@@ -324,6 +340,7 @@ class ManagementService:
         self._store.remove_token(token_id)
         if not await self._repository.revoke_token(token_id):
             raise NotFound(f"No token with id {token_id!r}.", param="token_id")
+        await self._changed("token", token_id)
 
     async def revoke_token_value(self, value: str) -> None:
         """Revoke by the token's value (the seed API's DELETE body); idempotent."""
