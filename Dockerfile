@@ -14,8 +14,6 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY llm_proxy ./llm_proxy
-COPY sql ./sql
-COPY static ./static
 RUN pip wheel -c constraints.txt --wheel-dir /wheels .
 
 # ---- runtime: only the installed wheels, run as the unprivileged user llmproxy

@@ -105,11 +105,15 @@ def wait_port(port: int, timeout_s: float = 15.0) -> None:
 def nginx_config(prefix: Path, port: int, sse_port: int) -> str:
     """nginx as a static OpenAI upstream plus a pass-through to the SSE upstream."""
     chat = json.dumps(
-        json.loads((ROOT / "llm_proxy/fake_fixtures/chat_completion.json").read_text()),
+        json.loads(
+            (ROOT / "llm_proxy/devtools/fake_fixtures/chat_completion.json").read_text()
+        ),
         separators=(",", ":"),
     )
     models = json.dumps(
-        json.loads((ROOT / "llm_proxy/fake_fixtures/models_list.json").read_text()),
+        json.loads(
+            (ROOT / "llm_proxy/devtools/fake_fixtures/models_list.json").read_text()
+        ),
         separators=(",", ":"),
     )
     temp = "\n".join(

@@ -21,13 +21,13 @@ import sys
 from aiohttp import web
 
 from llm_proxy import app as app_module
+from llm_proxy.accounting.instrumentation import Instrumentation
+from llm_proxy.auth.tokens import Principal
 from llm_proxy.cli import main
-from llm_proxy.exchange import Exchange
-from llm_proxy.instrumentation import Instrumentation
 from llm_proxy.keys import PRINCIPAL_KEY
-from llm_proxy.middlewares import proxy_chain
-from llm_proxy.proxy import proxy_handler
-from llm_proxy.tokens import Principal
+from llm_proxy.proxy.chain import proxy_chain
+from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.proxy.relay import proxy_handler
 
 VARIANTS = ("events-off", "bare")
 

@@ -11,19 +11,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from .allowlist import Allowlist, default_allowlist, load_allowlist
-from .breaker import BreakerState, CircuitBreaker
-from .concurrency import InFlight
-from .config import Settings
-from .crypto import KeyCipher, TokenHasher, load_or_create_key_file
-from .dispatchers import (
-    EVENT_BUS_KEY,
-    create_event_bus,
-    dispatchers_ctx,
-    event_bus_ctx,
+from .accounting.instrumentation import (
+    INSTRUMENTATION_KEY,
+    Instrumentation,
+    instrumentation_ctx,
 )
-from .health import health_handler, live_handler, ready_handler
-from .instrumentation import INSTRUMENTATION_KEY, Instrumentation, instrumentation_ctx
+from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
+from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
+from .auth.tokens import TokenStore, TokenSync
+from .config import Settings
+from .dispatchers import dispatchers_ctx
+from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
@@ -32,9 +30,14 @@ from .keys import (
     TOKEN_STORE_KEY,
     TOKEN_SYNC_KEY,
 )
-from .manage import create_management_app
-from .metrics import METRICS_KEY, Metrics, metrics_handler_for
-from .middlewares import (
+from .management.api import create_management_app
+from .management.service import ManagementService, check_encryption_key
+from .ops.health import health_handler, live_handler, ready_handler
+from .ops.readiness import RedisCheck, breaker_check
+from .proxy.allowlist import Allowlist, default_allowlist
+from .proxy.allowlist_file import load_allowlist
+from .proxy.breaker import BreakerState, CircuitBreaker
+from .proxy.chain import (
     AllowlistStage,
     CircuitBreakerStage,
     ConcurrencyStage,
@@ -43,12 +46,10 @@ from .middlewares import (
     json_errors_middleware,
     proxy_chain,
 )
-from .proxy import proxy_handler, upstream_session_ctx
-from .ratelimit import GcraLimiter
-from .readiness import RedisCheck, breaker_check
-from .repository import create_repository
-from .services import ManagementService, check_encryption_key
-from .tokens import TokenStore, TokenSync
+from .proxy.concurrency import InFlight
+from .proxy.ratelimit import GcraLimiter
+from .proxy.relay import proxy_handler, upstream_session_ctx
+from .storage import create_repository
 
 log = logging.getLogger(__name__)
 

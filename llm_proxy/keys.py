@@ -1,28 +1,35 @@
-"""Typed keys for application and request state. Definitions only."""
+"""Typed keys for application and request state. Definitions only.
+
+The value types are imported for the type checker only (each key's annotation names
+its type), so importing a key pulls in no service, store or repository: the request
+path reads its keys without loading the management or storage layers.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
-from .config import Settings
-from .exchange import Exchange
-from .repository import Repository
-from .services import ManagementService
-from .tokens import Principal, TokenStore, TokenSync
+if TYPE_CHECKING:
+    from .auth.tokens import Principal, TokenStore, TokenSync
+    from .config import Settings
+    from .management.service import ManagementService
+    from .proxy.exchange import Exchange
+    from .storage import Repository
 
-SETTINGS_KEY = web.AppKey("settings", Settings)
-REPOSITORY_KEY = web.AppKey("repository", Repository)
-SERVICE_KEY = web.AppKey("service", ManagementService)
-TOKEN_STORE_KEY = web.AppKey("token_store", TokenStore)
-TOKEN_SYNC_KEY = web.AppKey("token_sync", TokenSync)
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+REPOSITORY_KEY: web.AppKey[Repository] = web.AppKey("repository")
+SERVICE_KEY: web.AppKey[ManagementService] = web.AppKey("service")
+TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
+TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
 
-PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 
 ReadyCheck = Callable[[], Awaitable[str]]
 READY_CHECKS_KEY = web.AppKey[dict[str, ReadyCheck]]("ready_checks")
 
 UPSTREAM_SESSION_KEY = web.AppKey("upstream_session", aiohttp.ClientSession)
-EXCHANGE_KEY = web.RequestKey("exchange", Exchange)
+EXCHANGE_KEY: web.RequestKey[Exchange] = web.RequestKey("exchange")

@@ -2,7 +2,7 @@
 
 The app itself is built by `app.py`; this module owns how a process runs it: the start
 log line (no secrets), the PID file, re-spawning detached for `serve -d`, stopping by
-SIGTERM, waiting for `/health`, and the hidden fake-upstream runner used by `bench`.
+SIGTERM, waiting for `/health`.
 """
 
 from __future__ import annotations
@@ -332,20 +332,3 @@ def tail(path: Path, lines: int = 5) -> str:
     except OSError as exc:
         return f"({path}: {os.strerror(exc.errno or errno.EIO)})"
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def run_fake_upstream(
-    host: str, port: int, chunk_delay_s: float = 0.0
-) -> None:  # pragma: no cover - runs only as `bench --mock`'s child process
-    """Serve the fake OpenAI upstream until SIGTERM (for `bench --mock`)."""
-    from .fake_upstream import create_fake_upstream
-
-    web.run_app(
-        create_fake_upstream(chunk_delay_s=chunk_delay_s, record=False),
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        handler_cancellation=True,
-        loop=new_event_loop(),
-    )

@@ -307,10 +307,10 @@ def prepare_database(settings: Settings) -> None:
     O_EXCL), migrations applied side by side, two key-check rows.
     """
     from .app import master_key
-    from .crypto import KeyCipher
-    from .repository import create_repository
+    from .auth.crypto import KeyCipher
+    from .management.service import check_encryption_key
     from .server import new_event_loop
-    from .services import check_encryption_key
+    from .storage import create_repository
 
     key = master_key(settings)
 
@@ -481,8 +481,8 @@ def tell_ready(fd: int) -> None:
 
 def worker_main(argv: Sequence[str]) -> None:  # pragma: no cover - a child process
     """Worker `INDEX`: the app on the inherited socket until SIGTERM/SIGINT."""
-    from .allowlist import AllowlistConfigError
     from .logs import configure_logging
+    from .proxy.allowlist_file import AllowlistConfigError
     from .server import serve
 
     fd, ready_fd, index = parse_worker_argv(argv)

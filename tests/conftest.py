@@ -14,7 +14,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from llm_proxy.app import create_app
 from llm_proxy.config import Settings
-from llm_proxy.fake_upstream import (
+from llm_proxy.devtools.fake_upstream import (
     FAKE_STATE_KEY,
     FakeUpstreamState,
     create_fake_upstream,

@@ -1,17 +1,25 @@
-"""Helpers shared by the test modules (constants and management API shortcuts)."""
+"""Helpers and fakes shared by the test modules: constants, management API shortcuts,
+a fake clock, the admin app, throw-away PostgreSQL schemas, Redis checks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncpg
 import orjson
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+
+from llm_proxy.app import create_app
+from llm_proxy.config import Settings
 
 MANAGEMENT_TOKEN = "test-management-token-0123456789"
 AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
@@ -95,3 +103,61 @@ async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
             if len(lines) >= count:
                 return [orjson.loads(line) for line in lines]
             await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+ADMIN_USER = "operator"
+ADMIN_PASSWORD = "correct-horse-battery"
+ADMIN_ENV = {"ADMIN_USER": ADMIN_USER, "ADMIN_PASSWORD": ADMIN_PASSWORD}
+ADMIN_AUTH = {"Authorization": aiohttp.encode_basic_auth(ADMIN_USER, ADMIN_PASSWORD)}
+
+
+def with_admin(settings: Settings) -> web.Application:
+    """The whole app, checking that `create_app` mounted /admin exactly when enabled."""
+    app = create_app(settings)
+    mounted = any(r.canonical == "/admin" for r in app.router.resources())
+    assert mounted is settings.admin_enabled, "create_app must mount /admin iff enabled"
+    return app
+
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_url() -> str:
+    return os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+async def _postgres_admin() -> Any:
+    """A direct connection to the test server; skip (fail in CI) when unreachable."""
+    try:
+        return await asyncpg.connect(_postgres_url(), timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL unreachable (set TEST_POSTGRES_URL): {exc!r}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must not skip PostgreSQL tests")
+        pytest.skip(reason)
+
+
+@asynccontextmanager
+async def _postgres_schema() -> AsyncIterator[str]:
+    """A freshly created schema, dropped with everything in it afterwards."""
+    admin = await _postgres_admin()
+    schema = f"test_{uuid.uuid4().hex}"  # generated identifier, not a value
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        yield schema
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()

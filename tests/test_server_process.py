@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llm_proxy.bench import PROXY_ENV_NAMES
-from llm_proxy.chat import delta_content
-from llm_proxy.fake_upstream import load_fixture, split_sse_events
+from llm_proxy.cli.chat import delta_content
+from llm_proxy.devtools.bench_mock import PROXY_ENV_NAMES
+from llm_proxy.devtools.fake_upstream import load_fixture, split_sse_events
 from llm_proxy.server import free_port, process_alive, read_pid_file
 
 from .hostile.rawhttp import exchange, open_raw, read_response, request_bytes

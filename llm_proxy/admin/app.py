@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 from typing import Final
 
 import aiohttp_jinja2
@@ -16,8 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..config import Settings
-from ..resources import data_dir
-from ..services import ServiceError, utc_now
+from ..management.service import ServiceError, utc_now
 from . import pages, projects, tokens
 from .render import ADMIN_STATE_KEY, AdminState, Now, render, static_urls
 from .security import (
@@ -47,13 +47,13 @@ def create_admin_app(settings: Settings, *, now: Now = utc_now) -> web.Applicati
             csrf_middleware(token),
         ]
     )
-    static_dir = data_dir("static")
+    static_dir = Path(__file__).resolve().parent / "static"
     app[ADMIN_STATE_KEY] = AdminState(
         csrf_token=token, now=now, static_urls=static_urls(static_dir, STATIC_PREFIX)
     )
     aiohttp_jinja2.setup(
         app,
-        loader=jinja2.PackageLoader("llm_proxy", "templates"),
+        loader=jinja2.PackageLoader("llm_proxy.admin", "templates"),
         autoescape=True,
         default_helpers=False,
         undefined=jinja2.StrictUndefined,

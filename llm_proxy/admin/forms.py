@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..services import ServiceError
+from ..management.service import ServiceError
 
 PAGE_SIZE: Final = 20
 MAX_INT: Final = 2**31 - 1

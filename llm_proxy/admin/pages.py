@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..repository import TokenFilter, UsageRow
+from ..storage import TokenFilter, UsageRow
 from .render import render, repository, service, state
 
 RECENT: Final = 10

@@ -10,8 +10,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..repository import Project, RevokeCounts, TokenFilter
-from ..services import ServiceError
+from ..management.service import ServiceError
+from ..storage import Project, RevokeCounts, TokenFilter
 from .forms import PAGE_SIZE, Pager, page_number, text
 from .pages import bars
 from .render import render, render_confirm, repository, see_other, service, state

@@ -18,8 +18,8 @@ from aiohttp import web
 from yarl import URL
 
 from ..keys import REPOSITORY_KEY, SERVICE_KEY
-from ..repository import Repository, Token
-from ..services import ManagementService
+from ..management.service import ManagementService
+from ..storage import Repository, Token
 from .flash import (
     NOTICE_LIFETIME_S,
     NOTICE_SLOTS,

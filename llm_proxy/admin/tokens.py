@@ -11,9 +11,9 @@ from typing import Any, Final
 from aiohttp import web
 from yarl import URL
 
-from ..crypto import TOKEN_PREFIX
-from ..repository import Project, TokenFilter
-from ..services import Forbidden, NewToken, NotFound, ServiceError
+from ..auth.crypto import TOKEN_PREFIX
+from ..management.service import Forbidden, NewToken, NotFound, ServiceError
+from ..storage import Project, TokenFilter
 from .flash import MintedValue
 from .forms import PAGE_SIZE, Pager, optional_int, page_number, required_int, text
 from .render import (

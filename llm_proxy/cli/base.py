@@ -20,14 +20,14 @@ from ..config import (
     environ_with_dotenv,
     parse_listen_addr,
 )
-from ..manage_client import ManageApiError
+from ..management.client import ManageApiError
+from ..management.service import (
+    KeyMismatchError,
+    ServiceError,
+)
 from ..server import (
     PidFileError,
     base_url_for,
-)
-from ..services import (
-    KeyMismatchError,
-    ServiceError,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..manage_client import ManageClient, is_token_value
+from ..management.client import ManageClient, is_token_value
 from .base import (
     F,
     T,

@@ -14,7 +14,6 @@ from yarl import URL
 
 from ..app import master_key, sqlite_path
 from ..logs import configure_logging
-from ..repository import create_repository
 from ..server import (
     DEFAULT_LOG_FILE,
     DEFAULT_PID_FILE,
@@ -24,6 +23,7 @@ from ..server import (
     running_pid,
     stop_process,
 )
+from ..storage import create_repository
 from .base import (
     EXIT_NOT_RUNNING,
     F,

@@ -11,18 +11,18 @@ from pathlib import Path
 import click
 
 from ..app import master_key
+from ..auth.crypto import KeyCipher, TokenHasher
+from ..auth.tokens import TokenStore
 from ..config import (
     DEFAULT_DATABASE_URL,
     Settings,
 )
-from ..crypto import KeyCipher, TokenHasher
-from ..repository import create_repository
-from ..services import (
+from ..management.service import (
     ManagementService,
     NewToken,
     check_encryption_key,
 )
-from ..tokens import TokenStore
+from ..storage import create_repository
 from .base import (
     fail,
     main,

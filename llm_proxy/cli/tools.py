@@ -52,7 +52,7 @@ def openai_chat(
     base_url: str | None,
 ) -> None:
     """Chat through the proxy: one line per message, /exit or end of input to stop."""
-    from ..chat import ChatError, ChatOptions, chat
+    from .chat import ChatError, ChatOptions, chat
 
     if not token:
         fail("no token: pass --token or set LLM_PROXY_TOKEN", 2)
@@ -141,7 +141,7 @@ def bench(
 
     Also answers to `llm-proxy benchmark`.
     """
-    from ..bench import BenchOptions, default_body
+    from ..devtools.bench import BenchOptions, default_body
 
     if body is not None and body_file is not None:
         raise click.UsageError("give --body or --body-file, not both")
@@ -170,7 +170,7 @@ def bench(
     if as_json:
         echo_json(report.to_json())
     else:
-        from ..bench_report import render_text
+        from ..devtools.bench_report import render_text
 
         click.echo(render_text(report))
 
@@ -178,7 +178,8 @@ def bench(
 async def _bench(options: Any, mock: bool, compare_direct: bool, as_json: bool) -> Any:
     from dataclasses import replace
 
-    from ..bench import mock_targets, progress_printer, run_bench
+    from ..devtools.bench import progress_printer, run_bench
+    from ..devtools.bench_mock import mock_targets
 
     progress = None
     warn = _warn
@@ -220,7 +221,7 @@ def _write_err(text: str) -> None:  # pragma: no cover - needs a terminal
 @click.option("--chunk-delay", type=float, default=0.0, show_default=True)
 def fake_upstream(host: str, port: int, chunk_delay: float) -> None:
     """Serve the fake OpenAI upstream (tests, bench --mock, demos)."""
-    from ..server import run_fake_upstream
+    from ..devtools.fake_upstream import run_fake_upstream
 
     run_fake_upstream(host, port, chunk_delay)  # pragma: no cover - child process
 

@@ -19,10 +19,11 @@ from typing import Final
 
 from aiohttp import web
 
+from ..accounting.metrics import METRICS_KEY, Metrics
 from ..config import ConfigError, Settings
-from ..events import EventBus, InMemoryEventBus
+from ..events.lifecycle import EVENT_BUS_KEY
+from ..events.model import EventBus, InMemoryEventBus
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
-from ..metrics import METRICS_KEY, Metrics
 from .base import (
     Backend,
     DeadLetterFile,
@@ -41,12 +42,10 @@ from .usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 SERVICES: Final = ("file", "helicone", "lunary", "http")
-EVENT_BUS_KEY: Final = web.AppKey("event_bus", EventBus)
 DISPATCHERS_KEY: Final = web.AppKey[list[Dispatcher]]("dispatchers")
 
 __all__ = [
     "DISPATCHERS_KEY",
-    "EVENT_BUS_KEY",
     "SERVICES",
     "Backend",
     "DeadLetterFile",
@@ -61,36 +60,11 @@ __all__ = [
     "SendResult",
     "UsageRecorder",
     "create_backend",
-    "create_event_bus",
     "in_process_services",
     "dispatchers_ctx",
-    "event_bus_ctx",
     "event_record",
     "run_dispatcher",
 ]
-
-
-def create_event_bus(settings: Settings) -> EventBus:
-    """The bus LLM_PROXY_EVENT_BUS names; nothing connects until `start()`."""
-    events = settings.events
-    if settings.event_bus == "redis" and settings.redis_url:
-        from ..redis_bus import RedisEventBus  # redis only when it is used
-
-        return RedisEventBus(
-            settings.redis_url,
-            spool_path=events.spool_path,
-            buffer_size=events.buffer_size,
-            batch_size=events.batch_size,
-            flush_interval_s=events.flush_interval_s,
-            stream_key=events.stream_key,
-            maxlen=events.stream_maxlen,
-            consumer_name=events.consumer_name,
-        )
-    return InMemoryEventBus(
-        buffer_size=events.buffer_size,
-        batch_size=events.batch_size,
-        flush_interval_s=events.flush_interval_s,
-    )
 
 
 def create_backend(
@@ -199,14 +173,6 @@ def new_dispatcher(
     )
 
 
-async def event_bus_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the bus; on shutdown close it, which lets subscribers drain."""
-    bus = app[EVENT_BUS_KEY]
-    await bus.start()
-    yield
-    await bus.close()
-
-
 async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the in-process dispatchers; after the bus closed, wait for their drain.
 
@@ -303,7 +269,7 @@ async def run_dispatcher(
             "llm-proxy dispatcher reads the Redis bus: set REDIS_URL "
             "(and LLM_PROXY_EVENT_BUS=redis on the proxies)"
         )
-    from ..redis_bus import RedisEventBus
+    from ..events.redis_bus import RedisEventBus
 
     backend = create_backend(service, settings, endpoint=endpoint, api_key=api_key)
     events = settings.events
@@ -341,7 +307,7 @@ async def _metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator
     if address is None:
         yield
         return
-    from ..metrics import metrics_handler_for
+    from ..accounting.metrics import metrics_handler_for
 
     app = web.Application()
     app[METRICS_KEY] = metrics

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..events import Event, Subscription, utc_now_iso
-from ..metrics import Metrics
+from ..accounting.metrics import Metrics
+from ..events.model import Event, Subscription, utc_now_iso
 from ..private_files import open_private_append
 from .records import event_time_s
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from ..events import Event
+from ..events.model import Event
 from ..private_files import make_private_dirs, open_private_append
 from .base import DeliveryError, SendResult
 from .records import event_record

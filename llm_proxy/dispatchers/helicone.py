@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import orjson
 
-from ..events import Event
+from ..events.model import Event
 from .base import DeliveryError, SendResult, is_transient_status
 from .http import HttpPoster
 from .records import event_time_s, event_usage, extra_field

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..events import Event
+from ..events.model import Event
 from .base import DeliveryError, SendResult, is_transient_status
 from .records import event_record
 

@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import orjson
 
-from ..events import Event
-from ..usage import json_text, sse_text
+from ..accounting.usage import json_text, sse_text
+from ..events.model import Event
 from .base import DeliveryError, SendResult
 from .helicone import as_uuid
 from .http import HttpPoster, raise_for_status

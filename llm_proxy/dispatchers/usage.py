@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from ..events import Event
-from ..repository import RejectedRowsError, Repository, UsageEvent
+from ..events.model import Event
+from ..storage import RejectedRowsError, Repository, UsageEvent
 from .base import SendResult
 from .records import event_time_s, event_usage, extra_field
 

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from llm_proxy.accounting.instrumentation import INSTRUMENTATION_KEY, observe
+from llm_proxy.accounting.metrics import MAX_MODEL_LABELS, OTHER, Metrics
+from llm_proxy.accounting.usage import Usage
 from llm_proxy.dispatchers import (
     DeadLetterFile,
     Dispatcher,
@@ -21,21 +24,17 @@ from llm_proxy.dispatchers import (
     RetryPolicy,
     UsageRecorder,
 )
-from llm_proxy.events import InMemoryEventBus, RequestCompleted
-from llm_proxy.exchange import Exchange
-from llm_proxy.instrumentation import INSTRUMENTATION_KEY, observe
-from llm_proxy.metrics import MAX_MODEL_LABELS, OTHER, Metrics
-from llm_proxy.redis_bus import RedisEventBus
-from llm_proxy.repository import (
+from llm_proxy.events.model import InMemoryEventBus, RequestCompleted
+from llm_proxy.events.redis_bus import RedisEventBus
+from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.storage import (
     PostgresRepository,
     Repository,
     SqliteRepository,
     UsageEvent,
 )
-from llm_proxy.usage import Usage
 
-from ..support import bearer, proxy_token
-from ..test_repository import _postgres_schema, _postgres_url
+from ..support import _postgres_schema, _postgres_url, bearer, proxy_token
 
 Client = TestClient[Any, Any]
 FAST_RETRY = RetryPolicy(max_retries=2, base_s=0.001, max_s=0.01)

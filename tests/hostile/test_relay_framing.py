@@ -19,8 +19,8 @@ from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
 from llm_proxy.config import Settings
-from llm_proxy.dispatchers import EVENT_BUS_KEY
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
+from llm_proxy.events.lifecycle import EVENT_BUS_KEY
 
 from ..support import proxy_token
 from .rawhttp import RawResponse, exchange, open_raw, read_response, request_bytes

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.dispatchers import EVENT_BUS_KEY
-from llm_proxy.events import RequestCompleted, Subscription
-from llm_proxy.fake_upstream import FakeUpstreamState, load_fixture
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState, load_fixture
+from llm_proxy.events.lifecycle import EVENT_BUS_KEY
+from llm_proxy.events.model import RequestCompleted, Subscription
 
 from ..support import bearer, proxy_token
 from .rawhttp import exchange, open_raw, read_response, request_bytes

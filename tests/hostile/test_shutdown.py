@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
 from llm_proxy.config import ListenerSettings, Settings
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 
 from ..support import open_stalled_stream
 from .listening import ListenerTestServer

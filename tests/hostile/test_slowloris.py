@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
 from llm_proxy.config import ConfigError, ListenerSettings, Settings
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 from llm_proxy.listener import (
     KEEPALIVE_TIMEOUT_S,
     RESERVED_FDS,

@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI
 
-from llm_proxy.dispatchers import EVENT_BUS_KEY
-from llm_proxy.events import RequestCompleted, Subscription
-from llm_proxy.fake_upstream import BEHAVIOUR_HEADER, FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import BEHAVIOUR_HEADER, FakeUpstreamState
+from llm_proxy.events.lifecycle import EVENT_BUS_KEY
+from llm_proxy.events.model import RequestCompleted, Subscription
 
 from ..support import bearer, proxy_token
 from .test_sse_stripper import Variant, client_events, delivered_text

@@ -13,8 +13,16 @@ from collections.abc import Iterable
 import orjson
 import pytest
 
-from llm_proxy.capture import MAX_PENDING_BYTES, UsageChunkStripper, strip_usage_events
-from llm_proxy.fake_upstream import load_fixture, reframe_sse_event, split_sse_events
+from llm_proxy.devtools.fake_upstream import (
+    load_fixture,
+    reframe_sse_event,
+    split_sse_events,
+)
+from llm_proxy.proxy.capture import (
+    MAX_PENDING_BYTES,
+    UsageChunkStripper,
+    strip_usage_events,
+)
 
 WITH_USAGE = split_sse_events(load_fixture("chat_stream_with_usage.sse"))
 NO_USAGE = split_sse_events(load_fixture("chat_stream_no_usage.sse"))

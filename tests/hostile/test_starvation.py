@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.fake_upstream import FakeUpstreamState
+from llm_proxy.devtools.fake_upstream import FakeUpstreamState
 
 from ..support import bearer, proxy_token
 

@@ -1,0 +1,1 @@
+"""Off the request path: finished calls become events, usage numbers and metrics."""

@@ -1,0 +1,344 @@
+"""The OpenAPI 3.1 document of the management API, served at `/manage/openapi.json`.
+
+Kept next to the code it describes; a test checks that its paths and methods are
+exactly the routes `api.py` registers.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from .. import __version__
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _body(ref: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+        },
+    }
+
+
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    body: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": _BEARER,
+        "responses": {**responses, "400": _ERROR, "401": _ERROR},
+    }
+    if body:
+        operation["requestBody"] = _body(body)
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, kind: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "schema": {"type": kind},
+        "description": description,
+    }
+
+
+_PAGING = [
+    _query("limit", "integer", "Page size, 1-1000 (default 100)."),
+    _query("offset", "integer", "Items to skip (default 0)."),
+]
+_NO_CONTENT = {"204": {"description": "Done."}}
+_PROJECT = _json(_ref("Project"))
+_NOT_FOUND = {"404": _ERROR}
+
+
+def _paths() -> dict[str, Any]:
+    project_id = [_path_param("project_id")]
+    token_id = [_path_param("token_id")]
+    return {
+        "/manage/projects": {
+            "post": _op(
+                "Create a project",
+                {"201": _json(_ref("Project"), "Created"), "409": _ERROR},
+                body="ProjectCreate",
+            ),
+            "get": _op(
+                "List projects (total in X-Total-Count)",
+                {"200": _json({"type": "array", "items": _ref("Project")})},
+                params=[*_PAGING, _query("search", "string", "Name contains.")],
+            ),
+            "patch": _op(
+                "Update a project named in the body",
+                {"200": _PROJECT, **_NOT_FOUND, "409": _ERROR},
+                body="ProjectUpdateWithId",
+            ),
+            "delete": _op(
+                "Delete a project named in the body, and its tokens",
+                {**_NO_CONTENT, **_NOT_FOUND},
+                body="ProjectId",
+            ),
+        },
+        "/manage/projects/{project_id}": {
+            "get": _op(
+                "Get a project", {"200": _PROJECT, **_NOT_FOUND}, params=project_id
+            ),
+            "patch": _op(
+                "Update a project",
+                {"200": _PROJECT, **_NOT_FOUND, "409": _ERROR},
+                body="ProjectUpdate",
+                params=project_id,
+            ),
+            "delete": _op(
+                "Delete a project and its tokens",
+                {**_NO_CONTENT, **_NOT_FOUND},
+                params=project_id,
+            ),
+        },
+        "/manage/projects/{project_id}/tokens/revoke": {
+            "post": _op(
+                "Revoke every token of a project",
+                {"200": _json(_ref("RevokeCounts")), **_NOT_FOUND},
+                params=project_id,
+            ),
+        },
+        "/manage/tokens": {
+            "post": _op(
+                "Create a withering token (its value is shown only here)",
+                {
+                    "201": _json(_ref("TokenCreated"), "Created"),
+                    "403": _ERROR,
+                    **_NOT_FOUND,
+                },
+                body="TokenCreate",
+            ),
+            "get": _op(
+                "List tokens (total in X-Total-Count)",
+                {"200": _json({"type": "array", "items": _ref("Token")})},
+                params=[
+                    *_PAGING,
+                    _query("project_id", "string", "Only this project's tokens."),
+                    _query("active", "boolean", "true: usable now; false: the rest."),
+                ],
+            ),
+            "delete": _op(
+                "Revoke a token by value or id (idempotent; 404 when unknown)",
+                {**_NO_CONTENT, **_NOT_FOUND},
+                body="TokenRevoke",
+            ),
+        },
+        "/manage/tokens/lookup": {
+            "post": _op(
+                "Find a token by its value (kept out of URLs and access logs)",
+                {"200": _json(_ref("Token")), **_NOT_FOUND},
+                body="TokenLookup",
+            ),
+        },
+        "/manage/tokens/{token_id}": {
+            "get": _op(
+                "Get a token",
+                {"200": _json(_ref("Token")), **_NOT_FOUND},
+                params=token_id,
+            ),
+            "delete": _op(
+                "Revoke a token (idempotent; 404 when unknown)",
+                {**_NO_CONTENT, **_NOT_FOUND},
+                params=token_id,
+            ),
+        },
+        "/manage/openapi.json": {
+            "get": {
+                "summary": "This document (no authentication)",
+                "security": [],
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+    }
+
+
+def _string(fmt: str | None = None, nullable: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": ["string", "null"] if nullable else "string"}
+    if fmt:
+        schema["format"] = fmt
+    return schema
+
+
+def _integer(nullable: bool = False, minimum: int = 1) -> dict[str, Any]:
+    kind = ["integer", "null"] if nullable else "integer"
+    return {"type": kind, "minimum": minimum}
+
+
+def _max_concurrent(default_setting: str) -> dict[str, Any]:
+    return {
+        **_integer(nullable=True),
+        "description": "Cap on calls in flight at once (streams included);"
+        f" null: the {default_setting} default.",
+    }
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    update = {
+        "name": _string(),
+        "description": _string(nullable=True),
+        "metadata": {"type": ["object", "null"]},
+        "openai_api_key": _string(),
+        "is_active": {"type": "boolean"},
+        "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+    }
+    return {
+        "Project": _object(
+            {
+                "project_id": _string("uuid"),
+                "name": _string(),
+                "description": _string(),
+                "metadata": {"type": "object"},
+                "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
+                "is_active": {"type": "boolean"},
+                "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                "created_at": _string("date-time"),
+                "updated_at": _string("date-time"),
+            },
+            ["project_id", "name", "is_active", "created_at"],
+        ),
+        "ProjectCreate": _object(
+            {
+                "name": _string(),
+                "description": _string(nullable=True),
+                "metadata": {"type": ["object", "null"]},
+                "openai_api_key": _string(),
+                "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+            },
+            ["name", "openai_api_key"],
+        ),
+        "ProjectUpdate": _object(update, []),
+        "ProjectUpdateWithId": _object(
+            {**update, "project_id": _string()}, ["project_id"]
+        ),
+        "ProjectId": _object({"project_id": _string()}, ["project_id"]),
+        "RevokeCounts": _object(
+            {
+                "revoked_count": _integer(minimum=0),
+                "already_revoked_count": _integer(minimum=0),
+                "total_tokens": _integer(minimum=0),
+            },
+            ["revoked_count", "already_revoked_count", "total_tokens"],
+        ),
+        "TokenCreate": _object(
+            {
+                "project_id": _string(),
+                "duration_minutes": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 525600,
+                },
+                "max_requests": _integer(nullable=True),
+                "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+            },
+            ["project_id", "duration_minutes"],
+        ),
+        "TokenCreated": _object(
+            {
+                "token": _string(),
+                "token_id": _string("uuid"),
+                "project_id": _string("uuid"),
+                "expires_at": _string("date-time"),
+                "max_requests": _integer(nullable=True),
+                "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+            },
+            ["token", "token_id", "project_id", "expires_at"],
+        ),
+        "Token": _object(
+            {
+                "token_id": _string("uuid"),
+                "token_hint": {"type": "string", "description": "last 4 characters"},
+                "project_id": _string("uuid"),
+                "expires_at": _string("date-time"),
+                "is_active": {"type": "boolean"},
+                "request_count": _integer(minimum=0),
+                "max_requests": _integer(nullable=True),
+                "rate_limit_per_hour": _integer(nullable=True),
+                "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+                "created_at": _string("date-time"),
+                "last_used_at": _string("date-time", nullable=True),
+            },
+            ["token_id", "token_hint", "project_id", "expires_at", "is_active"],
+        ),
+        "TokenLookup": {
+            "type": "object",
+            "properties": {"token": _string()},
+            "required": ["token"],
+            "additionalProperties": False,
+            "description": "The token's value.",
+        },
+        "TokenRevoke": {
+            "type": "object",
+            "properties": {"token": _string(), "token_id": _string()},
+            "additionalProperties": False,
+            "description": "Exactly one of token (the value) or token_id.",
+        },
+        "Error": _object(
+            {
+                "error": _object(
+                    {
+                        "message": _string(),
+                        "type": _string(),
+                        "param": _string(nullable=True),
+                        "code": _string(nullable=True),
+                    },
+                    ["message", "type", "code"],
+                )
+            },
+            ["error"],
+        ),
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document (built once)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-proxy management API", "version": __version__},
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "responses": {"Error": _json(_ref("Error"), "Error (OpenAI error shape)")},
+            "securitySchemes": {
+                "managementToken": {"type": "http", "scheme": "bearer"}
+            },
+        },
+    }

@@ -1,0 +1,401 @@
+"""The management rules for projects and tokens, shared by the REST API and admin pages.
+
+Every write goes through here: it validates, encrypts or hashes secrets, writes through
+the repository, and updates the in-memory `TokenStore` so the change applies to the
+very next proxied request of this process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Generic, TypeVar
+
+from ..auth.crypto import (
+    KEY_CHECK_PLAINTEXT,
+    DecryptionError,
+    KeyCipher,
+    TokenHasher,
+    generate_token,
+    mask_api_key,
+    token_hint,
+)
+from ..auth.tokens import TokenStore
+from ..storage import (
+    DuplicateNameError,
+    Project,
+    ProjectChanges,
+    Repository,
+    RevokeCounts,
+    Token,
+    TokenFilter,
+)
+
+MAX_DURATION_MINUTES: Final = 525_600
+MAX_NAME_CHARS: Final = 200
+MAX_DESCRIPTION_CHARS: Final = 2000
+KEY_CHECK_META: Final = "encryption_key_check"
+
+Now = Callable[[], datetime]
+T = TypeVar("T")
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC, to the microsecond."""
+    return datetime.now(UTC)
+
+
+class ServiceError(Exception):
+    """A rule refused the operation; `status` and `code` say how to answer."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class NotFound(ServiceError):
+    """The project or token does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The name is already taken."""
+
+    status = 409
+    code = "conflict"
+
+
+class Forbidden(ServiceError):
+    """The project is inactive."""
+
+    status = 403
+    code = "project_inactive"
+
+
+class KeyMismatchError(Exception):
+    """ENCRYPTION_KEY is not the key this database was written with."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """A token just created: the only moment its value exists outside the client."""
+
+    token: Token
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing and the total it was cut from."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+async def check_encryption_key(repository: Repository, cipher: KeyCipher) -> None:
+    """Fail at start when ENCRYPTION_KEY is not the key the data was written with."""
+    stored = await repository.get_meta(KEY_CHECK_META)
+    if stored is None:
+        await repository.set_meta(KEY_CHECK_META, cipher.encrypt(KEY_CHECK_PLAINTEXT))
+        return
+    try:
+        cipher.decrypt(stored)
+    except DecryptionError as exc:
+        raise KeyMismatchError(
+            "ENCRYPTION_KEY does not match the key this database was created with; "
+            "start with the original key (or its key file)"
+        ) from exc
+
+
+class ManagementService:
+    """Projects and tokens: create, read, change, revoke."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        cipher: KeyCipher,
+        hasher: TokenHasher,
+        store: TokenStore,
+        *,
+        now: Now = utc_now,
+    ) -> None:
+        self._repository = repository
+        self._cipher = cipher
+        self._hasher = hasher
+        self._store = store
+        self._now = now
+
+    @property
+    def cipher(self) -> KeyCipher:
+        """The cipher for upstream keys (the start-up key check uses it too)."""
+        return self._cipher
+
+    # -- projects ---------------------------------------------------------------
+
+    async def create_project(
+        self,
+        *,
+        name: str,
+        api_key: str,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        max_concurrent: int | None = None,
+    ) -> Project:
+        """Create an active project; its upstream key is stored encrypted."""
+        _check_max_concurrent(max_concurrent)
+        now = self._now()
+        project = Project(
+            id=str(uuid.uuid4()),
+            name=_valid_name(name),
+            description=_valid_description(description),
+            metadata=_valid_metadata(metadata),
+            encrypted_api_key=self._cipher.encrypt(_valid_api_key(api_key)),
+            api_key_hint=mask_api_key(api_key),
+            is_active=True,
+            created_at=now,
+            updated_at=now,
+            max_concurrent=max_concurrent,
+        )
+        try:
+            await self._repository.create_project(project)
+        except DuplicateNameError:
+            raise Conflict(
+                f"A project named {name!r} already exists.", param="name"
+            ) from None
+        self._store.put_project(project)
+        return project
+
+    async def get_project(self, project_id: str) -> Project:
+        """One project, or NotFound."""
+        project = await self._repository.get_project(project_id)
+        if project is None:
+            raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+        return project
+
+    async def list_projects(
+        self, *, limit: int, offset: int, search: str | None = None
+    ) -> Page[Project]:
+        """A page of projects in creation order."""
+        if search is not None:
+            _no_nul("search", search)
+        items = await self._repository.list_projects(
+            limit=limit, offset=offset, search=search
+        )
+        total = await self._repository.count_projects(search=search)
+        return Page(items, total, limit, offset)
+
+    async def update_project(
+        self,
+        project_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        api_key: str | None = None,
+        is_active: bool | None = None,
+        max_concurrent: int | None = None,
+        clear_max_concurrent: bool = False,
+    ) -> Project:
+        """Change fields; a new key is encrypted; applies to the next request.
+
+        `clear_max_concurrent` removes the project's own cap (the default applies).
+        """
+        _check_max_concurrent(max_concurrent)
+        changes = ProjectChanges(
+            name=None if name is None else _valid_name(name),
+            description=None
+            if description is None
+            else _valid_description(description),
+            metadata=None if metadata is None else _valid_metadata(metadata),
+            encrypted_api_key=None
+            if api_key is None
+            else self._cipher.encrypt(_valid_api_key(api_key)),
+            api_key_hint=None if api_key is None else mask_api_key(api_key),
+            is_active=is_active,
+            max_concurrent=max_concurrent,
+            clear_max_concurrent=clear_max_concurrent,
+        )
+        try:
+            project = await self._repository.update_project(
+                project_id, changes, now=self._now()
+            )
+        except DuplicateNameError:
+            raise Conflict(
+                f"A project named {name!r} already exists.", param="name"
+            ) from None
+        if project is None:
+            raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+        self._store.put_project(project)
+        return project
+
+    async def delete_project(self, project_id: str) -> None:
+        """Delete the project and all of its tokens (they stop working at once)."""
+        if not await self._repository.delete_project(project_id):
+            raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+        self._store.remove_project(project_id)
+
+    async def revoke_project_tokens(self, project_id: str) -> RevokeCounts:
+        """Revoke every token of a project."""
+        await self.get_project(project_id)
+        counts = await self._repository.revoke_project_tokens(project_id)
+        self._store.remove_tokens_of(project_id)
+        return counts
+
+    # -- tokens -----------------------------------------------------------------
+
+    async def create_token(
+        self,
+        *,
+        project_id: str,
+        duration_minutes: int,
+        max_requests: int | None = None,
+        rate_limit_per_hour: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> NewToken:
+        """Mint a token for an active project; its value is returned only here."""
+        _check_range("duration_minutes", duration_minutes, 1, MAX_DURATION_MINUTES)
+        if max_requests is not None:
+            _check_range("max_requests", max_requests, 1, 2**31 - 1)
+        if rate_limit_per_hour is not None:
+            _check_range("rate_limit_per_hour", rate_limit_per_hour, 1, 2**31 - 1)
+        _check_max_concurrent(max_concurrent)
+        project = await self.get_project(project_id)
+        if not project.is_active:
+            raise Forbidden(
+                "Cannot create tokens for an inactive project.", param="project_id"
+            )
+        now = self._now()
+        value = generate_token()
+        token = Token(
+            id=str(uuid.uuid4()),
+            token_hash=self._hasher.hash(value),
+            token_hint=token_hint(value),
+            project_id=project_id,
+            expires_at=now + timedelta(minutes=duration_minutes),
+            is_active=True,
+            request_count=0,
+            max_requests=max_requests,
+            rate_limit_per_hour=rate_limit_per_hour,
+            created_at=now,
+            last_used_at=None,
+            max_concurrent=max_concurrent,
+        )
+        await self._repository.create_token(token)
+        self._store.put_token(token)
+        return NewToken(token, value)
+
+    async def get_token(self, token_id: str) -> Token:
+        """One token by its public id, or NotFound."""
+        token = await self._repository.get_token(token_id)
+        if token is None:
+            raise NotFound(f"No token with id {token_id!r}.", param="token_id")
+        return token
+
+    async def list_tokens(
+        self, token_filter: TokenFilter, *, limit: int, offset: int
+    ) -> Page[Token]:
+        """A page of tokens, newest first."""
+        now = self._now()
+        items = await self._repository.list_tokens(
+            token_filter, now=now, limit=limit, offset=offset
+        )
+        total = await self._repository.count_tokens(token_filter, now=now)
+        return Page(items, total, limit, offset)
+
+    async def find_token_by_value(self, value: str) -> Token:
+        """The token whose value this is, or NotFound (the value is never echoed)."""
+        token = await self._repository.get_token_by_hash(self._hasher.hash(value))
+        if token is None:
+            raise NotFound("No token has this value.", param="token")
+        return token
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Revoke by id; idempotent for a revoked token, NotFound for an unknown id."""
+        self._store.remove_token(token_id)
+        if not await self._repository.revoke_token(token_id):
+            raise NotFound(f"No token with id {token_id!r}.", param="token_id")
+
+    async def revoke_token_value(self, value: str) -> None:
+        """Revoke by the token's value (the seed API's DELETE body); idempotent."""
+        token = await self.find_token_by_value(value)
+        await self.revoke_token(token.id)
+
+
+def _check_range(param: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ServiceError(
+            f"{param} must be between {low} and {high}, got {value}.", param=param
+        )
+
+
+def _check_max_concurrent(value: int | None) -> None:
+    if value is not None:
+        _check_range("max_concurrent", value, 1, 2**31 - 1)
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character anywhere (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def _no_nul(param: str, value: Any) -> None:
+    """PostgreSQL text and JSONB cannot hold NUL: refuse it for every backend alike."""
+    if _has_nul(value):
+        raise ServiceError(f"{param} must not contain NUL characters.", param=param)
+
+
+def _valid_name(name: str) -> str:
+    name = name.strip()
+    _no_nul("name", name)
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ServiceError(
+            f"name must be 1 to {MAX_NAME_CHARS} characters.", param="name"
+        )
+    return name
+
+
+def _valid_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    data = dict(metadata or {})
+    _no_nul("metadata", data)
+    return data
+
+
+def _valid_description(description: str) -> str:
+    _no_nul("description", description)
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise ServiceError(
+            f"description must be at most {MAX_DESCRIPTION_CHARS} characters.",
+            param="description",
+        )
+    return description
+
+
+def _valid_api_key(api_key: str) -> str:
+    api_key = api_key.strip()
+    _no_nul("openai_api_key", api_key)
+    if len(api_key) < 8 or any(c.isspace() for c in api_key):
+        raise ServiceError(
+            "openai_api_key must be a key of at least 8 characters without spaces.",
+            param="openai_api_key",
+        )
+    if "..." in api_key or "***" in api_key:
+        raise ServiceError(
+            "openai_api_key looks masked; send the full key.", param="openai_api_key"
+        )
+    return api_key

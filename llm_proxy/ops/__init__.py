@@ -1,0 +1,1 @@
+"""Operations endpoints: /health, /live and /ready, and the readiness checks."""

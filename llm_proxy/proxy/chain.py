@@ -1,0 +1,415 @@
+"""HTTP adapters for cross-cutting concerns: the root middleware and the /v1 chain.
+
+Root: the `json_errors` middleware (every error we generate is OpenAI-shaped JSON).
+The `/v1` chain (`proxy_chain`), outermost first: instrumentation (request id, the
+call's record, one event per call, whatever the outcome), allowlist (cheapest, needs
+no secret), token auth (a dict lookup), rate limit (needs the principal), concurrency
+(calls in flight per token and project), circuit breaker (innermost, so it counts only
+real upstream attempts). Each link is a `Stage` of plain calls; the maths lives in
+`allowlist.py`, `auth/tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..auth.tokens import AuthFailure, TokenStore
+from ..errors import (
+    ApiError,
+    CircuitOpenError,
+    InvalidTokenError,
+    NotAllowedError,
+    RateLimitedError,
+    UpstreamError,
+)
+from ..keys import EXCHANGE_KEY, PRINCIPAL_KEY
+from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
+from .breaker import CircuitBreaker
+from .concurrency import InFlight, Scope
+from .exchange import Exchange
+from .ratelimit import Limiter
+from .relay import request_id_of
+
+log = logging.getLogger(__name__)
+
+_MESSAGES = {
+    404: ("Unknown path.", "not_found"),
+    405: ("Method not allowed for this path.", "method_not_allowed"),
+    413: ("The request body is too large.", "request_too_large"),
+}
+
+
+def json_errors_middleware() -> Middleware:
+    """aiohttp's plain-text errors and unexpected exceptions become OpenAI JSON."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError:
+            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise _as_api_error(exc) from None
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            raise internal_error() from None
+
+    return json_errors
+
+
+def internal_error() -> ApiError:
+    """The 500 answer to an exception nobody handled (it is logged, not shown)."""
+    return ApiError(
+        500, "Internal error in llm-proxy.", type="api_error", code="internal_error"
+    )
+
+
+def _as_api_error(exc: web.HTTPException) -> ApiError:
+    message, code = _MESSAGES.get(exc.status, (exc.reason, "http_error"))
+    headers = {}
+    if "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
+    return ApiError(exc.status, message, code=code, headers=headers)
+
+
+# -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, concurrency,
+# circuit breaker --
+
+
+class Stage(Protocol):
+    """One link of the /v1 chain: may refuse a call before it goes upstream.
+
+    `enter` runs in chain order and raises an `ApiError` to refuse; `leave` runs in
+    reverse order for each stage whose `enter` returned, with the exception that
+    ended the call (None when it was answered), so a stage can undo or record.
+    Both are synchronous: the chain's only awaits are the client's and upstream's I/O.
+    """
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None: ...
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None: ...
+
+
+class CallSink(Protocol):
+    """Where the chain hands each finished call (the accounting's `Instrumentation`).
+
+    `in_flight` counts calls inside the chain; `submit` takes a call's record once its
+    answer is decided and must not block: it runs in the request's coroutine.
+    """
+
+    in_flight: int
+
+    def submit(self, exchange: Exchange) -> None: ...
+
+
+def proxy_chain(
+    instrumentation: CallSink, stages: Sequence[Stage], handler: Handler
+) -> Handler:
+    """The /v1 handler: the stages around `handler`, instrumented, in one coroutine.
+
+    The outermost link starts the call's `Exchange` and hands it over when the call
+    ends, whatever the outcome (our own refusals included); the hand-over is a
+    synchronous append: no await, no parsing. Running the stages as plain calls
+    instead of nested middleware coroutines keeps every resume of the relay loop
+    from passing through five more frames.
+    """
+    chain = tuple(stages)
+
+    async def proxy_call(request: web.Request) -> web.StreamResponse:
+        record = Exchange(
+            request_id_of(request.headers), time.perf_counter(), request.method
+        )
+        request[EXCHANGE_KEY] = record
+        instrumentation.in_flight += 1
+        entered = 0
+        error: BaseException | None = None
+        try:
+            for stage in chain:
+                stage.enter(request, record)
+                entered += 1
+            return await handler(request)
+        except BaseException as exc:
+            error = exc
+            _record_outcome(record, exc)
+            raise
+        finally:
+            if entered:
+                _leave(chain[:entered], request, record, error)
+            instrumentation.in_flight -= 1
+            record.finished = time.perf_counter()
+            principal = request.get(PRINCIPAL_KEY)
+            if principal is not None:
+                record.project_id = principal.project_id
+                record.token_id = principal.token_id
+            instrumentation.submit(record)
+
+    return proxy_call
+
+
+def _leave(
+    entered: Sequence[Stage],
+    request: web.Request,
+    record: Exchange,
+    error: BaseException | None,
+) -> None:
+    """Leave the entered stages, innermost first; a failing one is logged, not fatal.
+
+    The answer is decided by now: a bug in one stage's `leave` must not skip the
+    others (a quota refund, the breaker's count) nor the call's event.
+    """
+    for stage in reversed(entered):
+        try:
+            stage.leave(request, record, error)
+        except Exception:
+            log.exception(
+                "stage %s failed to leave call %s",
+                type(stage).__name__,
+                record.request_id,
+            )
+
+
+def _record_outcome(record: Exchange, exc: BaseException) -> None:
+    """Note how a call failed; an `ApiError` also gets the call's request id.
+
+    An answer we make ourselves is sent after the call's record is handed over, so
+    its body's length is counted here (when nothing of an answer was sent before).
+    """
+    if isinstance(exc, ApiError):
+        _record_failure(record, exc.status, exc.code, type(exc).__name__)
+        exc.headers["X-Request-ID"] = record.request_id
+        _count_body(record, exc)
+    elif isinstance(exc, web.HTTPException):
+        _record_failure(record, exc.status, None, type(exc).__name__)
+        _count_body(record, _as_api_error(exc))
+    elif isinstance(exc, asyncio.CancelledError):
+        _record_failure(record, 499, "client_disconnected", "CancelledError")
+    elif isinstance(exc, Exception):
+        _record_failure(record, 500, "internal_error", type(exc).__name__)
+        _count_body(record, internal_error())
+
+
+def _count_body(record: Exchange, answer: web.HTTPException) -> None:
+    if not record.bytes_out and isinstance(answer.body, bytes):
+        record.bytes_out = len(answer.body)
+
+
+def _record_failure(
+    record: Exchange, status: int, error: str | None, error_class: str
+) -> None:
+    """Note how a call failed, keeping what the relay set once the answer started."""
+    if not record.status:
+        record.status = status
+    record.error = record.error or error
+    record.error_class = record.error_class or error_class
+
+
+class AllowlistStage:
+    """404 for paths outside the allowlist (and any path trick), 405 for methods."""
+
+    __slots__ = ("allowlist",)
+
+    def __init__(self, allowlist: Allowlist) -> None:
+        self.allowlist = allowlist
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        path = normalise_path(request.raw_path)
+        # A refused path is recorded as it came, without its query.
+        exchange.path = path if path is not None else request.raw_path.split("?")[0]
+        verdict = (
+            self.allowlist.match(request.method, path)
+            if path is not None
+            else NOT_FOUND
+        )
+        if verdict.kind is MatchKind.NOT_FOUND:
+            raise NotAllowedError(
+                404, "Unknown or forbidden path.", code="unknown_endpoint"
+            )
+        if verdict.kind is MatchKind.METHOD_NOT_ALLOWED:
+            raise NotAllowedError(
+                405,
+                f"Method {request.method} is not allowed for this path.",
+                code="method_not_allowed",
+                headers={"Allow": verdict.allow_header},
+            )
+        exchange.endpoint = verdict.endpoint
+        exchange.models = verdict.models
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """Nothing to undo."""
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme any case)."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class TokenAuthStage:
+    """Refuse unknown, expired, revoked or spent tokens; give back unused quota."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
+        if token is None:
+            raise InvalidTokenError(
+                "Missing proxy token: send 'Authorization: Bearer <token>'.",
+                code="missing_api_key",
+            )
+        try:
+            request[PRINCIPAL_KEY] = self.store.authenticate(token)
+        except AuthFailure as failure:
+            raise _auth_error(failure) from None
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """A call that never reached upstream does not count against the quota."""
+        if not exchange.reached_upstream:
+            self.store.refund(request[PRINCIPAL_KEY])
+
+
+def _auth_error(failure: AuthFailure) -> ApiError:
+    if failure.status == 401:
+        return InvalidTokenError(failure.message, code=failure.code)
+    if failure.status == 429:
+        # A spent lifetime quota never comes back: no Retry-After to promise one, and
+        # OpenAI's type for a spent quota, which clients treat as not worth a retry.
+        return ApiError(
+            429, failure.message, type="insufficient_quota", code=failure.code
+        )
+    return NotAllowedError(failure.status, failure.message, code=failure.code)
+
+
+class RateLimitStage:
+    """Per-token hourly window; 429 with Retry-After; headers on every answer.
+
+    A slot is spent by a call that reached the upstream; one the proxy refused
+    after granting it is given back, as `TokenAuthStage` does with the quota.
+    """
+
+    __slots__ = ("default_per_hour", "limiter")
+
+    def __init__(self, limiter: Limiter, default_per_hour: int) -> None:
+        self.limiter = limiter
+        self.default_per_hour = default_per_hour
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        principal = request[PRINCIPAL_KEY]
+        limit = principal.rate_limit_per_hour or self.default_per_hour
+        decision = self.limiter.try_acquire(principal.token_id, limit)
+        headers = {
+            "x-ratelimit-limit-requests": str(decision.limit),
+            "x-ratelimit-remaining-requests": str(decision.remaining),
+            "x-ratelimit-reset-requests": f"{math.ceil(decision.reset_after_s)}s",
+        }
+        if not decision.allowed:
+            raise RateLimitedError(
+                f"Rate limit of {limit} requests per hour reached for this token.",
+                retry_after_s=decision.retry_after_s,
+                code="rate_limit_exceeded",
+                extra=headers,
+            )
+        exchange.rate_headers = headers
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """A call the proxy refused itself (413, model, breaker) gets its slot back."""
+        if not exchange.reached_upstream:
+            self.limiter.refund(request[PRINCIPAL_KEY].token_id)
+
+
+class ConcurrencyStage:
+    """429 at once (no queue) when the token or its project has its cap in flight.
+
+    A slot is held from `enter` until the call ends, a stream until its last byte or
+    the client leaving; `leave` runs for every admitted call, whatever the outcome.
+    """
+
+    __slots__ = ("in_flight", "project_default", "token_default")
+
+    def __init__(
+        self, in_flight: InFlight, token_default: int, project_default: int
+    ) -> None:
+        self.in_flight = in_flight
+        self.token_default = token_default
+        self.project_default = project_default
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        principal = request[PRINCIPAL_KEY]
+        token_cap = principal.max_concurrent or self.token_default
+        project_cap = principal.project_max_concurrent or self.project_default
+        refused = self.in_flight.try_enter(
+            principal.token_id, token_cap, principal.project_id, project_cap
+        )
+        if refused is not None:
+            cap = token_cap if refused == "token" else project_cap
+            raise _concurrency_error(refused, cap)
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        """The call's slot is free again."""
+        principal = request[PRINCIPAL_KEY]
+        self.in_flight.leave(principal.token_id, principal.project_id)
+
+
+def _concurrency_error(scope: Scope, cap: int) -> RateLimitedError:
+    owner = "This token" if scope == "token" else "This token's project"
+    return RateLimitedError(
+        f"{owner} already has {cap} calls in flight, its limit; retry when one ends.",
+        retry_after_s=1,
+        code="concurrency_limit_exceeded",
+        extra={},
+    )
+
+
+class CircuitBreakerStage:
+    """503 while the upstream is failing; counts only real upstream outcomes."""
+
+    __slots__ = ("breaker",)
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def enter(self, request: web.Request, exchange: Exchange) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpenError(self.breaker.retry_after_s())
+
+    def leave(
+        self, request: web.Request, exchange: Exchange, error: BaseException | None
+    ) -> None:
+        if error is not None:
+            if isinstance(error, UpstreamError):
+                self.breaker.record_failure()
+            return
+        if not exchange.reached_upstream:
+            return
+        if exchange.status >= 500 or exchange.error not in (
+            None,
+            "client_disconnected",
+        ):
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()

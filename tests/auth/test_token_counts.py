@@ -1,0 +1,119 @@
+"""TokenStore's request counts, without a loop or a database: reserve, refund, flush."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from llm_proxy.auth.crypto import KeyCipher, TokenHasher
+from llm_proxy.auth.tokens import AuthFailure, TokenStore
+from llm_proxy.storage.base import Project, Token, TokenUsage
+
+KEY = bytes(range(32))
+NOW = 1_800_000_000.0
+VALUE = "wt-unit-test-token-value"
+
+
+def _store(*, max_requests: int | None = None, request_count: int = 0) -> TokenStore:
+    store = TokenStore(TokenHasher(KEY), KeyCipher(KEY), clock=lambda: NOW)
+    created = datetime.fromtimestamp(NOW, UTC)
+    store.put_project(
+        Project(
+            "p1",
+            "demo",
+            "",
+            {},
+            KeyCipher(KEY).encrypt("sk-upstream"),
+            "sk-...eam",
+            True,
+            created,
+            created,
+        )
+    )
+    store.put_token(_token(max_requests=max_requests, request_count=request_count))
+    return store
+
+
+def _token(*, max_requests: int | None = None, request_count: int = 0) -> Token:
+    created = datetime.fromtimestamp(NOW, UTC)
+    return Token(
+        "t1",
+        TokenHasher(KEY).hash(VALUE),
+        VALUE[-4:],
+        "p1",
+        created + timedelta(hours=1),
+        True,
+        request_count,
+        max_requests,
+        None,
+        created,
+        None,
+    )
+
+
+def _requests(batch: list[TokenUsage]) -> dict[str, int]:
+    return {usage.token_id: usage.requests for usage in batch}
+
+
+def test_each_authentication_reserves_one_request_until_the_quota() -> None:
+    store = _store(max_requests=2)
+    store.authenticate(VALUE)
+    store.authenticate(VALUE)
+    with pytest.raises(AuthFailure) as refused:
+        store.authenticate(VALUE)
+    assert refused.value.code == "quota_exceeded"
+    assert _requests(store.take_usage()) == {"t1": 2}
+
+
+def test_a_refund_gives_the_reserved_request_back() -> None:
+    store = _store(max_requests=1)
+    principal = store.authenticate(VALUE)
+    store.refund(principal)
+    store.refund(principal)  # nothing left to give back: the count stays at zero
+    assert store.take_usage() == []
+    store.authenticate(VALUE)
+
+
+def test_taken_counts_still_count_against_the_quota_until_stored() -> None:
+    store = _store(max_requests=2)
+    store.authenticate(VALUE)
+    assert _requests(store.take_usage()) == {"t1": 1}
+    assert store.take_usage() == []  # handed over once
+    store.authenticate(VALUE)
+    with pytest.raises(AuthFailure):
+        store.authenticate(VALUE)
+
+
+def test_a_reload_during_a_flush_does_not_lose_the_flushing_counts() -> None:
+    store = _store(max_requests=3)
+    store.authenticate(VALUE)
+    store.authenticate(VALUE)
+    batch = store.take_usage()
+    store.put_token(_token(max_requests=3, request_count=0))  # read before the write
+    store.authenticate(VALUE)
+    with pytest.raises(AuthFailure):
+        store.authenticate(VALUE)
+    store.usage_stored(batch)
+    store.put_token(_token(max_requests=3, request_count=2))  # read after the write
+    with pytest.raises(AuthFailure):
+        store.authenticate(VALUE)
+
+
+def test_a_failed_write_is_counted_again_for_the_next_flush() -> None:
+    store = _store()
+    store.authenticate(VALUE)
+    batch = store.take_usage()
+    store.authenticate(VALUE)
+    store.usage_failed(batch)
+    assert _requests(store.take_usage()) == {"t1": 2}
+
+
+def test_counts_of_a_revoked_token_are_kept_for_the_flush() -> None:
+    store = _store()
+    store.authenticate(VALUE)
+    store.remove_token("t1")
+    with pytest.raises(AuthFailure):
+        store.authenticate(VALUE)
+    assert _requests(store.take_usage()) == {"t1": 1}
+    assert store.take_usage() == []
