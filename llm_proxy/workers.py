@@ -62,7 +62,7 @@ class RestartPolicy:
     """
 
     early_exit_s: float = 5.0
-    max_early_exits: int = 5
+    max_early_exits: int = 3
     backoff_base_s: float = 0.25
     backoff_max_s: float = 10.0
 

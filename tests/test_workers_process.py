@@ -332,7 +332,7 @@ async def test_a_worker_that_keeps_crashing_at_start_makes_the_parent_exit_1(
     result = await asyncio.to_thread(cli, tmp_path, env, "serve", "--workers", "2")
     took = time.monotonic() - started
     assert result.returncode == 1
-    assert "before serving or within 5 s of it, 5 times in a row" in result.stderr
+    assert "before serving or within 5 s of it, 3 times in a row" in result.stderr
     assert str(broken) in result.stderr  # the workers' own error is in the log
     assert took < 30
     print(f"\ngave up after {took:.1f} s")
