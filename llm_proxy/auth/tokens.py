@@ -6,10 +6,11 @@ key. `TokenSync` warms it at start with a full resync, then applies only what ch
 since the last reload (change markers and tombstones, migration 004), in pages of
 `PAGE_ROWS` rows so no reload stalls the loop; the management service updates it at
 once. Each entry remembers the change marker of the row it was built from, so a
-resync passes over unchanged rows without converting them, and no operation of the
-reloads or the usage flush walks the whole table in one loop slice. Lifetime quotas are reserved synchronously here (no await between check and
-increment), so they are exact within a process; `TokenSync.flush` writes the counts to
-the repository in batches, also those of tokens revoked or deleted meanwhile.
+resync passes over unchanged rows without converting them, and neither the reloads
+nor the usage flush walk the whole table in one loop slice. Lifetime quotas are
+reserved synchronously here (no await between check and increment), so they are
+exact within a process; `TokenSync.flush` writes the counts to the repository in
+batches, also those of tokens revoked or deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class TokenStore:
         return True
 
     def token_hashes(self) -> list[str]:
-        """A copy of the table's keys (one slice: about 3 ms at 200,000 tokens)."""
+        """A copy of the table's keys (one slice of several ms at 200,000 tokens)."""
         return list(self._by_hash)
 
     def unseen_token_hashes(self, generation: int) -> Iterator[list[str]]:
