@@ -52,7 +52,8 @@ from .proxy.chain import (
 )
 from .proxy.concurrency import InFlight
 from .proxy.ratelimit import GcraLimiter
-from .proxy.relay import proxy_handler, upstream_session_ctx
+from .proxy.relay import proxy_handler
+from .proxy.upstream import upstream_session_ctx
 from .storage import create_repository
 
 log = logging.getLogger(__name__)

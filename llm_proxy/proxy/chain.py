@@ -35,8 +35,8 @@ from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
 from .breaker import CircuitBreaker
 from .concurrency import InFlight, Scope
 from .exchange import Exchange
+from .headers import request_id_of
 from .ratelimit import Limiter
-from .relay import request_id_of
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from llm_proxy.devtools.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.keys import TOKEN_STORE_KEY
-from llm_proxy.proxy.relay import client_address, media_type
+from llm_proxy.proxy.headers import client_address, media_type
 
 from ..support import AUTH, UPSTREAM_KEY, bearer, open_stalled_stream, proxy_token
 
