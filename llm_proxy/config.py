@@ -27,6 +27,8 @@ MIN_ADMIN_PASSWORD_CHARS: Final = 12
 LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "warn", "error", "critical"})
 LOG_FORMATS: Final = frozenset({"json", "text"})
 EVENT_BUSES: Final = frozenset({"memory", "in-memory", "redis"})
+# What fleet limits do while Redis is unreachable: in-process limits, or refuse.
+FAILURE_MODES: Final = frozenset({"open", "closed"})
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,15 @@ class TenantLimits:
 
     token_max_concurrent: int = 100
     project_max_concurrent: int = 250
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLimitSettings:
+    """Fleet-wide rate limits and quotas on REDIS_URL: lease size, timeout, failure mode."""
+
+    lease_max: int = 20
+    timeout_s: float = 0.25
+    fail_closed: bool = False
 
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -149,6 +160,7 @@ class Settings:
     trusted_proxies: tuple[IpNetwork, ...] = ()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)
+    fleet_limits: FleetLimitSettings = field(default_factory=FleetLimitSettings)
     metrics_token: str | None = field(default=None, repr=False)
     file_event_log: Path | None = None
     db_pool_max_size: int = 10
@@ -301,6 +313,12 @@ def _parse(env: _Env) -> Settings:
             project_max_concurrent=env.integer(
                 "PROJECT_MAX_CONCURRENT", 250, minimum=1
             ),
+        ),
+        fleet_limits=FleetLimitSettings(
+            lease_max=env.integer("FLEET_LEASE_MAX", 20, minimum=1),
+            timeout_s=env.seconds("REDIS_LIMITS_TIMEOUT", 0.25),
+            fail_closed=env.choice("REDIS_FAILURE_MODE", "open", FAILURE_MODES)
+            == "closed",
         ),
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=_event_log_path(env.text("FILE_EVENT_LOG", DEFAULT_EVENT_LOG)),

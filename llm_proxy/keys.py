@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .management.service import ManagementService
     from .proxy.exchange import Exchange
+    from .proxy.fleet_limits import FleetLimiter
     from .storage import Repository
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
@@ -25,6 +26,8 @@ REPOSITORY_KEY: web.AppKey[Repository] = web.AppKey("repository")
 SERVICE_KEY: web.AppKey[ManagementService] = web.AppKey("service")
 TOKEN_STORE_KEY: web.AppKey[TokenStore] = web.AppKey("token_store")
 TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
+# Set only when REDIS_URL is: the fleet-wide rate limits and quotas.
+FLEET_LIMITER_KEY: web.AppKey[FleetLimiter] = web.AppKey("fleet_limiter")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 

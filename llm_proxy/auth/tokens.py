@@ -301,6 +301,15 @@ class TokenStore:
         if entry is not None and entry.unflushed > 0:
             entry.unflushed -= 1
 
+    def quota_basis(self, token_id: str) -> tuple[int, float] | None:
+        """(requests in the database, expiry as a Unix time): seeds a fleet counter.
+
+        Without the requests still unflushed here: those waiting for a fleet lease
+        are not admitted yet, and the fleet counts the others itself.
+        """
+        entry = self._by_id(token_id)
+        return None if entry is None else (entry.stored_count, entry.expires_at)
+
     # -- usage flushing -------------------------------------------------------
 
     def take_usage(self) -> list[TokenUsage]:
