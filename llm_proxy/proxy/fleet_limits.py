@@ -56,20 +56,32 @@ MAX_REFILLS_PER_REQUEST: Final = 3
 
 LEASE_SCRIPT: Final = """
 -- KEYS[1] rate hash {tat, lim}, KEYS[2] lifetime counter (granted), KEYS[3] holders
--- ARGV: worker, want, give_back, debt, limit per window, window µs,
---       max_requests (-1: none), seed (counted so far), quota ttl s, holder ttl ms
--- Takes min(want, room) units of both limits; give_back returns unused units;
--- debt charges requests admitted while Redis was away. Times are microseconds.
+-- ARGV: worker, demand, give_back, debt, limit per window, window µs,
+--       max_requests (-1: none), seed (counted so far), quota ttl s, holder ttl ms,
+--       lease max (0: take nothing, a release)
+-- Grants min(room, max(demand, policy size)) units of both limits at once, the size
+-- as `leases.lease_size` computes it; give_back returns unused units; debt charges
+-- requests admitted while Redis was away. Times are microseconds of Redis TIME.
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local want = tonumber(ARGV[2])
+local demand = tonumber(ARGV[2])
 local give_back = tonumber(ARGV[3])
 local debt = tonumber(ARGV[4])
 local limit = tonumber(ARGV[5])
 local window = tonumber(ARGV[6])
 local max_requests = tonumber(ARGV[7])
 local holder_ttl = tonumber(ARGV[10])
+local lease_max = tonumber(ARGV[11])
+
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if lease_max > 0 then
+  redis.call('ZADD', KEYS[3], now + holder_ttl * 1000, ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+local holders = redis.call('ZCARD', KEYS[3])
+if holders > 0 then redis.call('PEXPIRE', KEYS[3], holder_ttl) end
 
 local interval = window / limit
 local state = redis.call('HMGET', KEYS[1], 'tat', 'lim')
@@ -94,7 +106,12 @@ if max_requests >= 0 then
 end
 local room = rate_room
 if quota_room >= 0 and quota_room < room then room = quota_room end
-local g = math.max(math.min(want, room), 0)
+local g = 0
+if lease_max > 0 and room > 0 then
+  local size = math.floor(room / (2 * math.max(holders, 1)))
+  size = math.max(1, math.min(lease_max, size))
+  g = math.min(room, math.max(demand, size))
+end
 tat = tat + g * interval
 local retry = 0
 if rate_room - g <= 0 then retry = tat + interval - window - now end
@@ -108,14 +125,6 @@ if max_requests >= 0 then
   redis.call('SET', KEYS[2], granted + g, 'EX', ARGV[9])
   quota_room = quota_room - g
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if want > 0 then
-  redis.call('ZADD', KEYS[3], now + holder_ttl * 1000, ARGV[1])
-else
-  redis.call('ZREM', KEYS[3], ARGV[1])
-end
-local holders = redis.call('ZCARD', KEYS[3])
-if holders > 0 then redis.call('PEXPIRE', KEYS[3], holder_ttl) end
 return {g, rate_room - g, quota_room, holders, math.ceil(retry), math.ceil(tat - now)}
 """
 
@@ -198,6 +207,7 @@ class FleetLimiter:
         lease = self._leases.get(token_id)
         if lease is None:
             lease = self._leases[token_id] = Lease(limit, max_requests)
+            lease.last_used = self._clock()  # new, not idle
         elif lease.limit != limit or lease.max_requests != max_requests:
             lease.limit = limit
             lease.max_requests = max_requests
@@ -272,10 +282,9 @@ class FleetLimiter:
     async def _run_refill(
         self, token_id: str, lease: Lease, future: asyncio.Future[None]
     ) -> None:
-        want = lease.want()
         debt = lease.debt
         try:
-            reply = await self._call(token_id, lease, want=want, debt=debt)
+            reply = await self._call(token_id, lease, demand=lease.waiting, debt=debt)
             if reply is not None:
                 lease.debt -= debt
                 lease.apply(Grant.from_reply(reply), self._clock(), self.lease_max)
@@ -285,15 +294,16 @@ class FleetLimiter:
             future.set_result(None)
 
     def _args(
-        self, token_id: str, lease: Lease, *, want: int, give_back: int, debt: int
+        self, token_id: str, lease: Lease, *, demand: int, give_back: int, debt: int
     ) -> list[int | str]:
+        """The script's ARGV; `demand` < 0 is a release (takes nothing)."""
         basis = self._quota_basis(token_id)
         used, expires_at = basis if basis is not None else (0, 0.0)
         ttl = max(int(expires_at - self._wall_clock()), 0) + QUOTA_TTL_GRACE_S
         cap = lease.max_requests
         return [
             self.worker,
-            want,
+            max(demand, 0),
             give_back,
             debt,
             max(lease.limit, 1),
@@ -302,6 +312,7 @@ class FleetLimiter:
             used,
             ttl,
             HOLDER_TTL_MS,
+            self.lease_max if demand >= 0 else 0,
         ]
 
     async def _call(
@@ -309,12 +320,11 @@ class FleetLimiter:
         token_id: str,
         lease: Lease,
         *,
-        want: int = 0,
-        give_back: int = 0,
-        debt: int = 0,
+        demand: int,
+        debt: int,
     ) -> list[int] | None:
-        """Run the lease script; None (and Redis marked down) when it fails."""
-        args = self._args(token_id, lease, want=want, give_back=give_back, debt=debt)
+        """Take units (the script sizes the lease); None, Redis marked down, on failure."""
+        args = self._args(token_id, lease, demand=demand, give_back=0, debt=debt)
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 reply: list[int] = await self._script(
@@ -349,7 +359,7 @@ class FleetLimiter:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for token_id, lease, units, debt in batch:
                         args = self._args(
-                            token_id, lease, want=0, give_back=units, debt=debt
+                            token_id, lease, demand=-1, give_back=units, debt=debt
                         )
                         await self._script(
                             keys=token_keys(token_id), args=args, client=pipe

@@ -25,12 +25,15 @@ Limit = Literal["rate", "quota"]
 
 
 def lease_size(room: int, holders: int, lease_max: int) -> int:
-    """How many units to ask for next: a share of what is left, 1 near the limit.
+    """How many units a lease takes: a share of what is left, 1 near the limit.
 
-    `room` is what the fleet had unleased after the last grant and `holders` the
-    processes holding leases of the token: asking for at most half of an equal share
-    leaves the rest to the others, and the size falls to 1 as the budget runs out, so
-    no process can hold more than one unit the others are refused for.
+    `room` is what the fleet has unleased and `holders` the processes holding leases
+    of the token: taking at most half of an equal share leaves the rest to the
+    others, and the size falls to 1 as the budget runs out, so no process can hold
+    more than one unit the others are refused for. The lease script applies the same
+    rule atomically, with the room and holders of the moment (a grant is never
+    smaller than the number of requests waiting for it, all spent at once); here it
+    sets the low-water mark for the next prefetch.
     """
     share = room // (2 * max(holders, 1))
     return max(1, min(lease_max, share))
@@ -138,10 +141,6 @@ class Lease:
     def wants_prefetch(self) -> bool:
         """Low on units, nothing in flight, and the fleet still has room: ask ahead."""
         return self.units <= self.low_water and self.refill is None and self.room > 0
-
-    def want(self) -> int:
-        """Units to ask for now: the policy's size, or every request waiting."""
-        return max(self.next_want, self.waiting)
 
     def cached_refusal(self, now: float) -> Refusal | None:
         """The last refusal, while it may still be trusted."""

@@ -46,6 +46,11 @@ def test_lease_size_never_exceeds_half_of_an_equal_share() -> None:
                 assert size * 2 * holders <= room
 
 
+def script_grant(room: int, holders: int, demand: int = 0) -> int:
+    """What the lease script grants (it mirrors `lease_size`)."""
+    return min(room, max(demand, lease_size(room, holders, 20))) if room > 0 else 0
+
+
 def test_sum_of_policy_grants_never_exceeds_the_cap() -> None:
     """Processes taking policy-sized leases in turn: grants total exactly the cap."""
     cap, holders, granted = 50, 3, 0
@@ -54,7 +59,7 @@ def test_sum_of_policy_grants_never_exceeds_the_cap() -> None:
     while True:
         lease = leases[turn % holders]
         room = cap - granted
-        g = min(lease.want(), room)
+        g = script_grant(room, holders)
         granted += g
         lease.apply(grant(g, 1000, room - g, holders), 0.0, 20)
         turn += 1
@@ -107,12 +112,11 @@ def test_lease_refusal_names_the_lifetime_cap_when_it_is_spent() -> None:
     assert refusal.retry_after_s(0.1) == float("inf")
 
 
-def test_lease_wants_every_waiting_request_when_more_wait_than_the_policy() -> None:
-    lease = Lease(1000, 50)
-    lease.apply(grant(1, 1, quota_room=1, holders=2), 0.0, 20)
-    assert lease.want() == 1
-    lease.waiting = 7
-    assert lease.want() == 7  # demand-driven: every unit is spent at once
+def test_a_grant_covers_every_waiting_request_even_near_the_limit() -> None:
+    assert script_grant(room=9, holders=2) == 2
+    assert script_grant(room=9, holders=2, demand=7) == 7  # all spent at once
+    assert script_grant(room=3, holders=2, demand=7) == 3
+    assert script_grant(room=0, holders=2, demand=7) == 0
 
 
 def test_lease_forgets_what_redis_said_after_an_outage() -> None:
