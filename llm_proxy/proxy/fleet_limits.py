@@ -50,9 +50,10 @@ LEASE_FORGET_S: Final = 60.0
 QUOTA_TTL_GRACE_S: Final = 86_400
 RECONNECT_FIRST_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
-# A request that joined a refill asked for fewer units than were waiting asks again
-# this many times at most before it is refused (only while the fleet still had room).
-MAX_REFILLS_PER_REQUEST: Final = 3
+# A request that finds its refill's units taken by others asks again while the fleet
+# has room (each grant takes at least one unit, so room only shrinks), but at most
+# this many times: past it, a hot token's call is refused with Retry-After 1.
+MAX_REFILLS_PER_REQUEST: Final = 10
 
 LEASE_SCRIPT: Final = """
 -- KEYS[1] rate hash {tat, lim}, KEYS[2] lifetime counter (granted), KEYS[3] holders
