@@ -12,11 +12,16 @@ Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk), added
 time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios.
 `--variants` adds the proxy without events and without its stages
 (benchmarks/variant.py), measured in the same rounds, to show what each part costs.
+`--redis-limits` adds the proxy with fleet limits on a Redis of its own (REDIS_URL,
+redis-server pinned to the load generator's CPU), same rounds, and reports CPU per
+proxied call with and without them (target: within 10%) and the p50 they add at one
+connection (target: +0.05 ms or less).
 `--reference DIR` adds the proxy of another checkout (e.g. the commit before a change,
 from `git worktree add /tmp/before HEAD~3`), also in the same rounds, so a change is
 judged against its own "before" on the same machine at the same moment.
 
-    python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--reference DIR] [--json]
+    python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--redis-limits]
+                             [--reference DIR] [--json]
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ STREAM_BODY = (
 STREAM_EVENTS = 20
 TARGETS = {"throughput_ratio": 0.9, "throughput_floor": 0.8, "p50_added_ms": 0.1}
 TARGET_TTFB_MS = 1.0
+TARGET_REDIS_CPU_RATIO = 1.10  # fleet limits: CPU per call within 10 % of without
+TARGET_REDIS_P50_ADDED_MS = 0.05
+REDIS_VARIANT = "proxy-redis-limits"
 TARGET_RSS_MIB = 80.0
 
 
@@ -64,6 +72,7 @@ class Result:
     p50_ms_c1: list[float] = field(default_factory=list)
     p99_ms_c1: list[float] = field(default_factory=list)
     ttfb_ms: list[float] = field(default_factory=list)
+    cpu_us_per_call: list[float] = field(default_factory=list)
     peak_rss_mib: float = 0.0
     children_rss_mib: float = 0.0
 
@@ -204,6 +213,20 @@ def children_peak_rss_mib(pid: int) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of `pid` and its direct children, in seconds."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def wrk_lua(path: Path, token: str, body: str) -> Path:
     """A wrk script that POSTs the chat body with the token."""
     path.write_text(
@@ -280,13 +303,16 @@ def start_proxy(
     upstream_port: int,
     variant: str | None = None,
     tree: Path | None = None,
+    redis_url: str | None = None,
 ) -> tuple[int, str, subprocess.Popen[bytes]]:
     """The real proxy with events on (or a `variant.py` variant, or the proxy of the
-    checkout `tree`), plus a token for it."""
+    checkout `tree`, or the proxy with fleet limits on `redis_url`), plus a token."""
     port = free_port()
     name = f"proxy-{variant}" if variant else "proxy"
     if tree is not None:
         name = "proxy-reference"
+    if redis_url is not None:
+        name = REDIS_VARIANT
     env = {
         "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
         "LISTEN_ADDR": f"127.0.0.1:{port}",
@@ -299,6 +325,8 @@ def start_proxy(
     }
     if tree is not None:  # its package first on the path, ahead of the installed one
         env["PYTHONPATH"] = str(tree.resolve())
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
     command = [sys.executable, "-m", "llm_proxy", "serve"]
     if variant:
         command = [
@@ -330,6 +358,7 @@ async def _create_token(port: int) -> str:
 
 def measure(
     result: Result,
+    pid: int,
     base: str,
     token: str,
     workdir: Path,
@@ -338,8 +367,12 @@ def measure(
 ) -> None:
     """One round of every measurement against one server."""
     script = wrk_lua(workdir / f"{result.name}.lua", token, CHAT_BODY)
+    cpu_before = cpu_seconds(pid)
     rps, _, _ = run_wrk(f"{base}/v1/chat/completions", script, 64, duration_s)
+    cpu = cpu_seconds(pid) - cpu_before
     result.rps_c64.append(rps)
+    calls = rps * max(1, round(duration_s))
+    result.cpu_us_per_call.append(cpu / calls * 1e6 if calls else 0.0)
     _, p50, p99 = run_wrk(f"{base}/v1/chat/completions", script, 1, duration_s / 2)
     result.p50_ms_c1.append(p50)
     result.p99_ms_c1.append(p99)
@@ -354,6 +387,7 @@ def run(
     stream_n: int,
     variants: Sequence[str] = (),
     reference: Path | None = None,
+    redis_limits: bool = False,
 ) -> dict[str, object]:
     """Start everything, measure both servers in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
@@ -408,6 +442,19 @@ def run(
             port, token, process = start_proxy(stack, upstream_port, variant)
             name = f"proxy-{variant}" if variant else "proxy"
             servers.append(Server(Result(name), port, process, token))
+        if redis_limits:
+            redis_port = free_port()
+            stack.start(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"]
+                + ["--save", "", "--appendonly", "no"],
+                cpu=1,
+            )
+            wait_port(redis_port)
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            port, token, process = start_proxy(
+                stack, upstream_port, redis_url=redis_url
+            )
+            servers.append(Server(Result(REDIS_VARIANT), port, process, token))
         if reference is not None:
             port, token, process = start_proxy(stack, upstream_port, tree=reference)
             servers.append(Server(Result("proxy-reference"), port, process, token))
@@ -422,6 +469,7 @@ def run(
             for server in servers:
                 measure(
                     server.result,
+                    server.process.pid,
                     server.base,
                     server.token,
                     workdir,
@@ -437,8 +485,13 @@ def run(
         report["variants"] = {
             server.result.name: compare_variant(servers[0].result, server.result)
             for server in servers[2:]
-            if server.result.name != "proxy-reference"
+            if server.result.name not in ("proxy-reference", REDIS_VARIANT)
         }
+        if redis_limits:
+            with_redis = next(x for x in servers if x.result.name == REDIS_VARIANT)
+            report["redis_limits"] = compare_redis_limits(
+                servers[1].result, with_redis.result
+            )
         if reference is not None:
             report["reference"] = compare_reference(
                 servers[1].result, servers[-1].result
@@ -513,6 +566,25 @@ def compare_variant(baseline: Result, variant: Result) -> dict[str, float]:
     }
 
 
+def compare_redis_limits(proxy: Result, with_redis: Result) -> dict[str, object]:
+    """The proxy with fleet limits on Redis against the same proxy without them."""
+    without, with_ = med(proxy.cpu_us_per_call), med(with_redis.cpu_us_per_call)
+    ratio = round(with_ / without, 3) if without else 0.0
+    p50_added = round(med(with_redis.p50_ms_c1) - med(proxy.p50_ms_c1), 3)
+    return {
+        "cpu_us_per_call_without": without,
+        "cpu_us_per_call_with": with_,
+        "cpu_ratio": ratio,
+        "rps_c64_without": med(proxy.rps_c64),
+        "rps_c64_with": med(with_redis.rps_c64),
+        "p50_added_ms": p50_added,
+        "targets_met": {
+            "cpu per call within 10%": ratio <= TARGET_REDIS_CPU_RATIO,
+            "p50 added <= 0.05 ms": p50_added <= TARGET_REDIS_P50_ADDED_MS,
+        },
+    }
+
+
 def compare_reference(proxy: Result, reference: Result) -> dict[str, float]:
     """This checkout's proxy against the reference checkout's, same rounds."""
     return {
@@ -556,6 +628,15 @@ def print_report(report: dict[str, object]) -> None:
             f"  x{numbers['throughput_ratio']:.3f}"
             f"  p50 {numbers['p50_added_ms']:+.3f} ms"
         )
+    redis = report.get("redis_limits")
+    if isinstance(redis, dict):
+        print(
+            f"{'fleet limits (Redis)':<22}CPU/call {redis['cpu_us_per_call_with']:.1f} µs"
+            f" vs {redis['cpu_us_per_call_without']:.1f} µs (x{redis['cpu_ratio']:.3f}),"
+            f" p50 {redis['p50_added_ms']:+.3f} ms"
+        )
+        for name, ok in redis["targets_met"].items():
+            print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     reference = report.get("reference")
     if isinstance(reference, dict):
         print(
@@ -584,19 +665,35 @@ def main() -> None:
         " (benchmarks/variant.py), to see what each part costs",
     )
     parser.add_argument(
+        "--redis-limits",
+        action="store_true",
+        help="also measure the proxy with fleet limits on a Redis of its own"
+        " (needs redis-server), same rounds: CPU per call and p50 with vs without",
+    )
+    parser.add_argument(
         "--reference",
         type=Path,
         metavar="DIR",
         help="also measure the proxy of the checkout DIR (a 'before'), same rounds",
     )
     args = parser.parse_args()
-    for tool in ("nginx", "wrk", "taskset"):
+    tools = ["nginx", "wrk", "taskset"] + (
+        ["redis-server"] if args.redis_limits else []
+    )
+    for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(
                 f"benchmark needs {tool} (apt-get install {tool if tool != 'taskset' else 'util-linux'})"
             )
     variants = ("events-off", "bare") if args.variants else ()
-    report = run(args.duration, args.rounds, args.streams, variants, args.reference)
+    report = run(
+        args.duration,
+        args.rounds,
+        args.streams,
+        variants,
+        args.reference,
+        args.redis_limits,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -6,11 +6,13 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from .accounting.fleet_metrics import FleetLimitsCollector
 from .accounting.instrumentation import (
     INSTRUMENTATION_KEY,
     Instrumentation,
@@ -24,6 +26,7 @@ from .config import Settings
 from .dispatchers import dispatchers_ctx
 from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
+    FLEET_LIMITER_KEY,
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
     RETENTION_JOB_KEY,
@@ -36,7 +39,7 @@ from .keys import (
 from .management.api import create_management_app
 from .management.service import ManagementService, check_encryption_key
 from .ops.health import health_handler, live_handler, ready_handler
-from .ops.readiness import RedisCheck, breaker_check
+from .ops.readiness import breaker_check
 from .ops.retention import Purger, RetentionJob
 from .proxy.allowlist import Allowlist, default_allowlist
 from .proxy.allowlist_file import load_allowlist
@@ -46,6 +49,7 @@ from .proxy.chain import (
     CircuitBreakerStage,
     ConcurrencyStage,
     RateLimitStage,
+    Stage,
     TokenAuthStage,
     json_errors_middleware,
     proxy_chain,
@@ -55,6 +59,9 @@ from .proxy.ratelimit import GcraLimiter
 from .proxy.relay import proxy_handler
 from .proxy.upstream import upstream_session_ctx
 from .storage import create_repository
+
+if TYPE_CHECKING:
+    from .proxy.fleet_limits import FleetLimiter
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +113,18 @@ def create_app(settings: Settings) -> web.Application:
     breaker = new_breaker(settings)
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
     metrics = app[METRICS_KEY] = Metrics()
+    metrics.live.breaker = breaker
+    fleet = None
     if settings.redis_url:
-        redis_check = RedisCheck(settings.redis_url)
-        app[READY_CHECKS_KEY]["redis"] = redis_check
-        app.on_cleanup.append(redis_check.close_on_cleanup)
+        fleet = app[FLEET_LIMITER_KEY] = new_fleet_limiter(settings, store)
+        # Redis away is "degraded", not "failing": limits fall back to the process
+        # and the event bus to its spool, so the instance keeps serving.
+        app[READY_CHECKS_KEY]["redis"] = fleet.readiness
+        metrics.registry.register(FleetLimitsCollector(lambda: fleet.stats))
     if invalidation is not None:
         app[TOKEN_INVALIDATION_KEY] = invalidation
         app[READY_CHECKS_KEY]["token_invalidation"] = invalidation.ready_check
         metrics.live.invalidation = invalidation.stats
-    metrics.live.breaker = breaker
     retention = settings.retention
     if retention.purge_interval_s is not None:
         app[RETENTION_JOB_KEY] = RetentionJob(
@@ -132,6 +142,7 @@ def create_app(settings: Settings) -> web.Application:
             token_sync_ctx,
             retention_ctx,
             token_invalidation_ctx,
+            fleet_limits_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -146,7 +157,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route(
         "*",
         "/v1/{tail:.*}",
-        create_proxy_handler(settings, store, breaker, instrumentation),
+        create_proxy_handler(settings, store, breaker, instrumentation, fleet),
     )
     mount_admin(app, settings)
     return app
@@ -179,6 +190,7 @@ def create_proxy_handler(
     store: TokenStore,
     breaker: CircuitBreaker,
     instrumentation: Instrumentation,
+    fleet: FleetLimiter | None = None,
 ) -> Handler:
     """The /v1 handler: the proxy chain composed by hand, outermost first.
 
@@ -186,13 +198,20 @@ def create_proxy_handler(
     per-request context manager and resolves the sub-app prefix before its own
     router (~10% of the proxy's time, profiled under load), and nested middleware
     coroutines cost a frame on every resume of the relay loop.
+    With `fleet` (REDIS_URL) the rate limit and the lifetime cap hold fleet-wide.
     """
+    default_rate = settings.default_rate_limit_per_hour
+    rate_stage: Stage = RateLimitStage(GcraLimiter(), default_rate)
+    if fleet is not None:
+        from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
+
+        rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
     return proxy_chain(
         instrumentation,
         [
             AllowlistStage(load_endpoint_allowlist(settings)),
             TokenAuthStage(store),
-            RateLimitStage(GcraLimiter(), settings.default_rate_limit_per_hour),
+            rate_stage,
             ConcurrencyStage(
                 InFlight(),
                 settings.tenant_limits.token_max_concurrent,
@@ -202,6 +221,32 @@ def create_proxy_handler(
         ],
         proxy_handler,
     )
+
+
+def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:
+    """The fleet-wide limits on REDIS_URL; nothing connects until `start()`."""
+    from .proxy.fleet_limits import FleetLimiter  # redis only when configured
+
+    assert settings.redis_url is not None
+    limits = settings.fleet_limits
+    return FleetLimiter(
+        settings.redis_url,
+        store.quota_basis,
+        lease_max=limits.lease_max,
+        timeout_s=limits.timeout_s,
+        fail_closed=limits.fail_closed,
+    )
+
+
+async def fleet_limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load the lease script; on shutdown give unused leases back to the fleet."""
+    fleet = app.get(FLEET_LIMITER_KEY)
+    if fleet is None:
+        yield
+        return
+    await fleet.start()
+    yield
+    await fleet.close()
 
 
 def new_breaker(settings: Settings) -> CircuitBreaker:

@@ -29,6 +29,9 @@ LOG_FORMATS: Final = frozenset({"json", "text"})
 EVENT_BUSES: Final = frozenset({"memory", "in-memory", "redis"})
 MAX_RETENTION_DAYS: Final = 36_500  # a hundred years: later cut-offs overflow dates
 
+# What fleet limits do while Redis is unreachable: in-process limits, or refuse.
+FAILURE_MODES: Final = frozenset({"open", "closed"})
+
 
 class ConfigError(ValueError):
     """A setting is missing or has a bad value; the message names the setting."""
@@ -86,6 +89,15 @@ class RetentionSettings:
     token_days: int | None = 30  # None: tokens are never purged
     usage_days: int | None = 90  # None: usage events are never purged
     purge_interval_s: float | None = 3600.0  # None: no scheduled purge in `serve`
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLimitSettings:
+    """Fleet-wide rate limits and quotas on REDIS_URL: lease size, timeout, failure mode."""
+
+    lease_max: int = 20
+    timeout_s: float = 0.25
+    fail_closed: bool = False
 
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -162,6 +174,7 @@ class Settings:
     trusted_proxies: tuple[IpNetwork, ...] = ()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)
+    fleet_limits: FleetLimitSettings = field(default_factory=FleetLimitSettings)
     metrics_token: str | None = field(default=None, repr=False)
     file_event_log: Path | None = None
     db_pool_max_size: int = 10
@@ -320,6 +333,12 @@ def _parse(env: _Env) -> Settings:
             project_max_concurrent=env.integer(
                 "PROJECT_MAX_CONCURRENT", 250, minimum=1
             ),
+        ),
+        fleet_limits=FleetLimitSettings(
+            lease_max=env.integer("FLEET_LEASE_MAX", 20, minimum=1),
+            timeout_s=env.seconds("REDIS_LIMITS_TIMEOUT", 0.25),
+            fail_closed=env.choice("REDIS_FAILURE_MODE", "open", FAILURE_MODES)
+            == "closed",
         ),
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=_event_log_path(env.text("FILE_EVENT_LOG", DEFAULT_EVENT_LOG)),

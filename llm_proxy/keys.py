@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .management.service import ManagementService
     from .ops.retention import RetentionJob
     from .proxy.exchange import Exchange
+    from .proxy.fleet_limits import FleetLimiter
     from .storage import Repository
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
@@ -30,6 +31,8 @@ TOKEN_SYNC_KEY: web.AppKey[TokenSync] = web.AppKey("token_sync")
 # Only set when PURGE_INTERVAL schedules purges.
 RETENTION_JOB_KEY: web.AppKey[RetentionJob] = web.AppKey("retention_job")
 TOKEN_INVALIDATION_KEY: web.AppKey[TokenInvalidation] = web.AppKey("token_invalidation")
+# Set only when REDIS_URL is: the fleet-wide rate limits and quotas.
+FLEET_LIMITER_KEY: web.AppKey[FleetLimiter] = web.AppKey("fleet_limiter")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 

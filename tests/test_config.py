@@ -111,6 +111,9 @@ def test_listen_addr_errors_name_the_variable(value: str) -> None:
         ("CLIENT_HEADER_TIMEOUT", "-1"),
         ("MAX_CLIENT_CONNECTIONS", "0"),
         ("MAX_HEADER_BYTES", "100"),
+        ("REDIS_FAILURE_MODE", "sometimes"),
+        ("REDIS_LIMITS_TIMEOUT", "0"),
+        ("FLEET_LEASE_MAX", "0"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(name: str, value: str) -> None:
@@ -305,3 +308,20 @@ def test_a_short_admin_password_is_refused_saying_why() -> None:
     message = str(refused.value)
     assert "at least 12 characters, got 6" in message
     assert "mint tokens" in message and "'secret'" not in message  # never echoed
+
+
+def test_fleet_limit_settings_default_to_fail_open_and_parse() -> None:
+    default = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN}).fleet_limits
+    assert (default.fail_closed, default.lease_max, default.timeout_s) == (
+        False,
+        20,
+        0.25,
+    )
+    env = {
+        "MANAGEMENT_TOKEN": TOKEN,
+        "REDIS_FAILURE_MODE": "closed",
+        "FLEET_LEASE_MAX": "5",
+        "REDIS_LIMITS_TIMEOUT": "0.5",
+    }
+    limits = Settings.from_env(env).fleet_limits
+    assert (limits.fail_closed, limits.lease_max, limits.timeout_s) == (True, 5, 0.5)

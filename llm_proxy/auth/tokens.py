@@ -371,11 +371,25 @@ class TokenStore:
         return principal
 
     def refund(self, principal: Principal) -> None:
-        """Give back a reserved request that never reached the upstream."""
+        """Give back a reserved request that never reached the upstream.
+
+        Once per reservation. A flush may have taken the reservation meanwhile (the
+        call awaited between the two: its body, a fleet lease), so the count may go
+        below zero: the next flush then takes the request back from the database.
+        """
         token_hash = self._hash_by_id.get(principal.token_id)
         entry = self._by_hash.get(token_hash) if token_hash else None
-        if entry is not None and entry.unflushed > 0:
+        if entry is not None:
             entry.unflushed -= 1
+
+    def quota_basis(self, token_id: str) -> tuple[int, float] | None:
+        """(requests in the database, expiry as a Unix time): seeds a fleet counter.
+
+        Without the requests still unflushed here: those waiting for a fleet lease
+        are not admitted yet, and the fleet counts the others itself.
+        """
+        entry = self._by_id(token_id)
+        return None if entry is None else (entry.stored_count, entry.expires_at)
 
     # -- usage flushing -------------------------------------------------------
 

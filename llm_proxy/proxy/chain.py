@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from aiohttp import hdrs, web
@@ -92,10 +92,15 @@ class Stage(Protocol):
     `enter` runs in chain order and raises an `ApiError` to refuse; `leave` runs in
     reverse order for each stage whose `enter` returned, with the exception that
     ended the call (None when it was answered), so a stage can undo or record.
-    Both are synchronous: the chain's only awaits are the client's and upstream's I/O.
+    Both are synchronous: the chain's only awaits are the client's and upstream's I/O,
+    and one exception: `enter` may return an awaitable to finish its decision (the
+    fleet limits' Redis call when a lease is empty); the stage counts as entered once
+    it has completed.
     """
 
-    def enter(self, request: web.Request, exchange: Exchange) -> None: ...
+    def enter(
+        self, request: web.Request, exchange: Exchange
+    ) -> Awaitable[None] | None: ...
 
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None
@@ -137,7 +142,9 @@ def proxy_chain(
         error: BaseException | None = None
         try:
             for stage in chain:
-                stage.enter(request, record)
+                pending = stage.enter(request, record)
+                if pending is not None:
+                    await pending
                 entered += 1
             return await handler(request)
         except BaseException as exc:

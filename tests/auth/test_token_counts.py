@@ -70,9 +70,21 @@ def test_a_refund_gives_the_reserved_request_back() -> None:
     store = _store(max_requests=1)
     principal = store.authenticate(VALUE)
     store.refund(principal)
-    store.refund(principal)  # nothing left to give back: the count stays at zero
     assert store.take_usage() == []
     store.authenticate(VALUE)
+
+
+def test_a_refund_after_the_reservation_was_flushed_is_taken_back_next_flush() -> None:
+    """A call that awaited (a fleet lease) while its count was flushed, then refused."""
+    store = _store(max_requests=2)
+    principal = store.authenticate(VALUE)
+    flushed = store.take_usage()
+    assert _requests(flushed) == {"t1": 1}
+    store.usage_stored(flushed)
+    store.refund(principal)
+    assert _requests(store.take_usage()) == {"t1": -1}  # the database gets it back
+    store.authenticate(VALUE)
+    store.authenticate(VALUE)  # the refunded request is available again
 
 
 def test_taken_counts_still_count_against_the_quota_until_stored() -> None:
