@@ -381,6 +381,7 @@ class TokenStore:
         entry = self._by_hash.get(token_hash) if token_hash else None
         if entry is not None:
             entry.unflushed -= 1
+            self._used[entry.token_id] = entry  # the next flush must see it
 
     def quota_basis(self, token_id: str) -> tuple[int, float] | None:
         """(requests in the database, expiry as a Unix time): seeds a fleet counter.
