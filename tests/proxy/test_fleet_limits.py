@@ -344,11 +344,10 @@ async def test_redis_outage_falls_back_to_local_limits_then_resumes(
 
     await private_redis.start()  # empty: a restart without persistence
 
-    async def back() -> bool:
-        return not fleet.down
+    async def back() -> bool:  # the limiter and the invalidation channel reconnect
+        return not fleet.down and (await ready_status(proxy))["status"] == "ready"
 
     await eventually(back, 15)
-    assert (await ready_status(proxy))["status"] == "ready"
     assert await metric(proxy, "llm_proxy_fleet_limits_degraded") == 0
     # what the fallback admitted is charged to Redis once it is back
     redis = Redis.from_url(private_redis.url)
