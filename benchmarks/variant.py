@@ -59,7 +59,7 @@ def switch_off_events() -> None:
     Instrumentation.submit = lambda self, exchange: None  # type: ignore[method-assign]
 
 
-def bare_handler(settings, store, breaker, instrumentation):  # type: ignore[no-untyped-def]
+def bare_handler(settings, store, breaker, instrumentation, fleet=None):  # type: ignore[no-untyped-def]
     """`create_proxy_handler` without its stages."""
     stage = FixedPrincipal(os.environ["BENCH_UPSTREAM_KEY"])
     return proxy_chain(instrumentation, [stage], proxy_handler)
