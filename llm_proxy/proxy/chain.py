@@ -308,6 +308,24 @@ def _auth_error(failure: AuthFailure) -> ApiError:
     return NotAllowedError(failure.status, failure.message, code=failure.code)
 
 
+def acquire_locally(limiter: Limiter, token_id: str, limit: int) -> dict[str, str]:
+    """One slot of the in-process window: its rate-limit headers, or a 429 with them."""
+    decision = limiter.try_acquire(token_id, limit)
+    headers = {
+        "x-ratelimit-limit-requests": str(decision.limit),
+        "x-ratelimit-remaining-requests": str(decision.remaining),
+        "x-ratelimit-reset-requests": f"{math.ceil(decision.reset_after_s)}s",
+    }
+    if not decision.allowed:
+        raise RateLimitedError(
+            f"Rate limit of {limit} requests per hour reached for this token.",
+            retry_after_s=decision.retry_after_s,
+            code="rate_limit_exceeded",
+            extra=headers,
+        )
+    return headers
+
+
 class RateLimitStage:
     """Per-token hourly window; 429 with Retry-After; headers on every answer.
 
@@ -324,20 +342,7 @@ class RateLimitStage:
     def enter(self, request: web.Request, exchange: Exchange) -> None:
         principal = request[PRINCIPAL_KEY]
         limit = principal.rate_limit_per_hour or self.default_per_hour
-        decision = self.limiter.try_acquire(principal.token_id, limit)
-        headers = {
-            "x-ratelimit-limit-requests": str(decision.limit),
-            "x-ratelimit-remaining-requests": str(decision.remaining),
-            "x-ratelimit-reset-requests": f"{math.ceil(decision.reset_after_s)}s",
-        }
-        if not decision.allowed:
-            raise RateLimitedError(
-                f"Rate limit of {limit} requests per hour reached for this token.",
-                retry_after_s=decision.retry_after_s,
-                code="rate_limit_exceeded",
-                extra=headers,
-            )
-        exchange.rate_headers = headers
+        exchange.rate_headers = acquire_locally(self.limiter, principal.token_id, limit)
 
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None

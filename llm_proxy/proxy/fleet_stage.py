@@ -18,6 +18,7 @@ from aiohttp import web
 from ..auth.tokens import Principal
 from ..errors import ApiError, RateLimitedError
 from ..keys import PRINCIPAL_KEY
+from .chain import acquire_locally
 from .exchange import Exchange
 from .fleet_limits import FleetLimiter
 from .leases import Lease, Refusal
@@ -95,19 +96,7 @@ class FleetLimitStage:
                 code="rate_limiter_unavailable",
                 headers={"Retry-After": "1"},
             )
-        decision = self.fallback.try_acquire(principal.token_id, limit)
-        headers = {
-            "x-ratelimit-limit-requests": str(decision.limit),
-            "x-ratelimit-remaining-requests": str(decision.remaining),
-            "x-ratelimit-reset-requests": f"{math.ceil(decision.reset_after_s)}s",
-        }
-        if not decision.allowed:
-            raise RateLimitedError(
-                f"Rate limit of {limit} requests per hour reached for this token.",
-                retry_after_s=decision.retry_after_s,
-                code="rate_limit_exceeded",
-                extra=headers,
-            )
+        headers = acquire_locally(self.fallback, principal.token_id, limit)
         self.fleet.count_local(principal.token_id, lease)
         request[FALLBACK_KEY] = True
         exchange.rate_headers = headers
