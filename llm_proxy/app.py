@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -66,16 +65,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def sqlite_path(database_url: str) -> Path:
-    """The file of a `sqlite:///path` URL (relative to the working directory)."""
-    return Path(database_url.removeprefix("sqlite:///"))
-
-
 def master_key(settings: Settings) -> bytes:
     """ENCRYPTION_KEY, or (SQLite only) a key file generated next to the database."""
     if settings.encryption_key is not None:
         return settings.encryption_key
-    db_file = sqlite_path(settings.database_url)
+    db_file = settings.database.sqlite_path
+    assert db_file is not None  # PostgreSQL needs ENCRYPTION_KEY (config checks it)
     return load_or_create_key_file(db_file.with_name(db_file.name + ".key"))
 
 
