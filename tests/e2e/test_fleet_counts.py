@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections import Counter
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
