@@ -22,10 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from ..accounting.metrics import Metrics
+from ..clock import utc_iso, utc_now
 from ..config import RetentionSettings
 from ..storage import PurgeCounts, Repository
 
@@ -81,11 +82,6 @@ def cutoffs_at(settings: RetentionSettings, now: datetime) -> Cutoffs:
         return None if days is None else now - timedelta(days=days)
 
     return Cutoffs(before(settings.token_days), before(settings.usage_days))
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 class _BatchPurge(Protocol):
@@ -212,7 +208,7 @@ def format_cutoff(moment: datetime | None) -> str:
     """A cut-off as `2025-01-31T12:00:00Z`, or `never` for a kind kept forever."""
     if moment is None:
         return "never"
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_iso(moment)
 
 
 class RetentionJob:
