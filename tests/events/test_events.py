@@ -31,7 +31,7 @@ from llm_proxy.events.model import (
 )
 from llm_proxy.events.redis_bus import DATA_FIELD, RedisEventBus
 
-from ..support import REDIS_URL, require_redis
+from ..support import REDIS_URL, FakeClock, require_redis
 
 TIMEOUT_S = 5.0
 
@@ -214,12 +214,12 @@ def test_bus_stats_total_adds_every_stage() -> None:
 def test_rate_limited_log_warns_once_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [100.0]
-    limited = RateLimitedLog(logging.getLogger("test"), 10.0, clock=lambda: now[0])
+    clock = FakeClock(100.0)
+    limited = RateLimitedLog(logging.getLogger("test"), 10.0, clock=clock)
     with caplog.at_level(logging.WARNING):
         for _ in range(50):
             limited.warning("dropped %s", "x")
-        now[0] += 10.0
+        clock.advance(10.0)
         limited.warning("dropped %s", "y")
     assert [r.getMessage() for r in caplog.records] == [
         "dropped x (0 similar suppressed)",
