@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from ..accounting.metrics import Metrics
-from ..clock import utc_iso, utc_now
+from ..clock import Clock, utc_iso, utc_now
 from ..config import RetentionSettings
 from ..storage import PurgeCounts, Repository
 
@@ -101,7 +101,7 @@ class Purger:
         token_batch_rows: int = TOKEN_BATCH_ROWS,
         usage_batch_rows: int = USAGE_BATCH_ROWS,
         clock: Callable[[], datetime] = utc_now,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Clock = time.monotonic,
     ) -> None:
         self._repository = repository
         self._settings = settings
