@@ -108,7 +108,7 @@ async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told to."""
+    """A clock (monotonic or wall) that moves only when told to."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..events.model import Event, iso_epoch_s
+from ..clock import iso_epoch_s
+from ..events.model import Event
 
 
 def event_record(event: Event) -> dict[str, Any]:
