@@ -27,6 +27,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
+from .clock import Clock
 from .config import ListenerSettings, Settings
 from .listener import ListenerRunner, raise_open_files_limit, resolve_listener
 
@@ -256,7 +257,7 @@ def stop_process(
     timeout_s: float,
     *,
     sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> bool:
     """Send SIGTERM and wait up to `timeout_s` for the exit; True once it is gone."""
     try:
