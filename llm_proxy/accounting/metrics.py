@@ -149,8 +149,14 @@ class _OneThreadFamily(Collector, Generic[Child]):
 class FastHistogram(_OneThreadFamily[_HistogramChild]):
     """A Prometheus histogram for one thread: `observe` is a bisect and two adds.
 
-    prometheus-client's `Histogram` takes a lock and walks every bucket per
-    observation; the event consumer observes four per call, all on the event loop.
+    prometheus-client's `Histogram` takes a lock and walks the buckets per
+    observation, and its `labels()` takes a lock and a `str()` of every value. The
+    event consumer observes four histograms and counts four counters per call, all
+    on the event loop. benchmarks/callgrind_metrics.py measured (instructions,
+    CPython 3.11, prometheus-client 0.26): a labelled observe 3,700 here against
+    17,700; one call's metrics 31,000 against 133,000; the whole proxy's main
+    thread per call, at one connection, 1.09 M against 1.20 M: prometheus-client's
+    classes would cost about 9.5% of throughput, so these stay.
     """
 
     def __init__(
@@ -199,7 +205,12 @@ class _CounterChild:
 
 
 class FastCounter(_OneThreadFamily[_CounterChild]):
-    """A Prometheus counter for one thread, without prometheus-client's lock."""
+    """A Prometheus counter for one thread, without prometheus-client's lock.
+
+    `labels(...).inc()` is 2,800 instructions here against 14,400 with
+    prometheus-client's `Counter` (benchmarks/callgrind_metrics.py; the per-call
+    numbers are in `FastHistogram`).
+    """
 
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
