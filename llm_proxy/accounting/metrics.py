@@ -227,6 +227,16 @@ class FastCounter(_OneThreadFamily[_CounterChild]):
         return [family]
 
 
+def counter_by(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    """A scrape-time counter with one label: a sample per (label value, count)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
+
+
 class _LiveState(Collector):
     """Reads live values at scrape time, so the request path never updates them."""
 
@@ -260,16 +270,17 @@ class _LiveState(Collector):
             "Events handed to the event bus.",
             value=stats.published,
         )
-        dropped = CounterMetricFamily(
+        subscribers = sorted(stats.dropped.items())
+        yield counter_by(
             "llm_proxy_events_dropped",
             "Events lost before a consumer got them, by stage.",
-            labels=["stage"],
+            "stage",
+            [
+                ("accounting", self.accounting_dropped()),
+                ("bus_buffer", stats.buffer_dropped),
+                *((f"subscriber:{name}", count) for name, count in subscribers),
+            ],
         )
-        dropped.add_metric(["accounting"], self.accounting_dropped())
-        dropped.add_metric(["bus_buffer"], stats.buffer_dropped)
-        for name, count in sorted(stats.dropped.items()):
-            dropped.add_metric([f"subscriber:{name}"], count)
-        yield dropped
         yield GaugeMetricFamily(
             "llm_proxy_events_buffered",
             "Events held in this process by the bus.",
@@ -288,15 +299,16 @@ def _invalidation(stats: InvalidationStats) -> Iterable[Metric]:
         "1 while this process hears other processes' token changes over Redis.",
         value=int(stats.subscribed),
     )
-    messages = CounterMetricFamily(
+    yield counter_by(
         "llm_proxy_token_invalidation_messages",
         "Token invalidation messages, by direction (received, published, failed).",
-        labels=["direction"],
+        "direction",
+        [
+            ("received", stats.received),
+            ("published", stats.published),
+            ("failed", stats.publish_failures),
+        ],
     )
-    messages.add_metric(["received"], stats.received)
-    messages.add_metric(["published"], stats.published)
-    messages.add_metric(["failed"], stats.publish_failures)
-    yield messages
     yield CounterMetricFamily(
         "llm_proxy_token_invalidation_reconnects",
         "Times the invalidation subscriber came back after an outage.",
