@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
@@ -45,6 +45,9 @@ from .base import (
     UsageTotals,
 )
 from .migrations import SQL_DIR, Migration, load_migrations, pending
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +430,7 @@ class PostgresRepository:
                 revoked_count=0, already_revoked_count=0, total_tokens=0
             )
         row = await self._connected.fetchrow(REVOKE_PROJECT_TOKENS, key)
+        assert row is not None  # counts: always one row
         revoked, total = int(row["revoked"]), int(row["total"])
         return RevokeCounts(
             revoked_count=revoked,
@@ -569,6 +573,7 @@ class PostgresRepository:
         if args is None:
             return UsageTotals()
         row = await self._connected.fetchrow(USAGE_TOTALS, *args)
+        assert row is not None  # an aggregate without GROUP BY: always one row
         return _usage_totals(tuple(row))
 
     async def usage_by_day(
@@ -614,13 +619,15 @@ class PostgresRepository:
         return [_usage_event(row) for row in rows]
 
     @property
-    def _connected(self) -> Any:  # asyncpg ships no type information
+    def _connected(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._pool is None:
             raise RepositoryError("PostgresRepository is not connected; call connect()")
         return self._pool
 
 
-async def _apply_pending(con: Any, migrations: Sequence[Migration]) -> list[int]:
+async def _apply_pending(
+    con: PoolConnectionProxy[asyncpg.Record], migrations: Sequence[Migration]
+) -> list[int]:
     """Apply what schema_version lacks; the caller holds the advisory lock."""
     await con.execute(CREATE_SCHEMA_VERSION)
     applied = {row["version"] for row in await con.fetch(SELECT_APPLIED_VERSIONS)}
@@ -631,7 +638,9 @@ async def _apply_pending(con: Any, migrations: Sequence[Migration]) -> list[int]
     return versions
 
 
-async def _apply(con: Any, migration: Migration) -> None:
+async def _apply(
+    con: PoolConnectionProxy[asyncpg.Record], migration: Migration
+) -> None:
     try:
         async with con.transaction():
             await con.execute(migration.sql)
