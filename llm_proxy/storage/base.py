@@ -39,6 +39,21 @@ class RejectedRowsError(RepositoryError):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """What a token may send, narrowing the API; a project's holds the defaults.
+
+    `bind`: metadata each call must repeat in a header (`user_id` -> `X-Proxy-User-Id`),
+    never on a project. `allowed_models`: globs the body's model must match (None: any).
+    `max_output_tokens_cap`: a ceiling on the requested output tokens (None: none).
+    """
+
+    bind: Mapping[str, str] = field(default_factory=dict)
+    allowed_models: tuple[str, ...] | None = None
+    max_output_tokens_cap: int | None = None
+    allow_streaming: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Project:
     """One project: who owns tokens and whose upstream key they spend."""
 
@@ -52,13 +67,14 @@ class Project:
     created_at: datetime
     updated_at: datetime
     max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
+    policy: TokenPolicy | None = None  # defaults its tokens can only narrow
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectChanges:
     """Fields of a project to change; None leaves a field as it is.
 
-    `max_concurrent` is nullable in storage: `clear_max_concurrent` sets it to NULL.
+    `max_concurrent` and `policy` are nullable in storage: `clear_*` sets them NULL.
     """
 
     name: str | None = None
@@ -69,6 +85,8 @@ class ProjectChanges:
     is_active: bool | None = None
     max_concurrent: int | None = None
     clear_max_concurrent: bool = False
+    policy: TokenPolicy | None = None
+    clear_policy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +105,7 @@ class Token:
     created_at: datetime
     last_used_at: datetime | None
     max_concurrent: int | None = None  # None: the TOKEN_MAX_CONCURRENT default
+    policy: TokenPolicy | None = None  # None: only its project's defaults apply
     # The row's change marker as `load_tokens_changed_since` read it (None from every
     # other read): every write gives the row a new one, so it names this version.
     change_seq: int | None = field(default=None, compare=False, repr=False)

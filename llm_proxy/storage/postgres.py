@@ -21,8 +21,10 @@ import asyncpg
 from ._common import (
     check_page,
     dump_metadata,
+    dump_policy,
     like_pattern,
     load_metadata,
+    load_policy,
     storable_usage_event,
 )
 from .base import (
@@ -80,11 +82,11 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent"
+    " created_at, updated_at, max_concurrent, policy"
 )
 INSERT_PROJECT: Final = (
     f"INSERT INTO projects ({PROJECT_COLUMNS})"
-    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)"
+    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1"
 SEARCH_PROJECTS: Final = "($1::text IS NULL OR name ILIKE $1 ESCAPE '\\')"
@@ -102,18 +104,20 @@ UPDATE projects SET
     api_key_hint = coalesce($6, api_key_hint),
     is_active = coalesce($7, is_active),
     max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($9, max_concurrent) END,
-    updated_at = $10
+    policy = CASE WHEN $10 THEN NULL ELSE coalesce($11::jsonb, policy) END,
+    updated_at = $12
 WHERE id = $1
 RETURNING {PROJECT_COLUMNS}"""
 DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = $1"
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
-    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent,"
+    " policy"
 )
 INSERT_TOKEN: Final = (
     f"INSERT INTO tokens ({TOKEN_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
 )
 SELECT_TOKEN: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"
 SELECT_TOKEN_BY_HASH: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token = $1"
@@ -149,7 +153,7 @@ RECORD_TOKEN_USAGE: Final = (
 # $1 $2 the cursor, $3 the page size.
 CHANGE_MARK: Final = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 START_ID: Final = uuid.UUID(int=0)  # sorts before every generated id
-CHANGE_SEQ: Final = 12  # the position of change_seq in a TOKENS_CHANGED row
+CHANGE_SEQ: Final = 13  # the position of change_seq in a TOKENS_CHANGED row
 TOKENS_CHANGED: Final = (
     f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
     " WHERE (change_seq, id) > ($1, $2) AND (NOT $4 OR is_active)"
@@ -701,6 +705,7 @@ def _project_args(project: Project) -> tuple[Any, ...]:
         project.created_at,
         project.updated_at,
         project.max_concurrent,
+        dump_policy(project.policy),
     )
 
 
@@ -715,6 +720,8 @@ def _changes_args(changes: ProjectChanges) -> tuple[Any, ...]:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        changes.clear_policy,
+        dump_policy(changes.policy),
     )
 
 
@@ -730,6 +737,7 @@ def _project(row: Any) -> Project:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         max_concurrent=row["max_concurrent"],
+        policy=load_policy(row["policy"]),
     )
 
 
@@ -747,6 +755,7 @@ def _token_args(token: Token) -> tuple[Any, ...]:
         token.created_at,
         token.last_used_at,
         token.max_concurrent,
+        dump_policy(token.policy),
     )
 
 
@@ -774,6 +783,7 @@ def _token(row: Any, change_seq: int | None = None) -> Token:
         created_at=row[9],
         last_used_at=row[10],
         max_concurrent=row[11],
+        policy=load_policy(row[12]),
         change_seq=change_seq,
     )
 

@@ -26,8 +26,10 @@ from ..private_files import create_private_file
 from ._common import (
     check_page,
     dump_metadata,
+    dump_policy,
     like_pattern,
     load_metadata,
+    load_policy,
     storable_usage_event,
 )
 from .base import (
@@ -92,10 +94,10 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent"
+    " created_at, updated_at, max_concurrent, policy"
 )
 INSERT_PROJECT: Final = (
-    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ?"
 SEARCH_PROJECTS: Final = "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\')"
@@ -113,6 +115,7 @@ UPDATE projects SET
     api_key_hint = coalesce(?, api_key_hint),
     is_active = coalesce(?, is_active),
     max_concurrent = CASE WHEN ? THEN NULL ELSE coalesce(?, max_concurrent) END,
+    policy = CASE WHEN ? THEN NULL ELSE coalesce(?, policy) END,
     updated_at = ?
 WHERE id = ?
 RETURNING {PROJECT_COLUMNS}"""
@@ -120,10 +123,12 @@ DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = ?"
 
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
-    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent,"
+    " policy"
 )
 INSERT_TOKEN: Final = (
-    f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO tokens ({TOKEN_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_TOKEN: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?"
 SELECT_TOKEN_BY_HASH: Final = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token = ?"
@@ -153,7 +158,7 @@ RECORD_TOKEN_USAGE: Final = (
 # are read by keyset on (change_seq, id): ?1 ?2 the cursor, ?3 the page size.
 CHANGE_MARK: Final = "SELECT seq + 1 FROM change_counter WHERE id = 1"
 START_ID: Final = ""  # sorts before every id, so (mark, START_ID) starts at `mark`
-CHANGE_SEQ: Final = 12  # the position of change_seq in a TOKENS_CHANGED row
+CHANGE_SEQ: Final = 13  # the position of change_seq in a TOKENS_CHANGED row
 TOKENS_CHANGED: Final = (
     f"SELECT {TOKEN_COLUMNS}, change_seq FROM tokens"
     " WHERE (change_seq, id) > (?1, ?2) AND (?4 = 0 OR is_active = 1)"
@@ -710,6 +715,7 @@ def _project_params(project: Project) -> Params:
         _to_text(project.created_at),
         _to_text(project.updated_at),
         project.max_concurrent,
+        dump_policy(project.policy),
     )
 
 
@@ -724,6 +730,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        changes.clear_policy,
+        dump_policy(changes.policy),
     )
 
 
@@ -739,6 +747,7 @@ def _project(row: sqlite3.Row) -> Project:
         created_at=_from_text(row["created_at"]),
         updated_at=_from_text(row["updated_at"]),
         max_concurrent=row["max_concurrent"],
+        policy=load_policy(row["policy"]),
     )
 
 
@@ -756,6 +765,7 @@ def _token_params(token: Token) -> Params:
         _to_text(token.created_at),
         None if token.last_used_at is None else _to_text(token.last_used_at),
         token.max_concurrent,
+        dump_policy(token.policy),
     )
 
 
@@ -779,6 +789,7 @@ def _token(row: sqlite3.Row, change_seq: int | None = None) -> Token:
         created_at=_from_text(row[9]),
         last_used_at=_optional_time(row[10]),
         max_concurrent=row[11],
+        policy=load_policy(row[12]),
         change_seq=change_seq,
     )
 
