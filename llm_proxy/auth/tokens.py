@@ -33,9 +33,11 @@ from ..storage.base import (
     Project,
     Repository,
     Token,
+    TokenPolicy,
     TokenUsage,
 )
 from .crypto import DecryptionError, KeyCipher, TokenHasher
+from .policy import CallPolicy, compile_policy, merge_policies
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Principal:
     max_requests: int | None
     max_concurrent: int | None = None  # the token's own cap on calls in flight
     project_max_concurrent: int | None = None  # its project's
+    policy: CallPolicy | None = None  # its project's defaults narrowed by its own
 
 
 @dataclass(slots=True)
@@ -100,6 +103,7 @@ class _TokenEntry:
     max_concurrent: int | None = None
     change_seq: int | None = None  # the marker of the row applied; None: unknown
     principal_of: _ProjectEntry | None = None  # the project `principal` was built for
+    policy: CallPolicy | None = None
 
     @property
     def used(self) -> int:
@@ -113,6 +117,8 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    stored_policy: TokenPolicy | None = None
+    policy: CallPolicy | None = None  # `stored_policy` compiled
 
 
 class TokenStore:
@@ -221,13 +227,18 @@ class TokenStore:
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
-            if known.max_concurrent != project.max_concurrent:
+            if (
+                known.max_concurrent != project.max_concurrent
+                or known.stored_policy != project.policy
+            ):
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
                     known.envelope,
                     known.authorization,
                     seen=self._generation,
                     max_concurrent=project.max_concurrent,
+                    stored_policy=project.policy,
+                    policy=compile_policy(project.policy),
                 )
             return
         try:
@@ -242,6 +253,8 @@ class TokenStore:
             f"Bearer {key}",
             seen=self._generation,
             max_concurrent=project.max_concurrent,
+            stored_policy=project.policy,
+            policy=compile_policy(project.policy),
         )
 
     def remove_project(self, project_id: str) -> None:
@@ -282,6 +295,7 @@ class TokenStore:
                 seen=self._generation,
                 max_concurrent=token.max_concurrent,
                 change_seq=token.change_seq,
+                policy=compile_policy(token.policy),
             )
             self._by_hash[token.token_hash] = entry
             self._hash_by_id[token.id] = token.token_hash
@@ -293,6 +307,7 @@ class TokenStore:
         entry.max_requests = token.max_requests
         entry.rate_limit_per_hour = token.rate_limit_per_hour
         entry.max_concurrent = token.max_concurrent
+        entry.policy = compile_policy(token.policy)
         entry.stored_count = max(entry.stored_count, stored)  # counts only grow
         entry.principal = None
         entry.change_seq = token.change_seq
@@ -366,6 +381,7 @@ class TokenStore:
                 entry.max_requests,
                 entry.max_concurrent,
                 project.max_concurrent,
+                merge_policies(project.policy, entry.policy),
             )
             entry.principal_of = project
         return principal
