@@ -20,6 +20,12 @@ from ..errors import ApiError, InvalidTokenError
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
+from .policy import (
+    PROJECT_POLICY_FIELDS,
+    TOKEN_POLICY_FIELDS,
+    policy_fields,
+    policy_json,
+)
 from .service import ServiceError
 from .validation import (
     Field,
@@ -32,12 +38,19 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
+# A policy's fields (their items are checked by the rules, `management.policy`).
+PROJECT_POLICY = {
+    "allowed_models": Field(list, nullable=True),
+    "max_output_tokens_cap": Field(int, nullable=True),
+    "allow_streaming": Field(bool, nullable=True),
+}
 PROJECT_CREATE = {
     "name": Field(str, required=True),
     "description": Field(str, nullable=True),
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    **PROJECT_POLICY,
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -46,6 +59,7 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    **PROJECT_POLICY,
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -53,6 +67,8 @@ TOKEN_CREATE = {
     "max_requests": Field(int, nullable=True),
     "rate_limit_per_hour": Field(int, nullable=True),
     "max_concurrent": Field(int, nullable=True),
+    "bind": Field(dict, nullable=True),
+    **PROJECT_POLICY,
 }
 TOKEN_DELETE = {"token": Field(str), "token_id": Field(str)}
 TOKEN_LOOKUP = {"token": Field(str, required=True)}
@@ -77,6 +93,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        **policy_json(project.policy, bind=False),
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -94,6 +111,7 @@ def token_json(token: Token) -> dict[str, Any]:
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
         "max_concurrent": token.max_concurrent,
+        **policy_json(token.policy, bind=True),
         "created_at": iso(token.created_at),
         "last_used_at": iso(token.last_used_at),
     }
@@ -163,6 +181,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     return json_response(project_json(project), status=201)
 
@@ -209,6 +228,7 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     return json_response(project_json(project))
 
@@ -251,6 +271,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         max_requests=data.get("max_requests"),
         rate_limit_per_hour=data.get("rate_limit_per_hour"),
         max_concurrent=data.get("max_concurrent"),
+        policy=policy_fields(data, TOKEN_POLICY_FIELDS),
     )
     token = created.token
     body = {
@@ -261,6 +282,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
         "max_concurrent": token.max_concurrent,
+        **policy_json(token.policy, bind=True),
     }
     return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 

@@ -31,7 +31,9 @@ def test_policy_json_keeps_only_what_narrows() -> None:
     text = dump_policy(FULL)
     assert text is not None
     assert load_policy(text) == FULL
-    assert dump_policy(TokenPolicy(allow_streaming=False)) == '{"allow_streaming":false}'
+    assert (
+        dump_policy(TokenPolicy(allow_streaming=False)) == '{"allow_streaming":false}'
+    )
 
 
 async def test_token_policy_round_trips_in_every_read(
