@@ -6,7 +6,6 @@ body-addressed routes. Rules live in `service.py`; this module only adapts HTTP.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -16,6 +15,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..auth.bearer import bearer_matches
 from ..errors import ApiError, InvalidTokenError
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
@@ -121,10 +121,7 @@ def management_auth_middleware(management_token: str) -> Middleware:
     ) -> web.StreamResponse:
         if request.path == "/manage/openapi.json":
             return await handler(request)
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), expected
-        ):
+        if not bearer_matches(request.headers.get(hdrs.AUTHORIZATION), expected):
             raise InvalidTokenError(
                 "Missing or invalid management token.", code="invalid_management_token"
             )

@@ -21,6 +21,7 @@ from typing import Protocol
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..auth.bearer import bearer_token
 from ..auth.tokens import AuthFailure, TokenStore
 from ..errors import (
     ApiError,
@@ -257,15 +258,6 @@ class AllowlistStage:
         self, request: web.Request, exchange: Exchange, error: BaseException | None
     ) -> None:
         """Nothing to undo."""
-
-
-def bearer_token(value: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme any case)."""
-    if not value:
-        return None
-    scheme, _, token = value.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 class TokenAuthStage:
