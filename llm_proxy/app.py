@@ -24,6 +24,7 @@ from .auth.sync import TokenSync
 from .auth.tokens import TokenStore
 from .config import Settings
 from .dispatchers import dispatchers_ctx
+from .errors import json_errors_middleware
 from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
     FLEET_LIMITER_KEY,
@@ -51,7 +52,6 @@ from .proxy.chain import (
     RateLimitStage,
     Stage,
     TokenAuthStage,
-    json_errors_middleware,
     proxy_chain,
 )
 from .proxy.concurrency import InFlight

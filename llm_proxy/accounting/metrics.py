@@ -27,8 +27,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..auth.bearer import bearer_matches
+from ..auth.errors import AuthError
 from ..auth.invalidation import InvalidationStats
-from ..errors import InvalidTokenError
+from ..errors import api_error
 from ..events.model import BusStats
 from ..proxy.allowlist import KNOWN_METHODS
 from ..proxy.breaker import BreakerState, CircuitBreaker
@@ -420,9 +421,11 @@ def metrics_handler_for(token: str | None) -> Handler:
         if expected is not None:
             given = request.headers.get(hdrs.AUTHORIZATION)
             if not bearer_matches(given, expected):
-                raise InvalidTokenError(
-                    "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",
-                    code="invalid_metrics_token",
+                raise api_error(
+                    AuthError(
+                        "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",
+                        code="invalid_metrics_token",
+                    )
                 )
         body = request.app[METRICS_KEY].render()
         return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})

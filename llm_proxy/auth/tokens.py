@@ -21,8 +21,10 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Final
 
+from ..domain_errors import ErrorKind
 from ..storage.base import Deletion, Project, Token, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
+from .errors import AuthError, quota_spent
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,6 @@ Clock = Callable[[], float]
 # Table entries a resync's sweep examines per loop slice (about 50 ns each), when the
 # resync did not see every entry again (a token gone without its tombstone).
 SWEEP_ENTRIES: Final = 2000
-
-
-class AuthFailure(Exception):
-    """Why a token was refused: `status` 401/403/429 and a machine `code`."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,23 +298,29 @@ class TokenStore:
 
     # -- the request path (synchronous, O(1)) ---------------------------------
 
-    def authenticate(self, token_value: str) -> Principal:
-        """Check a presented token and reserve one request of its quota."""
+    def authenticate(self, token_value: str | None) -> Principal:
+        """Check a presented token (None: the call had none) and reserve one request
+        of its quota; `AuthError` says why it is refused."""
+        if token_value is None:
+            raise AuthError(
+                "Missing proxy token: send 'Authorization: Bearer <token>'.",
+                code="missing_api_key",
+            )
         entry = self._by_hash.get(self._hasher.hash(token_value))
         if entry is None:
-            raise AuthFailure(401, "invalid_api_key", "Invalid or revoked token.")
+            raise AuthError("Invalid or revoked token.")
         now = self.clock()
         if now >= entry.expires_at:
-            raise AuthFailure(401, "token_expired", "This token has expired.")
+            raise AuthError("This token has expired.", code="token_expired")
         project = self._projects.get(entry.project_id)
         if project is None or not project.is_active:
-            raise AuthFailure(
-                403, "project_inactive", "The token's project is inactive."
+            raise AuthError(
+                "The token's project is inactive.",
+                kind=ErrorKind.FORBIDDEN,
+                code="project_inactive",
             )
         if entry.max_requests is not None and entry.used >= entry.max_requests:
-            raise AuthFailure(
-                429, "quota_exceeded", "This token has used all of its requests."
-            )
+            raise quota_spent()
         if not entry.unflushed:
             self._used[entry.token_id] = entry
         entry.unflushed += 1

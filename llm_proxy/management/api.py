@@ -1,7 +1,9 @@
 """The management REST API (`/manage/*`): projects and tokens, bearer-protected.
 
-Request and response shapes follow the seed plan; item routes sit beside the seed's
-body-addressed routes. Rules live in `service.py`; this module only adapts HTTP.
+Request and response shapes are those of docs/api.md; item routes sit beside the
+body-addressed ones. Rules live in `service.py`; this module only adapts HTTP. A rule's
+refusal (`ServiceError`) and a bad management token (`AuthError`) are answered by the
+root app's `errors.json_errors_middleware`, from the one table in `errors.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..auth.bearer import bearer_matches
-from ..errors import ApiError, InvalidTokenError
+from ..auth.errors import AuthError
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
@@ -122,29 +124,12 @@ def management_auth_middleware(management_token: str) -> Middleware:
         if request.path == "/manage/openapi.json":
             return await handler(request)
         if not bearer_matches(request.headers.get(hdrs.AUTHORIZATION), expected):
-            raise InvalidTokenError(
+            raise AuthError(
                 "Missing or invalid management token.", code="invalid_management_token"
             )
         return await handler(request)
 
     return management_auth
-
-
-def service_errors_middleware() -> Middleware:
-    """Turn rule violations into OpenAI-shaped JSON errors with the right status."""
-
-    @web.middleware
-    async def service_errors(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ServiceError as exc:
-            raise ApiError(
-                exc.status, exc.message, code=exc.code, param=exc.param
-            ) from exc
-
-    return service_errors
 
 
 # -- projects ------------------------------------------------------------------
@@ -337,12 +322,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 def create_management_app(management_token: str) -> web.Application:
     """The `/manage` sub-app; the service is read from the root app's state."""
-    app = web.Application(
-        middlewares=[
-            management_auth_middleware(management_token),
-            service_errors_middleware(),
-        ]
-    )
+    app = web.Application(middlewares=[management_auth_middleware(management_token)])
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app
