@@ -18,10 +18,13 @@ layers that raise them)::
     ├── DomainError                (a rule refused: kind, code, message, param)
     │   ├── auth.errors.AuthError          a token or credential refused
     │   └── management.service.ServiceError  NotFound, Conflict, Forbidden
-    ├── config.ConfigError         bad settings, at start
+    ├── config.ConfigError, proxy.allowlist_file.AllowlistConfigError  bad settings
     ├── auth.crypto.DecryptionError
     ├── management.service.KeyMismatchError  ENCRYPTION_KEY is not the data's key
-    └── storage.RepositoryError    DuplicateNameError, MigrationError, RejectedRowsError
+    ├── storage.RepositoryError    DuplicateNameError, MigrationError, RejectedRowsError
+    ├── dispatchers.base.DeliveryError       a batch of events not delivered
+    ├── server.PidFileError, management.client.ManageApiError
+    └── cli.base.CliError, cli.chat.ChatError, devtools.bench.BenchError
 
 `ANSWERS` is the one table from a domain error's kind to its status and OpenAI type;
 `api_error` applies it for the /v1 chain, `/manage` (through `json_errors_middleware`),

@@ -6,9 +6,14 @@ import pytest
 
 from llm_proxy.auth.crypto import DecryptionError
 from llm_proxy.auth.errors import AuthError, quota_spent
+from llm_proxy.cli.base import CliError
+from llm_proxy.cli.chat import ChatError
 from llm_proxy.config import ConfigError
+from llm_proxy.devtools.bench import BenchError
+from llm_proxy.dispatchers.base import DeliveryError
 from llm_proxy.domain_errors import DomainError, ErrorKind, ProxyError
 from llm_proxy.errors import ANSWERS, ApiError, api_error, error_body, http_status
+from llm_proxy.management.client import ManageApiError
 from llm_proxy.management.service import (
     Conflict,
     Forbidden,
@@ -16,6 +21,8 @@ from llm_proxy.management.service import (
     NotFound,
     ServiceError,
 )
+from llm_proxy.proxy.allowlist_file import AllowlistConfigError
+from llm_proxy.server import PidFileError
 from llm_proxy.storage import RepositoryError
 
 # (domain error, status, OpenAI type, code, param, the answer's class, its headers)
@@ -165,7 +172,14 @@ def test_domain_errors_say_what_went_wrong_not_how_to_answer() -> None:
         KeyMismatchError,
         DecryptionError,
         ConfigError,
+        AllowlistConfigError,
         RepositoryError,
+        DeliveryError,
+        ManageApiError,
+        PidFileError,
+        CliError,
+        ChatError,
+        BenchError,
     ],
 )
 def test_every_deliberate_error_is_a_proxy_error(error_class: type) -> None:
