@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
+from ..domain_errors import DomainError
 from ..storage import TokenPolicy
 
 TOKEN_POLICY_FIELDS: Final = (
@@ -34,13 +35,8 @@ HEADER_SAFE: Final = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 GLOB: Final = re.compile(r"[!-~]+")
 
 
-class PolicyError(ValueError):
+class PolicyError(DomainError):
     """A policy field breaks a rule; `param` names it."""
-
-    def __init__(self, message: str, *, param: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 def policy_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
