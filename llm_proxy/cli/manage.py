@@ -22,6 +22,7 @@ from .base import (
     run,
     upstream_key,
 )
+from .policy_options import policy_body, policy_options
 
 # -- manage --------------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
 @click.option("--name", required=True)
 @click.option("--description")
 @click.option("--metadata", help="A JSON object.")
+@policy_options()
 @json_option
 @click.pass_context
 def project_create(
@@ -192,15 +194,30 @@ def project_create(
     name: str,
     description: str | None,
     metadata: str | None,
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
     as_json: bool,
 ) -> None:
-    """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt."""
+    """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt.
+
+    The policy options set defaults that its tokens can only narrow.
+    """
     meta = _json_object(metadata, "--metadata")
+    defaults = policy_body(
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+    )
     api_key = upstream_key(non_interactive=False)
     item = call_api(
         ctx,
         lambda api: api.create_project(
-            name=name, api_key=api_key, description=description, metadata=meta
+            name=name,
+            api_key=api_key,
+            description=description,
+            metadata=meta,
+            policy=defaults,
         ),
     )
     echo_json(item) if as_json else echo_fields(item)
@@ -218,6 +235,7 @@ def project_create(
     is_flag=True,
     help="Replace the upstream key (from OPENAI_API_KEY or a hidden prompt).",
 )
+@policy_options(clearing=True)
 @json_option
 @click.pass_context
 def project_update(
@@ -228,10 +246,21 @@ def project_update(
     metadata: str | None,
     active: bool | None,
     rotate_key: bool,
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
+    any_model: bool,
+    no_output_cap: bool,
     as_json: bool,
 ) -> None:
-    """Change a project's fields."""
-    changes: dict[str, Any] = {}
+    """Change a project's fields (of its policy defaults, only those given)."""
+    changes = policy_body(
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+        any_model=any_model,
+        no_output_cap=no_output_cap,
+    )
     if name is not None:
         changes["name"] = name
     if description is not None:
@@ -275,6 +304,7 @@ def token() -> None:
 )
 @click.option("--max-requests", type=click.IntRange(1), help="Request budget.")
 @click.option("--rate-limit-per-hour", type=click.IntRange(1))
+@policy_options(bind=True)
 @json_option
 @click.pass_context
 def token_generate(
@@ -283,9 +313,19 @@ def token_generate(
     duration_minutes: int,
     max_requests: int | None,
     rate_limit_per_hour: int | None,
+    bind: dict[str, str],
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
     as_json: bool,
 ) -> None:
-    """Mint a token (its value is shown only now)."""
+    """Mint a token (its value is shown only now), within its project's defaults."""
+    narrowed = policy_body(
+        bind=bind,
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+    )
     item = call_api(
         ctx,
         lambda api: api.create_token(
@@ -293,6 +333,7 @@ def token_generate(
             duration_minutes=duration_minutes,
             max_requests=max_requests,
             rate_limit_per_hour=rate_limit_per_hour,
+            policy=narrowed,
         ),
     )
     echo_json(item) if as_json else echo_fields(item)

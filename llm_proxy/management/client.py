@@ -129,9 +129,13 @@ class ManageClient:
         api_key: str,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> JsonObject:
-        """Create a project; the upstream key travels only in the request body."""
-        body: JsonObject = {"name": name, "openai_api_key": api_key}
+        """Create a project; the upstream key travels only in the request body.
+
+        `policy`: the policy fields of its defaults (`allowed_models`, ...).
+        """
+        body: JsonObject = {"name": name, "openai_api_key": api_key, **(policy or {})}
         if description is not None:
             body["description"] = description
         if metadata is not None:
@@ -159,11 +163,16 @@ class ManageClient:
         duration_minutes: int,
         max_requests: int | None = None,
         rate_limit_per_hour: int | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> JsonObject:
-        """Mint a token; the answer is the only place its value ever appears."""
+        """Mint a token; the answer is the only place its value ever appears.
+
+        `policy`: its policy fields (`bind`, `allowed_models`, ...).
+        """
         body: JsonObject = {
             "project_id": project_id,
             "duration_minutes": duration_minutes,
+            **(policy or {}),
         }
         if max_requests is not None:
             body["max_requests"] = max_requests
