@@ -135,6 +135,7 @@ class Callgrind:
             stdout=subprocess.PIPE,
             stderr=out.with_suffix(".log").open("wb"),
             env={**os.environ, **(env or {})},
+            cwd=out.parent,  # not a checkout: PYTHONPATH picks the package
             text=True,
         )
         self.dumps = 0
@@ -159,6 +160,19 @@ class Callgrind:
         )
 
 
+def serve_env(database: Path, port: int, upstream: int, events: Path) -> dict[str, str]:
+    """The environment of a measured proxy: events on, no rate limit in the way."""
+    return {
+        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "DATABASE_URL": f"sqlite:///{database}.db",
+        "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
+        "FILE_EVENT_LOG": str(events),
+        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
+        "LOG_LEVEL": "warning",
+    }
+
+
 def proxy_instructions(
     stack: Stack, kind: str, upstream: int, calls: int, round_: int
 ) -> float:
@@ -166,15 +180,7 @@ def proxy_instructions(
     port = free_port()
     name = f"{kind}-{round_}"
     events = stack.workdir / f"{name}.jsonl"
-    env = {
-        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
-        "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
-        "FILE_EVENT_LOG": str(events),
-        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
-        "LOG_LEVEL": "warning",
-    }
+    env = serve_env(stack.workdir / name, port, upstream, events)
     command = [sys.executable, __file__, "serve", kind]
     proxy = Callgrind(stack.workdir / name, command, env)
     try:
@@ -249,23 +255,20 @@ def main() -> None:
     print(json.dumps(report, indent=2) if args.json else render(report))
 
 
+def start_fake_upstream(stack: Stack) -> int:
+    """The fake OpenAI upstream on CPU 1; its port."""
+    upstream = free_port()
+    command = [sys.executable, "-m", "llm_proxy", "fake-upstream"]
+    stack.start([*command, "--port", str(upstream)], cpu=1)
+    wait_port(upstream)
+    return upstream
+
+
 def measure(calls: int, rounds: int, ops: int) -> dict[str, object]:
     """Every number of the report, both kinds measured in the same run."""
     stack = Stack(Path(tempfile.mkdtemp(prefix="llm-proxy-callgrind-")))
     try:
-        upstream = free_port()
-        stack.start(
-            [
-                sys.executable,
-                "-m",
-                "llm_proxy",
-                "fake-upstream",
-                "--port",
-                str(upstream),
-            ],
-            cpu=1,
-        )
-        wait_port(upstream)
+        upstream = start_fake_upstream(stack)
         micro_counts = {
             kind: micro_instructions(stack.workdir, kind, ops) for kind in KINDS
         }
