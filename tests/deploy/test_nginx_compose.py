@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from ..e2e.test_nginx import _free_port, _wait_port
 from .tools import ROOT, run, tool
 
 CONF = ROOT / "deploy/nginx/compose.conf"
@@ -29,28 +29,19 @@ RESOLVE_SINCE = (1, 27, 3)
 
 pytestmark = pytest.mark.nginx
 
-WRAPPER = """
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body_temp;
-    proxy_temp_path {prefix}/proxy_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    include {prefix}/compose.conf;
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# nginx's own files in the test's folder: it may not write its packaged ones.
+TEMP_PATHS = "".join(
+    f"{kind}_temp_path {{prefix}}/{kind}_temp; "
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+)
+WRAPPER = (
+    "user root; worker_processes 1; pid {prefix}/nginx.pid;\n"
+    "error_log {prefix}/error.log info;\n"
+    "events {{ worker_connections 64; }}\n"
+    "http {{ access_log {prefix}/access.log; "
+    + TEMP_PATHS
+    + "include {prefix}/compose.conf; }}\n"
+)
 
 
 def _nginx_version(nginx: str) -> tuple[int, ...]:
@@ -149,19 +140,6 @@ async def front(
         release.set()
         process.terminate()
         await process.wait()
-
-
-async def _wait_port(port: int) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
 
 
 async def test_nginx_spreads_calls_over_both_replicas_and_streams_unbuffered(
