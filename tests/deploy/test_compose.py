@@ -12,7 +12,7 @@ import yaml
 
 from llm_proxy.proxy.allowlist_file import load_allowlist
 
-from .tools import ROOT, proxy_settings, run, tool
+from .tools import ROOT, SECRET_VALUES, proxy_settings, run, tool
 
 PROXIES = ("proxy-1", "proxy-2")
 SERVICES = {*PROXIES, "dispatcher", "nginx", "postgres", "redis"}
@@ -51,7 +51,7 @@ def test_the_stack_is_two_proxies_a_dispatcher_postgres_redis_and_nginx(
 
 @pytest.mark.parametrize("name", PROXIES)
 def test_every_replica_shares_postgres_and_redis(
-    compose: dict[str, Any], name: str
+    compose: dict[str, Any], name: str, tmp_path: Path
 ) -> None:
     env = compose["services"][name]["environment"]
     database = urlsplit(env["DATABASE_URL"])
@@ -62,15 +62,16 @@ def test_every_replica_shares_postgres_and_redis(
     assert env["LLM_PROXY_EVENT_BUS"] == "redis"
     assert int(env["WORKERS"]) > 1
     assert not {"ADMIN_USER", "ADMIN_PASSWORD"} & set(env)
-    settings = proxy_settings(env)
+    settings = proxy_settings(env, tmp_path)
     assert settings.is_postgres
     assert settings.workers == int(env["WORKERS"])
+    assert settings.management_token == SECRET_VALUES["MANAGEMENT_TOKEN"]
     assert settings.file_event_log is None, "the dispatcher writes the one log"
 
 
 @pytest.mark.parametrize("name", PROXIES)
 def test_secrets_are_files_of_docker_secrets_never_environment(
-    compose: dict[str, Any], name: str
+    compose: dict[str, Any], name: str, tmp_path: Path
 ) -> None:
     service = compose["services"][name]
     env = service["environment"]
@@ -86,7 +87,7 @@ def test_secrets_are_files_of_docker_secrets_never_environment(
 
 @pytest.mark.parametrize("name", PROXIES)
 def test_replicas_check_readiness_and_keep_apart_names_and_volumes(
-    compose: dict[str, Any], name: str
+    compose: dict[str, Any], name: str, tmp_path: Path
 ) -> None:
     service = compose["services"][name]
     assert service["hostname"] == name, "stable Redis consumer names"

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from llm_proxy.config import MIN_MANAGEMENT_TOKEN_CHARS, parse_encryption_key
+from llm_proxy.config.values import MIN_MANAGEMENT_TOKEN_CHARS, parse_encryption_key
 
 from .tools import ROOT, run, tool
 

@@ -12,7 +12,7 @@ import yaml
 
 from llm_proxy.proxy.allowlist_file import parse_allowlist
 
-from .tools import ROOT, proxy_settings, run, tool
+from .tools import ROOT, SECRET_VALUES, proxy_settings, run, tool
 
 CHART = ROOT / "deploy/helm/llm-proxy"
 FLEET = ROOT / "deploy/helm/fleet-values.yaml"
@@ -52,7 +52,7 @@ def test_helm_lint_passes(values: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_defaults_are_one_pod_on_sqlite_with_probes() -> None:
+def test_the_defaults_are_one_pod_on_sqlite_with_probes(tmp_path: Path) -> None:
     manifests = _template()
     assert set(manifests) == {"Deployment", "Service"}
     deployment = manifests["Deployment"]
@@ -63,11 +63,13 @@ def test_the_defaults_are_one_pod_on_sqlite_with_probes() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     env = _env(container)
     assert "DATABASE_URL" not in env, "the image's SQLite file in /app/data"
-    settings = proxy_settings(env)
+    settings = proxy_settings(env, tmp_path)
     assert not settings.is_postgres and settings.redis_url is None
 
 
-def test_the_fleet_values_are_three_pods_on_postgres_and_redis() -> None:
+def test_the_fleet_values_are_three_pods_on_postgres_and_redis(
+    tmp_path: Path,
+) -> None:
     manifests = _template("-f", str(FLEET))
     assert set(manifests) == {
         "Deployment",
@@ -78,10 +80,11 @@ def test_the_fleet_values_are_three_pods_on_postgres_and_redis() -> None:
     assert manifests["Deployment"]["spec"]["replicas"] == 3
     container = _container(manifests)
     env = _env(container)
-    settings = proxy_settings(env)
+    settings = proxy_settings(env, tmp_path)
     assert settings.is_postgres
     assert settings.redis_url == "redis://redis-master.redis.svc:6379/0"
     assert settings.workers == 2
+    assert settings.management_token == SECRET_VALUES["MANAGEMENT_TOKEN"]
     assert env["PGPASSWORD"] == "<secret>"
     assert not {"MANAGEMENT_TOKEN", "ENCRYPTION_KEY"} & set(env)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

@@ -44,18 +44,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def proxy_settings(environment: Mapping[str, str]) -> Settings:
+def proxy_settings(environment: Mapping[str, str], secrets_dir: Path) -> Settings:
     """The settings a container with this environment would start with.
 
-    `NAME_FILE` entries of the secrets are replaced by a value for NAME, as the
-    proxy reads the mounted file; the rest is validated as written.
+    Each `NAME_FILE` of the secrets points at a mounted file in the container; here it
+    points at a file in `secrets_dir` holding a stand-in value, which the proxy's own
+    reader then reads, as it would the mounted one. The rest is validated as written.
     """
-    env = {
-        k: v
-        for k, v in environment.items()
-        if k.removesuffix("_FILE") not in SECRET_VALUES
-    }
+    env = dict(environment)
     for name, value in SECRET_VALUES.items():
-        if f"{name}_FILE" in environment:
-            env[name] = value
+        if f"{name}_FILE" in env:
+            path = secrets_dir / name.lower()
+            path.write_text(value + "\n")
+            path.chmod(0o440)  # as the chart mounts them: owner and group read
+            env[f"{name}_FILE"] = str(path)
     return Settings.from_env(env)
