@@ -268,20 +268,20 @@ class PostgresRepository(SqlBackend):
         return (after[0], uuid.UUID(after[1]))
 
     @staticmethod
-    def _project(row: Any) -> Project:
+    def _project(row: asyncpg.Record) -> Project:
         # PROJECT_COLUMNS order; only the id and the metadata need converting.
         metadata = load_metadata(row[3])
         return Project(str(row[0]), row[1], row[2], metadata, *row[4:10])
 
     @staticmethod
-    def _token(row: Any, change_seq: int | None = None) -> Token:
+    def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:
         # TOKEN_COLUMNS order, by position (see SqliteRepository._token); only the
         # UUIDs need converting.
         rest: TokenTail = row[4:12]
         return Token(str(row[0]), row[1], row[2], str(row[3]), *rest, change_seq)
 
     @staticmethod
-    def _usage_event(row: Any) -> UsageEvent:
+    def _usage_event(row: asyncpg.Record) -> UsageEvent:
         project_id, token_id = _optional_text(row[2]), _optional_text(row[3])
         return UsageEvent(row[0], row[1], project_id, token_id, *row[4:])
 
@@ -309,12 +309,11 @@ class PostgresRepository(SqlBackend):
             raise self._not_connected()
         return self._pool
 
-    async def _fetch_one(self, sql: str, params: Params = ()) -> Any:
+    async def _fetch_one(self, sql: str, params: Params = ()) -> asyncpg.Record | None:
         return await self._connected.fetchrow(sql, *params)
 
-    async def _fetch_all(self, sql: str, params: Params = ()) -> Sequence[Any]:
-        rows: Sequence[Any] = await self._connected.fetch(sql, *params)
-        return rows
+    async def _fetch_all(self, sql: str, params: Params = ()) -> list[asyncpg.Record]:
+        return await self._connected.fetch(sql, *params)
 
     async def _scalar(self, sql: str, params: Params = ()) -> Any:
         return await self._connected.fetchval(sql, *params)
@@ -322,7 +321,7 @@ class PostgresRepository(SqlBackend):
     async def _write(self, sql: str, params: Params = ()) -> int:
         return _affected(await self._connected.execute(sql, *params))
 
-    async def _write_returning(self, sql: str, params: Params) -> Any:
+    async def _write_returning(self, sql: str, params: Params) -> asyncpg.Record | None:
         return await self._connected.fetchrow(sql, *params)
 
     async def _write_many(self, sql: str, rows: Sequence[Params]) -> None:
