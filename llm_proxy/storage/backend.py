@@ -12,12 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ._common import (
-    check_page,
-    dump_metadata,
-    like_pattern,
-    storable_usage_event,
-)
+from ._common import check_page, dump_metadata, like_pattern, storable_usage_event
 from .base import (
     ChangePage,
     Deletion,
@@ -169,10 +164,7 @@ class SqlBackend(ABC):
         return None if row is None else self._project(row)
 
     async def delete_project(self, project_id: str) -> bool:
-        key = self._key(project_id)
-        return (
-            key is not None and await self._write(self._sql.delete_project, (key,)) > 0
-        )
+        return await self._write_by_id(self._sql.delete_project, project_id) > 0
 
     async def create_token(self, token: Token) -> None:
         try:
@@ -206,8 +198,7 @@ class SqlBackend(ABC):
         return int(await self._scalar(self._sql.count_tokens, params))
 
     async def revoke_token(self, token_id: str) -> bool:
-        key = self._key(token_id)
-        return key is not None and await self._write(self._sql.revoke_token, (key,)) > 0
+        return await self._write_by_id(self._sql.revoke_token, token_id) > 0
 
     async def record_token_usage(self, usage: Sequence[TokenUsage]) -> None:
         rows = self._token_usage(usage)
@@ -323,12 +314,11 @@ class SqlBackend(ABC):
     async def recent_usage_events(
         self, limit: int, *, errors_only: bool = False
     ) -> list[UsageEvent]:
-        rows = await self._fetch_all(
-            self._sql.recent_usage_events, (errors_only, limit)
-        )
+        params = (errors_only, limit)
+        rows = await self._fetch_all(self._sql.recent_usage_events, params)
         return [self._usage_event(row) for row in rows]
 
-    # -- parameters ------------------------------------------------------------------
+    # -- helpers ---------------------------------------------------------------------
 
     async def _by_id(
         self, sql: str, row_id: str, record: Callable[[Row], R]
@@ -337,6 +327,11 @@ class SqlBackend(ABC):
         key = self._key(row_id)
         row = None if key is None else await self._fetch_one(sql, (key,))
         return None if row is None else record(row)
+
+    async def _write_by_id(self, sql: str, row_id: str) -> int:
+        """Run `sql` on the row with this id; return how many rows it changed."""
+        key = self._key(row_id)
+        return 0 if key is None else await self._write(sql, (key,))
 
     async def _changes(
         self,

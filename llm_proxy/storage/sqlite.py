@@ -92,9 +92,7 @@ PURGE_USAGE_EVENTS: Final = (
 # expired: SQLite has no lock that ends with a connection, and a lease also ends when
 # its holder dies. The expiry is the value's first 27 characters (fixed-width time).
 PURGE_LOCK_KEY: Final = "purge_lock"
-TAKE_PURGE_LOCK: Final = SQLITE.render(
-    "{upsert_meta} WHERE substr(meta.value, 1, 27) < $3"
-)
+TAKE_PURGE_LOCK: Final = SQL.upsert_meta + " WHERE substr(meta.value, 1, 27) < ?3"
 RELEASE_PURGE_LOCK: Final = "DELETE FROM meta WHERE key = ?1 AND value = ?2"
 
 USAGE_WIDTH: Final = len(USAGE_FIELDS)

@@ -4,7 +4,8 @@ Each statement is written once, as PostgreSQL text with `{part}` slots. A `Diale
 fills the slots and, for SQLite, writes the parameters `?n` without their `::type`
 casts: those only tell PostgreSQL the type of a parameter that may be NULL, while
 SQLite binds every value as it comes. Booleans are spelled `= true` / `= false`,
-which PostgreSQL plans as the bare column and SQLite (3.23+) reads as `= 1` / `= 0`.
+which PostgreSQL plans as the bare column and SQLite reads as `= 1` / `= 0`; that
+and `FILTER (WHERE ...)` need no SQLite newer than the 3.35 RETURNING needs anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
     " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
 )
-CHANGE_SEQ: Final = 12  # where a TOKENS_CHANGED row has change_seq: after TOKEN_COLUMNS
+CHANGE_SEQ: Final = TOKEN_COLUMNS.count(",") + 1  # tokens_changed selects it next
 # usage_events has a column per `UsageEvent` field, of the same name, in that order.
 USAGE_FIELDS: Final = tuple(field.name for field in fields(UsageEvent))
 USAGE_COLUMNS: Final = ", ".join(USAGE_FIELDS)
@@ -35,10 +36,6 @@ PARTS: Final = {
     "project_columns": PROJECT_COLUMNS,
     "token_columns": TOKEN_COLUMNS,
     "usage_columns": USAGE_COLUMNS,
-    "upsert_meta": (
-        "INSERT INTO meta (key, value) VALUES ($1, $2)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-    ),
     # $1 a LIKE pattern (escape character backslash) or NULL.
     "search_projects": "($1::text IS NULL OR name {like} $1 ESCAPE '\\')",
     # $1 project id or NULL; $2 wanted liveness or NULL; $3 now. PostgreSQL's custom
@@ -77,7 +74,10 @@ class Statements:
     ping: str = "SELECT 1"
     select_schema_version: str = "SELECT coalesce(max(version), 0) FROM schema_version"
     select_meta: str = "SELECT value FROM meta WHERE key = $1"
-    upsert_meta: str = "{upsert_meta}"
+    upsert_meta: str = (
+        "INSERT INTO meta (key, value) VALUES ($1, $2)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
     insert_project: str = (
         "INSERT INTO projects ({project_columns})"
         " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)"
