@@ -27,9 +27,6 @@ from .statements import USAGE_FIELDS, USAGE_VALUES, Dialect
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
 log = logging.getLogger(__name__)
 
 POSTGRES: Final = Dialect(
