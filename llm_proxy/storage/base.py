@@ -14,6 +14,28 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..domain_errors import ProxyError
 
+__all__ = [  # what `llm_proxy.storage` re-exports
+    "ChangeCursor",
+    "ChangePage",
+    "Deletion",
+    "DuplicateNameError",
+    "MigrationError",
+    "Project",
+    "ProjectChanges",
+    "PurgeCounts",
+    "RejectedRowsError",
+    "Repository",
+    "RepositoryError",
+    "RevokeCounts",
+    "Token",
+    "TokenFilter",
+    "TokenPolicy",
+    "TokenUsage",
+    "UsageEvent",
+    "UsageRow",
+    "UsageTotals",
+]
+
 T = TypeVar("T")
 
 # Where a page of changes ended: (change marker, id) of its last row.
@@ -248,7 +270,7 @@ class Repository(Protocol):
         """Delete a project and (by cascade) its tokens; False when unknown."""
 
     async def create_token(self, token: Token) -> None:
-        """Insert a token record."""
+        """Insert a token record; `RepositoryError` when its project is unknown."""
 
     async def get_token(self, token_id: str) -> Token | None:
         """One token by its public id."""
@@ -326,7 +348,11 @@ class Repository(Protocol):
         in one short transaction; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError`, and then the call inserts none of them.
+        """
 
     async def usage_totals(
         self,
