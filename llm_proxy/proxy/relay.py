@@ -1,8 +1,9 @@
 """Forwarding one call: the client's body, the upstream request, chunk-by-chunk relay.
 
 Owns `proxy_handler`. The session and the sending live in `upstream.py`, the header
-rules in `headers.py`. Knows nothing of tokens, limits or storage: what it needs (the
-upstream Authorization value, rate-limit headers) arrives in request keys.
+rules in `headers.py`, a token's policy checks in `policy.py`. Knows nothing of
+tokens, limits or storage: what it needs (the upstream Authorization value, the
+token's compiled policy, rate-limit headers) arrives in request keys.
 """
 
 from __future__ import annotations

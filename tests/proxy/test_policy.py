@@ -13,10 +13,21 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
+from llm_proxy.app import create_app
+from llm_proxy.config import Settings
 from llm_proxy.devtools.fake_upstream import FakeUpstreamState
+from llm_proxy.keys import TOKEN_SYNC_KEY
 
-from ..support import bearer, create_project, create_token, proxy_token, read_events
+from ..support import (
+    AUTH,
+    bearer,
+    create_project,
+    create_token,
+    proxy_token,
+    read_events,
+)
 
 Client = TestClient[Any, Any]
 CHAT = "/v1/chat/completions"
@@ -300,3 +311,51 @@ async def test_a_refusal_spends_no_quota_and_is_in_the_call_event(
     assert fake.requests_seen == 1
     metrics = await (await proxy.get("/metrics")).text()
     assert 'llm_proxy_policy_refusals_total{code="model_not_allowed"} 1.0' in metrics
+
+
+async def test_changed_project_defaults_apply_to_its_tokens_next_call(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    project_id, token = await proxy_token(proxy)
+    assert (
+        await proxy.post(CHAT, json=chat("gpt-4o"), headers=bearer(token))
+    ).status == 200
+    url = f"/manage/projects/{project_id}"
+    changed = await proxy.patch(
+        url, json={"allowed_models": ["gpt-4o-mini"]}, headers=AUTH
+    )
+    assert changed.status == 200
+    await refused(
+        await proxy.post(CHAT, json=chat("gpt-4o"), headers=bearer(token)),
+        403,
+        "model_not_allowed",
+    )
+    await proxy.patch(url, json={"allowed_models": None}, headers=AUTH)
+    assert (
+        await proxy.post(CHAT, json=chat("gpt-4o"), headers=bearer(token))
+    ).status == 200
+    assert fake.requests_seen == 2
+
+
+async def test_another_process_enforces_a_policy_after_its_reload(
+    aiohttp_client: AiohttpClient, proxy_env: dict[str, str], fake: FakeUpstreamState
+) -> None:
+    settings = Settings.from_env(proxy_env)
+    first = await aiohttp_client(create_app(settings))
+    second = await aiohttp_client(create_app(settings))
+    _, token = await proxy_token(
+        first, bind={"user_id": "alice"}, allowed_models=["gpt-4o-mini"]
+    )
+    await second.app[TOKEN_SYNC_KEY].reload()
+    bob = {**bearer(token), "X-Proxy-User-Id": "bob"}
+    await refused(
+        await second.post(CHAT, json=chat(), headers=bob), 403, "binding_mismatch"
+    )
+    alice = {**bearer(token), "X-Proxy-User-Id": "alice"}
+    await refused(
+        await second.post(CHAT, json=chat("o1"), headers=alice),
+        403,
+        "model_not_allowed",
+    )
+    assert (await second.post(CHAT, json=chat(), headers=alice)).status == 200
+    assert fake.requests_seen == 1
