@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,9 +17,9 @@ from llm_proxy.auth.policy import (
 from llm_proxy.auth.tokens import TokenStore
 from llm_proxy.storage.base import Project, Token, TokenPolicy
 
-KEY = bytes(range(32))
-NOW = 1_800_000_000.0
-VALUE = "wt-unit-test-policy-value"
+from .test_token_counts import KEY, NOW, VALUE
+from .test_token_counts import _token as plain_token
+
 CREATED = datetime.fromtimestamp(NOW, UTC)
 
 
@@ -98,21 +98,7 @@ def _project(policy: TokenPolicy | None = None) -> Project:
 
 
 def _token(policy: TokenPolicy | None = None, change_seq: int = 1) -> Token:
-    return Token(
-        "t1",
-        TokenHasher(KEY).hash(VALUE),
-        VALUE[-4:],
-        "p1",
-        CREATED + timedelta(hours=1),
-        True,
-        0,
-        None,
-        None,
-        CREATED,
-        None,
-        policy=policy,
-        change_seq=change_seq,
-    )
+    return replace(plain_token(), policy=policy, change_seq=change_seq)
 
 
 def test_the_principal_carries_the_merged_policy_and_follows_changes() -> None:

@@ -156,55 +156,60 @@ async def test_a_model_limited_token_fails_closed_on_a_form_upload(
     assert fake.requests_seen == 0
 
 
+RESPONSES = "/v1/responses"
+COMPLETIONS = "/v1/completions"
+OVER = "output_tokens_cap_exceeded"
+UNSET = "output_tokens_cap_required"
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "param"),
+    ("path", "body", "code", "param"),
     [
-        (CHAT, chat(max_tokens=5000), "max_tokens"),
-        (CHAT, chat(max_completion_tokens=1001), "max_completion_tokens"),
+        (CHAT, chat(max_tokens=5000), OVER, "max_tokens"),
+        (CHAT, chat(max_completion_tokens=1001), OVER, "max_completion_tokens"),
         (
             CHAT,
             chat(max_tokens=10, max_completion_tokens=2000.0),
+            OVER,
             "max_completion_tokens",
         ),
         (
-            "/v1/responses",
+            RESPONSES,
             {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 4096},
+            OVER,
             "max_output_tokens",
         ),
         (
-            "/v1/completions",
+            COMPLETIONS,
             {"model": "gpt-4o-mini", "prompt": "hi", "max_tokens": 1024},
+            OVER,
             "max_tokens",
         ),
+        # Where output is generated, a capped token must name its limit.
+        (CHAT, chat(), UNSET, "max_completion_tokens"),
+        (CHAT, chat(max_tokens=None), UNSET, "max_completion_tokens"),
+        (
+            RESPONSES,
+            {"model": "gpt-4o-mini", "input": "hi"},
+            UNSET,
+            "max_output_tokens",
+        ),
+        (COMPLETIONS, {"model": "gpt-4o-mini", "prompt": "hi"}, UNSET, "max_tokens"),
     ],
 )
-async def test_a_request_over_the_output_cap_is_refused(
-    proxy: Client, fake: FakeUpstreamState, path: str, body: dict[str, Any], param: str
+async def test_a_request_over_or_without_the_output_cap_is_refused(
+    proxy: Client,
+    fake: FakeUpstreamState,
+    path: str,
+    body: dict[str, Any],
+    code: str,
+    param: str,
 ) -> None:
     _, token = await proxy_token(proxy, max_output_tokens_cap=1000)
     response = await proxy.post(path, json=body, headers=bearer(token))
-    error = await refused(response, 400, "output_tokens_cap_exceeded")
+    error = await refused(response, 400, code)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param and "1000" in error["message"]
-    assert fake.requests_seen == 0
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "param"),
-    [
-        (CHAT, chat(), "max_completion_tokens"),
-        (CHAT, chat(max_tokens=None), "max_completion_tokens"),
-        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}, "max_output_tokens"),
-        ("/v1/completions", {"model": "gpt-4o-mini", "prompt": "hi"}, "max_tokens"),
-    ],
-)
-async def test_a_capped_token_must_name_its_output_limit_where_output_is_generated(
-    proxy: Client, fake: FakeUpstreamState, path: str, body: dict[str, Any], param: str
-) -> None:
-    _, token = await proxy_token(proxy, max_output_tokens_cap=1000)
-    response = await proxy.post(path, json=body, headers=bearer(token))
-    error = await refused(response, 400, "output_tokens_cap_required")
-    assert error["param"] == param
     assert fake.requests_seen == 0
 
 
