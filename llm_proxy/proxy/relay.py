@@ -201,6 +201,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         exchange.models, exchange.model
     ):
         raise refuse_model(exchange.model)
+    plan = (
+        exchange.cache_plan
+    )  # None unless RESPONSE_CACHE is on and the call may use it
+    if plan is not None:
+        cached = await plan.lookup(request, exchange, body)
+        if cached is not None:
+            return cached
     headers = upstream_headers(
         request.headers,
         request[PRINCIPAL_KEY].upstream_authorization,
@@ -238,6 +245,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             exchange.reached_upstream = False  # nothing was sent
         raise
     async with upstream:
+        if plan is not None:
+            plan.answered(upstream, exchange)
         return await relay(request, upstream, exchange)
 
 

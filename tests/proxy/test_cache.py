@@ -22,8 +22,8 @@ from pytest_aiohttp import AiohttpServer
 from redis.asyncio import Redis
 
 from llm_proxy.devtools.fake_upstream import FakeUpstreamState
+from llm_proxy.keys import RESPONSE_CACHE_KEY
 from llm_proxy.proxy.cache import (
-    RESPONSE_CACHE_KEY,
     RETRY_AFTER_S,
     ResponseCache,
     decode_entry,
@@ -34,8 +34,8 @@ from llm_proxy.server import free_port
 from ..support import (
     AUTH,
     REDIS_URL,
-    PrivateRedis,
     UPSTREAM_KEY,
+    PrivateRedis,
     bearer,
     create_project,
     create_token,
@@ -50,7 +50,13 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 FOR_A_MINUTE = {"Cache-Control": "max-age=60"}
 # What differs from call to call: ours, not the answer's.
 PER_CALL = frozenset(
-    {"x-request-id", "cache-status", "age", "x-ratelimit-remaining-requests"}
+    {
+        "x-request-id",
+        "cache-status",
+        "age",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    }
 )
 HIT = re.compile(r"llm-proxy; hit; ttl=(\d+)")
 
@@ -87,7 +93,9 @@ def cache_of(client: Client) -> ResponseCache:
 
 def answer_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """The headers of an answer without those that are ours per call."""
-    return sorted((k.lower(), v) for k, v in headers.items() if k.lower() not in PER_CALL)
+    return sorted(
+        (k.lower(), v) for k, v in headers.items() if k.lower() not in PER_CALL
+    )
 
 
 async def entries_of(redis: Redis, project_id: str) -> list[bytes]:
@@ -202,6 +210,20 @@ async def test_a_compressed_answer_is_replayed_compressed(
     assert fake.requests_seen == 1
 
 
+async def test_with_redis_url_alone_the_fleet_and_the_cache_share_it(
+    start_proxy: Callable[..., Any], redis: Redis, fake: FakeUpstreamState
+) -> None:
+    proxy: Client = await start_proxy(RESPONSE_CACHE="on", REDIS_URL=REDIS_URL)
+    _, token = await proxy_token(proxy, max_requests=2)
+    first, second = await get_twice(proxy, token)
+    assert first.status == second.status == 200
+    assert HIT.fullmatch(second.headers["Cache-Status"])
+    # hits give their unit of the fleet's lifetime cap back
+    more = [await proxy.get("/v1/models", headers=bearer(token)) for _ in range(3)]
+    assert [r.status for r in more] == [200] * 3
+    assert fake.requests_seen == 1
+
+
 # -- what is never cached ---------------------------------------------------------
 
 
@@ -220,7 +242,9 @@ async def test_streams_are_never_cached(
 ) -> None:
     project_id, token = await proxy_token(cached)
     for _ in range(2):
-        answer = await post_chat(cached, token, {**CHAT, "stream": True}, **FOR_A_MINUTE)
+        answer = await post_chat(
+            cached, token, {**CHAT, "stream": True}, **FOR_A_MINUTE
+        )
         assert answer.status == 200
         assert answer.headers["Content-Type"].startswith("text/event-stream")
         assert answer.headers["Cache-Status"] == "llm-proxy; fwd=bypass"
@@ -291,7 +315,9 @@ async def picky_upstream(aiohttp_server: AiohttpServer) -> Any:
 
     async def models(request: web.Request) -> web.Response:
         seen.append(request.query_string)
-        headers = {"Cache-Control": request.query["cc"]} if "cc" in request.query else {}
+        headers = (
+            {"Cache-Control": request.query["cc"]} if "cc" in request.query else {}
+        )
         return web.json_response({"object": "list", "data": []}, headers=headers)
 
     app = web.Application()
@@ -404,7 +430,7 @@ async def test_the_event_says_hit_and_a_hit_used_no_upstream_tokens(
     assert [e["cache"] for e in events] == ["miss", "hit", "bypass"]
     miss, hit, _ = events
     assert miss["usage"]["total_tokens"] > 0
-    assert hit["usage"] is None and hit["extra"]["usage_source"] is None
+    assert hit["usage"] is None and hit["usage_source"] is None
     assert hit["status_code"] == 200 and hit["bytes_out"] == miss["bytes_out"]
     assert hit["model"] == "gpt-4o-mini"
 
@@ -413,7 +439,9 @@ async def test_hits_do_not_spend_the_token_s_requests(
     cached: Client, fake: FakeUpstreamState
 ) -> None:
     _, token = await proxy_token(cached, max_requests=2)
-    statuses = [(await post_chat(cached, token, **FOR_A_MINUTE)).status for _ in range(5)]
+    statuses = [
+        (await post_chat(cached, token, **FOR_A_MINUTE)).status for _ in range(5)
+    ]
     assert statuses == [200] * 5
     other = await post_chat(cached, token, {**CHAT, "n": 2}, **FOR_A_MINUTE)
     assert other.status == 200

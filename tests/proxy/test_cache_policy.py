@@ -37,7 +37,9 @@ HOUR = 3600
         ("private, must-revalidate", Directives()),
     ],
 )
-def test_request_cache_control_is_parsed(value: str | None, expected: Directives) -> None:
+def test_request_cache_control_is_parsed(
+    value: str | None, expected: Directives
+) -> None:
     assert parse_cache_control(value) == expected
 
 

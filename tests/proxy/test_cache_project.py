@@ -81,7 +81,11 @@ async def test_the_setting_is_stored_changed_and_cleared(manage: Client) -> None
 async def test_a_bad_value_is_refused_naming_the_field(
     client: Client, value: Any
 ) -> None:
-    body = {"name": "bad", "openai_api_key": "sk-proj-0123456789", "cache_ttl_seconds": value}
+    body = {
+        "name": "bad",
+        "openai_api_key": "sk-proj-0123456789",
+        "cache_ttl_seconds": value,
+    }
     response = await client.post("/manage/projects", json=body, headers=AUTH)
     assert response.status == 400
     assert (await response.json())["error"]["param"] == "cache_ttl_seconds"
