@@ -286,12 +286,11 @@ def new_response_cache(settings: Settings) -> ResponseCache | None:
 async def response_cache_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the cache's writer; on shutdown write what is queued and disconnect."""
     cache = app.get(RESPONSE_CACHE_KEY)
-    if cache is None:
-        yield
-        return
-    cache.start()
+    if cache is not None:
+        cache.start()
     yield
-    await cache.close()
+    if cache is not None:
+        await cache.close()
 
 
 def new_breaker(settings: Settings) -> CircuitBreaker:

@@ -64,9 +64,8 @@ HIT = re.compile(r"llm-proxy; hit; ttl=(\d+)")
 @pytest.fixture
 async def redis() -> AsyncIterator[Redis]:
     await require_redis()
-    client = Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
+    async with Redis.from_url(REDIS_URL) as client:
+        yield client
 
 
 @pytest.fixture

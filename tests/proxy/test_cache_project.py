@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,26 +13,18 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
-from llm_proxy.auth.crypto import KeyCipher, TokenHasher
-from llm_proxy.auth.tokens import TokenStore
 from llm_proxy.config import Settings
-from llm_proxy.storage import (
-    Project,
-    ProjectChanges,
-    Repository,
-    SqliteRepository,
-    Token,
-)
+from llm_proxy.keys import TOKEN_STORE_KEY, TOKEN_SYNC_KEY
 
 from ..support import (
     AUTH,
     _postgres_schema,
     _postgres_url,
     create_project,
+    create_token,
 )
 
 Client = TestClient[Any, Any]
-NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -107,61 +97,35 @@ async def test_the_openapi_document_describes_it(client: Client) -> None:
 
 
 async def test_a_project_change_gives_its_tokens_a_new_generation(
-    tmp_path: Path,
+    manage: Client,
 ) -> None:
-    """The cache keys on the generation: every change of the project starts it afresh."""
-    key = os.urandom(32)
-    hasher, cipher = TokenHasher(key), KeyCipher(key)
-    project = Project(
-        id="p1",
-        name="p",
-        description="",
-        metadata={},
-        encrypted_api_key=cipher.encrypt("sk-proj-0123456789"),
-        api_key_hint="sk-...6789",
-        is_active=True,
-        created_at=NOW,
-        updated_at=NOW,
-        cache_ttl_seconds=60,
-    )
-    repository: Repository = SqliteRepository(tmp_path / "gen.db")
-    await repository.connect()
-    try:
-        await repository.migrate()
-        await repository.create_project(project)
-        stored = await repository.get_project("p1")
-        changed = await repository.update_project(
-            "p1",
-            ProjectChanges(clear_cache_ttl_seconds=True),
-            now=NOW + timedelta(seconds=1),
-        )
-    finally:
-        await repository.close()
-    assert stored is not None and stored.cache_ttl_seconds == 60
-    assert changed is not None and changed.cache_ttl_seconds is None
-    store = TokenStore(hasher, cipher)
-    store.put_token(token_of(hasher.hash("wt-value"), "p1"))
+    """The cache keys on the generation: every change of the project starts it afresh,
+    and a process reading the project from the database computes the same one."""
+    project = await create_project(manage, "generations", cache_ttl_seconds=60)
+    token = (await create_token(manage, project["project_id"]))["token"]
+    store, sync = manage.app[TOKEN_STORE_KEY], manage.app[TOKEN_SYNC_KEY]
+    url = f"/manage/projects/{project['project_id']}"
+    changes = [
+        {"name": "generations-renamed"},
+        {"cache_ttl_seconds": None},
+        {"is_active": False},
+        {"is_active": True},
+        {"openai_api_key": "sk-proj-ROTATEDKEY0123456789abcdefgh"},
+    ]
     seen = []
-    for version in (project, stored, changed):
-        store.put_project(version)
-        principal = store.authenticate("wt-value")
+    for change in [{}, *changes]:
+        if change:
+            response = await manage.patch(url, json=change, headers=AUTH)
+            assert response.status == 200
+        if change.get("is_active") is False:
+            continue  # its tokens are refused now
+        principal = store.authenticate(token)
+        await sync.resync()  # as another process loads it from the database
+        assert (
+            store.authenticate(token).project_generation == principal.project_generation
+        )
         seen.append((principal.project_generation, principal.project_cache_ttl_s))
-    assert seen[0] == seen[1] and seen[0][1] == 60
-    assert seen[2][0] != seen[0][0] and seen[2][1] is None
-    assert all(len(g) == 32 for g, _ in seen)
-
-
-def token_of(token_hash: str, project_id: str) -> Token:
-    return Token(
-        id="t1",
-        token_hash=token_hash,
-        token_hint="alue",
-        project_id=project_id,
-        expires_at=NOW + timedelta(days=3650),
-        is_active=True,
-        request_count=0,
-        max_requests=None,
-        rate_limit_per_hour=None,
-        created_at=NOW,
-        last_used_at=None,
-    )
+    generations = [generation for generation, _ in seen]
+    assert len(set(generations)) == len(generations) == 5
+    assert [ttl for _, ttl in seen] == [60, 60, None, None, None]
+    assert all(len(g) == 32 and "ROTATED" not in g for g in generations)
