@@ -201,9 +201,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         exchange.models, exchange.model
     ):
         raise refuse_model(exchange.model)
-    plan = (
-        exchange.cache_plan
-    )  # None unless RESPONSE_CACHE is on and the call may use it
+    # None unless RESPONSE_CACHE is on and the call may be answered from it or kept.
+    plan = exchange.cache_plan
     if plan is not None:
         cached = await plan.lookup(request, exchange, body)
         if cached is not None:
