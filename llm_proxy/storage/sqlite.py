@@ -268,6 +268,7 @@ class SqliteRepository(SqlBackend):
             created_at=_from_text(row["created_at"]),
             updated_at=_from_text(row["updated_at"]),
             max_concurrent=row["max_concurrent"],
+            cache_ttl_seconds=row["cache_ttl_seconds"],
         )
 
     @staticmethod
