@@ -13,14 +13,16 @@ tokens revoked or deleted meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Final
 
+from ..clock import Clock
 from ..domain_errors import ErrorKind
 from ..storage.base import Deletion, Project, Token, TokenPolicy, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
@@ -29,7 +31,6 @@ from .policy import CallPolicy, compile_policy, merge_policies
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 # Table entries a resync's sweep examines per loop slice (about 50 ns each), when the
 # resync did not see every entry again (a token gone without its tombstone).
@@ -47,6 +48,10 @@ class Principal:
     max_requests: int | None
     max_concurrent: int | None = None  # the token's own cap on calls in flight
     project_max_concurrent: int | None = None  # its project's
+    # Changes with every change of the project (its key, activation, settings): the
+    # response cache keys on it, so a rotated key never reads the old answers.
+    project_generation: str = ""
+    project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
     policy: CallPolicy | None = None  # its project's defaults narrowed by its own
 
 
@@ -79,8 +84,16 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    generation: str = ""  # see Principal.project_generation
+    cache_ttl_s: int | None = None
     stored_policy: TokenPolicy | None = None
     policy: CallPolicy | None = None  # `stored_policy` compiled
+
+
+def project_generation(project: Project) -> str:
+    """A digest of the project's key envelope and last change (never of the key)."""
+    stamp = f"{project.encrypted_api_key}|{project.updated_at.timestamp()!r}"
+    return hashlib.sha256(stamp.encode()).hexdigest()[:32]
 
 
 class TokenStore:
@@ -186,11 +199,14 @@ class TokenStore:
         project's tokens here.
         """
         known = self._projects.get(project.id)
+        generation = project_generation(project)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
             if (
                 known.max_concurrent != project.max_concurrent
+                or known.generation != generation
+                or known.cache_ttl_s != project.cache_ttl_seconds
                 or known.stored_policy != project.policy
             ):
                 self._projects[project.id] = _ProjectEntry(
@@ -199,6 +215,8 @@ class TokenStore:
                     known.authorization,
                     seen=self._generation,
                     max_concurrent=project.max_concurrent,
+                    generation=generation,
+                    cache_ttl_s=project.cache_ttl_seconds,
                     stored_policy=project.policy,
                     policy=compile_policy(project.policy),
                 )
@@ -215,6 +233,8 @@ class TokenStore:
             f"Bearer {key}",
             seen=self._generation,
             max_concurrent=project.max_concurrent,
+            generation=generation,
+            cache_ttl_s=project.cache_ttl_seconds,
             stored_policy=project.policy,
             policy=compile_policy(project.policy),
         )
@@ -349,6 +369,8 @@ class TokenStore:
                 entry.max_requests,
                 entry.max_concurrent,
                 project.max_concurrent,
+                project.generation,
+                project.cache_ttl_s,
                 merge_policies(project.policy, entry.policy),
             )
             entry.principal_of = project

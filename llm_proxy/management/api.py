@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..auth.bearer import bearer_matches
 from ..auth.errors import AuthError
+from ..clock import utc_iso
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
@@ -52,6 +53,7 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
     **PROJECT_POLICY,
 }
 PROJECT_UPDATE = {
@@ -61,6 +63,7 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
     **PROJECT_POLICY,
 }
 TOKEN_CREATE = {
@@ -81,9 +84,7 @@ T = TypeVar("T")
 
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 UTC with a Z suffix, to the second."""
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if moment is None else utc_iso(moment)
 
 
 def project_json(project: Project) -> dict[str, Any]:
@@ -96,6 +97,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "cache_ttl_seconds": project.cache_ttl_seconds,
         **policy_json(project.policy, bind=False),
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
@@ -183,6 +185,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
         policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     return json_response(project_json(project), status=201)
@@ -226,6 +229,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
+        clear_cache_ttl_seconds="cache_ttl_seconds" in data
+        and data["cache_ttl_seconds"] is None,
         policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     return json_response(project_json(project))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
 from ..auth.crypto import (
@@ -25,6 +25,7 @@ from ..auth.crypto import (
     token_hint,
 )
 from ..auth.tokens import TokenStore
+from ..clock import utc_now
 from ..domain_errors import DomainError, ErrorKind, ProxyError
 from ..storage import (
     DuplicateNameError,
@@ -41,17 +42,13 @@ from .policy import PolicyError, changed_policy
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200
 MAX_DESCRIPTION_CHARS: Final = 2000
+MAX_CACHE_TTL_SECONDS: Final = 31_536_000  # a year; RESPONSE_CACHE_TTL_MAX caps it too
 KEY_CHECK_META: Final = "encryption_key_check"
 
 Now = Callable[[], datetime]
 # Called after a committed change to a project or token: ("project" | "token", id).
 ChangeHook = Callable[[str, str], Awaitable[None]]
 T = TypeVar("T")
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC, to the microsecond."""
-    return datetime.now(UTC)
 
 
 class ServiceError(DomainError):
@@ -156,6 +153,7 @@ class ManagementService:
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
         max_concurrent: int | None = None,
+        cache_ttl_seconds: int | None = None,
         policy: Mapping[str, Any] | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted.
@@ -163,6 +161,7 @@ class ManagementService:
         `policy`: the defaults its tokens can only narrow (`management.policy`).
         """
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         defaults = _policy(None, policy or {}, bind=False)
         now = self._now()
         project = Project(
@@ -176,6 +175,7 @@ class ManagementService:
             created_at=now,
             updated_at=now,
             max_concurrent=max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
             policy=defaults,
         )
         try:
@@ -218,14 +218,18 @@ class ManagementService:
         is_active: bool | None = None,
         max_concurrent: int | None = None,
         clear_max_concurrent: bool = False,
+        cache_ttl_seconds: int | None = None,
+        clear_cache_ttl_seconds: bool = False,
         policy: Mapping[str, Any] | None = None,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
-        `clear_max_concurrent` removes the project's own cap (the default applies).
-        `policy`: the default fields to change, the others are kept (null clears one).
+        `clear_max_concurrent` removes the project's own cap (the default applies),
+        `clear_cache_ttl_seconds` its cache setting. `policy`: the default fields to
+        change, the others are kept (null clears one).
         """
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         defaults: TokenPolicy | None = None
         if policy:
             current = (await self.get_project(project_id)).policy
@@ -243,6 +247,8 @@ class ManagementService:
             is_active=is_active,
             max_concurrent=max_concurrent,
             clear_max_concurrent=clear_max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
+            clear_cache_ttl_seconds=clear_cache_ttl_seconds,
             policy=defaults,
             clear_policy=bool(policy) and defaults is None,
         )
@@ -384,6 +390,11 @@ def _policy(
 def _check_max_concurrent(value: int | None) -> None:
     if value is not None:
         _check_range("max_concurrent", value, 1, 2**31 - 1)
+
+
+def _check_cache_ttl(value: int | None) -> None:
+    if value is not None:
+        _check_range("cache_ttl_seconds", value, 0, MAX_CACHE_TTL_SECONDS)
 
 
 def _has_nul(value: Any) -> bool:

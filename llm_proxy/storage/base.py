@@ -91,6 +91,9 @@ class Project:
     created_at: datetime
     updated_at: datetime
     max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
+    # Response cache: seconds its answers may be kept; None: only what clients ask
+    # for, 0: never cached (see docs/caching.md).
+    cache_ttl_seconds: int | None = None
     policy: TokenPolicy | None = None  # defaults its tokens can only narrow
 
 
@@ -98,7 +101,8 @@ class Project:
 class ProjectChanges:
     """Fields of a project to change; None leaves a field as it is.
 
-    `max_concurrent` and `policy` are nullable in storage: `clear_*` sets them NULL.
+    `max_concurrent`, `cache_ttl_seconds` and `policy` are nullable in storage: their
+    `clear_*` flag sets them to NULL.
     """
 
     name: str | None = None
@@ -109,6 +113,8 @@ class ProjectChanges:
     is_active: bool | None = None
     max_concurrent: int | None = None
     clear_max_concurrent: bool = False
+    cache_ttl_seconds: int | None = None
+    clear_cache_ttl_seconds: bool = False
     policy: TokenPolicy | None = None
     clear_policy: bool = False
 

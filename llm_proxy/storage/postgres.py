@@ -117,8 +117,8 @@ USAGE_DATA_ERRORS: Final = (
 )
 
 
-# A project row from openai_api_key to max_concurrent, as asyncpg returns it.
-ProjectTail = tuple[str, str, bool, datetime, datetime, int | None]
+# A project row from openai_api_key to cache_ttl_seconds, as asyncpg returns it.
+ProjectTail = tuple[str, str, bool, datetime, datetime, int | None, int | None]
 # A token row from expires_at to max_concurrent, as asyncpg returns it.
 TokenTail = tuple[
     datetime, bool, int, int | None, int | None, datetime, datetime | None, int | None
@@ -270,8 +270,8 @@ class PostgresRepository(SqlBackend):
     def _project(row: asyncpg.Record) -> Project:
         # PROJECT_COLUMNS order; only the id, the metadata and the policy need
         # converting.
-        metadata, policy = load_metadata(row[3]), load_policy(row[10])
-        rest: ProjectTail = row[4:10]
+        metadata, policy = load_metadata(row[3]), load_policy(row[11])
+        rest: ProjectTail = row[4:11]
         return Project(str(row[0]), row[1], row[2], metadata, *rest, policy)
 
     @staticmethod

@@ -93,7 +93,7 @@ def test_a_token_can_only_narrow_its_projects_defaults() -> None:
 def _project(policy: TokenPolicy | None = None) -> Project:
     key = KeyCipher(KEY).encrypt("sk-upstream")
     return Project(
-        "p1", "demo", "", {}, key, "sk-...eam", True, CREATED, CREATED, None, policy
+        "p1", "demo", "", {}, key, "sk-...eam", True, CREATED, CREATED, policy=policy
     )
 
 
