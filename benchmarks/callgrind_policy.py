@@ -76,8 +76,12 @@ class Proxy:
             env["PYTHONPATH"] = str(tree.resolve())
         command = [sys.executable, "-m", "llm_proxy", "serve"]
         self.callgrind = Callgrind(stack.workdir / name, command, env)
-        wait_port(self.port, START_TIMEOUT_S)
-        self.tokens = asyncio.run(_tokens(self.port, policy=tree is None))
+        try:
+            wait_port(self.port, START_TIMEOUT_S)
+            self.tokens = asyncio.run(_tokens(self.port, policy=tree is None))
+        except BaseException:
+            self.stop()
+            raise
         self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         self.sent = 0
 
