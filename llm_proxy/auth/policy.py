@@ -19,6 +19,9 @@ from typing import Final, Protocol
 
 _GLOB_CHARS: Final = frozenset("*?[")
 BINDING_PREFIX: Final = "X-Proxy-"
+# What a bound value that is not ASCII compiles to (the rules never store one): no
+# HTTP header value can hold a line feed, so it never matches.
+NEVER_SENT: Final = "\n"
 # Distinct glob lists kept compiled; tokens minted alike share one entry.
 MODEL_RULE_CACHE: Final = 4096
 
@@ -43,10 +46,13 @@ def binding_header(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """One bound key: the header that must carry `expected` on every call."""
+    """One bound key: the header that must carry `expected` on every call.
+
+    `expected` is ASCII, so `hmac.compare_digest` takes it as text.
+    """
 
     header: str
-    expected: bytes = field(repr=False)
+    expected: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,10 @@ class CallPolicy:
 
     def allows_model(self, model: str) -> bool:
         """True when every model list allows `model`."""
-        return all(rule.allows(model) for rule in self.models)
+        for rule in self.models:  # a loop: cheaper than all() over a generator
+            if not rule.allows(model):
+                return False
+        return True
 
 
 def compile_policy(policy: PolicyFields | None) -> CallPolicy | None:
@@ -91,7 +100,7 @@ def compile_policy(policy: PolicyFields | None) -> CallPolicy | None:
     if policy is None:
         return None
     bindings = tuple(
-        Binding(binding_header(key), value.encode())
+        Binding(binding_header(key), value if value.isascii() else NEVER_SENT)
         for key, value in sorted(policy.bind.items())
     )
     globs = policy.allowed_models

@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth.policy import CallPolicy
@@ -137,6 +136,12 @@ class _PolicedPeek:
         check_body(self.policy, payload, exchange)
         return _with_usage(body, payload, exchange)
 
+    def unread(self, body: UpstreamBody, exchange: Exchange) -> None:
+        """A body not peeked at (a form, an upload) has no model the proxy can read:
+        judged as such, so a policy that limits models refuses it."""
+        if body is not None and not self.peeked:
+            check_body(self.policy, None, exchange)
+
 
 def _with_usage(
     body: bytes, payload: dict[str, object] | None, exchange: Exchange
@@ -210,26 +215,6 @@ async def _read_whole(request: web.Request, limit: int) -> bytes:
         raise IncompleteBodyError() from exc
 
 
-async def _read_policed(
-    request: web.Request,
-    exchange: Exchange,
-    limit: int,
-    policy: CallPolicy,
-    headers: CIMultiDict[str],
-) -> UpstreamBody:
-    """`read_body` under a token's policy: bound headers first, then the body.
-
-    A body the relay does not peek at (a form, an upload) is judged as one without
-    a readable model: refused when the policy limits models.
-    """
-    enforce_bindings(policy, request.headers, headers)
-    peek = _PolicedPeek(policy)
-    body = await read_body(request, exchange, limit, peek)
-    if body is not None and not peek.peeked:
-        check_body(policy, None, exchange)
-    return body
-
-
 def upstream_url(base: str, path: str, raw_path: str) -> URL:
     """The base URL (with its path prefix), the checked path, the query as sent.
 
@@ -252,12 +237,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         exchange.request_id,
         _forwarded_client(request, settings),
     )
-    if principal.policy is None:
+    policy = principal.policy
+    if policy is None:
         body = await read_body(request, exchange, settings.max_request_bytes)
-    else:
-        body = await _read_policed(
-            request, exchange, settings.max_request_bytes, principal.policy, headers
-        )
+    else:  # bound headers first, then the body's fields
+        enforce_bindings(policy, request.headers, headers)
+        peek = _PolicedPeek(policy)
+        body = await read_body(request, exchange, settings.max_request_bytes, peek)
+        peek.unread(body, exchange)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
     ):

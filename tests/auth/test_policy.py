@@ -9,6 +9,7 @@ import pytest
 
 from llm_proxy.auth.crypto import KeyCipher, TokenHasher
 from llm_proxy.auth.policy import (
+    NEVER_SENT,
     binding_header,
     compile_policy,
     merge_policies,
@@ -55,12 +56,14 @@ def test_model_rules_are_compiled_once_per_list() -> None:
     assert model_rule(("a-*", "b")) is model_rule(("a-*", "b"))
 
 
-def test_bindings_hold_their_header_and_value_bytes() -> None:
-    policy = compile_policy(TokenPolicy(bind={"user_id": "alice"}))
+def test_bindings_hold_their_header_and_value() -> None:
+    policy = compile_policy(TokenPolicy(bind={"user_id": "alice", "team": "élan"}))
     assert policy is not None
-    [binding] = policy.bindings
-    assert (binding.header, binding.expected) == ("X-Proxy-User-Id", b"alice")
+    team, user = policy.bindings
+    assert (user.header, user.expected) == ("X-Proxy-User-Id", "alice")
     assert "alice" not in repr(policy)  # a bound value is not for logs
+    # Never written by the rules; if stored by hand, it can match no header.
+    assert (team.header, team.expected) == ("X-Proxy-Team", NEVER_SENT)
 
 
 def test_a_token_can_only_narrow_its_projects_defaults() -> None:

@@ -364,3 +364,13 @@ async def test_another_process_enforces_a_policy_after_its_reload(
     )
     assert (await second.post(CHAT, json=chat(), headers=alice)).status == 200
     assert fake.requests_seen == 1
+
+
+async def test_a_bound_header_that_is_not_ascii_is_a_mismatch_not_an_error(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    _, token = await proxy_token(proxy, bind={"user_id": "alice"})
+    raw = [("Authorization", f"Bearer {token}"), ("X-Proxy-User-Id", "alicé")]
+    response = await proxy.get("/v1/models", headers=raw)
+    await refused(response, 403, "binding_mismatch")
+    assert fake.requests_seen == 0
