@@ -52,6 +52,9 @@ class Project:
     created_at: datetime
     updated_at: datetime
     max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
+    # Canonical browser origins (llm_proxy.origins); empty: CORS_ALLOWED_ORIGINS apply.
+    allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False  # its tokens are refused without an Origin header
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class ProjectChanges:
     is_active: bool | None = None
     max_concurrent: int | None = None
     clear_max_concurrent: bool = False
+    allowed_origins: tuple[str, ...] | None = None  # () empties the list
+    require_origin: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,11 +80,11 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent"
+    " created_at, updated_at, max_concurrent, allowed_origins, require_origin"
 )
 INSERT_PROJECT: Final = (
     f"INSERT INTO projects ({PROJECT_COLUMNS})"
-    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)"
+    " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1"
 SEARCH_PROJECTS: Final = "($1::text IS NULL OR name ILIKE $1 ESCAPE '\\')"
@@ -102,7 +102,9 @@ UPDATE projects SET
     api_key_hint = coalesce($6, api_key_hint),
     is_active = coalesce($7, is_active),
     max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($9, max_concurrent) END,
-    updated_at = $10
+    allowed_origins = coalesce($10::text[], allowed_origins),
+    require_origin = coalesce($11, require_origin),
+    updated_at = $12
 WHERE id = $1
 RETURNING {PROJECT_COLUMNS}"""
 DELETE_PROJECT: Final = "DELETE FROM projects WHERE id = $1"
@@ -701,6 +703,8 @@ def _project_args(project: Project) -> tuple[Any, ...]:
         project.created_at,
         project.updated_at,
         project.max_concurrent,
+        list(project.allowed_origins),
+        project.require_origin,
     )
 
 
@@ -715,6 +719,8 @@ def _changes_args(changes: ProjectChanges) -> tuple[Any, ...]:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        None if changes.allowed_origins is None else list(changes.allowed_origins),
+        changes.require_origin,
     )
 
 
@@ -730,6 +736,8 @@ def _project(row: Any) -> Project:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         max_concurrent=row["max_concurrent"],
+        allowed_origins=tuple(row["allowed_origins"]),
+        require_origin=row["require_origin"],
     )
 
 

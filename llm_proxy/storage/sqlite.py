@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import sqlite3
 import uuid
@@ -92,10 +93,11 @@ UPSERT_META: Final = (
 
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent"
+    " created_at, updated_at, max_concurrent, allowed_origins, require_origin"
 )
 INSERT_PROJECT: Final = (
-    f"INSERT INTO projects ({PROJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO projects ({PROJECT_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_PROJECT: Final = f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ?"
 SEARCH_PROJECTS: Final = "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\')"
@@ -113,6 +115,8 @@ UPDATE projects SET
     api_key_hint = coalesce(?, api_key_hint),
     is_active = coalesce(?, is_active),
     max_concurrent = CASE WHEN ? THEN NULL ELSE coalesce(?, max_concurrent) END,
+    allowed_origins = coalesce(?, allowed_origins),
+    require_origin = coalesce(?, require_origin),
     updated_at = ?
 WHERE id = ?
 RETURNING {PROJECT_COLUMNS}"""
@@ -710,11 +714,13 @@ def _project_params(project: Project) -> Params:
         _to_text(project.created_at),
         _to_text(project.updated_at),
         project.max_concurrent,
+        _origins_text(project.allowed_origins),
+        project.require_origin,
     )
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    metadata = changes.metadata
+    metadata, origins = changes.metadata, changes.allowed_origins
     return (
         changes.name,
         changes.description,
@@ -724,6 +730,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        None if origins is None else _origins_text(origins),
+        changes.require_origin,
     )
 
 
@@ -739,7 +747,13 @@ def _project(row: sqlite3.Row) -> Project:
         created_at=_from_text(row["created_at"]),
         updated_at=_from_text(row["updated_at"]),
         max_concurrent=row["max_concurrent"],
+        allowed_origins=tuple(json.loads(row["allowed_origins"])),
+        require_origin=bool(row["require_origin"]),
     )
+
+
+def _origins_text(origins: tuple[str, ...]) -> str:
+    return json.dumps(list(origins), separators=(",", ":"))
 
 
 def _token_params(token: Token) -> Params:
