@@ -26,6 +26,7 @@ from functools import partial
 from itertools import islice
 from typing import Final, Protocol, TypeVar
 
+from ..origins import OriginRule
 from ..storage.base import (
     ChangeCursor,
     ChangePage,
@@ -36,6 +37,7 @@ from ..storage.base import (
     TokenUsage,
 )
 from .crypto import DecryptionError, KeyCipher, TokenHasher
+from .origin_index import OriginIndex
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Principal:
     max_requests: int | None
     max_concurrent: int | None = None  # the token's own cap on calls in flight
     project_max_concurrent: int | None = None  # its project's
+    origins: OriginRule | None = None  # its project's browser origins, if it has any
 
 
 @dataclass(slots=True)
@@ -113,6 +116,7 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    origins: OriginRule | None = None
 
 
 class TokenStore:
@@ -136,6 +140,8 @@ class TokenStore:
         self._used: dict[str, _TokenEntry] = {}
         self._generation = 0
         self._unseen = 0  # entries with seen < _generation (not seen by this resync)
+        # The origins of every active project, for preflights (proxy/cors.py).
+        self.origin_index = OriginIndex()
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -213,21 +219,28 @@ class TokenStore:
     def put_project(self, project: Project) -> None:
         """Add or refresh a project; the key is decrypted only when it changed.
 
-        A change the principals carry (the key, max_concurrent) makes a new entry:
-        each token's principal is rebuilt on its next use, without a walk over the
-        project's tokens here.
+        A change the principals carry (the key, max_concurrent, origins) makes a new
+        entry: each token's principal is rebuilt on its next use, without a walk over
+        the project's tokens here.
         """
         known = self._projects.get(project.id)
+        origins = OriginRule.of(
+            project.allowed_origins, require_origin=project.require_origin
+        )
+        listed = project.allowed_origins if project.is_active else ()
+        self.origin_index.set(project.id, listed)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
-            if known.max_concurrent != project.max_concurrent:
+            carried = (project.max_concurrent, origins)
+            if (known.max_concurrent, known.origins) != carried:
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
                     known.envelope,
                     known.authorization,
                     seen=self._generation,
                     max_concurrent=project.max_concurrent,
+                    origins=origins,
                 )
             return
         try:
@@ -235,6 +248,7 @@ class TokenStore:
         except DecryptionError:
             log.error("cannot decrypt the upstream key of project %s", project.id)
             self._projects.pop(project.id, None)
+            self.origin_index.discard(project.id)
             return
         self._projects[project.id] = _ProjectEntry(
             project.is_active,
@@ -242,11 +256,13 @@ class TokenStore:
             f"Bearer {key}",
             seen=self._generation,
             max_concurrent=project.max_concurrent,
+            origins=origins,
         )
 
     def remove_project(self, project_id: str) -> None:
         """Forget a deleted project and every token of it."""
         self._projects.pop(project_id, None)
+        self.origin_index.discard(project_id)
         self.remove_tokens_of(project_id)
 
     def remove_tokens_of(self, project_id: str) -> None:
@@ -366,6 +382,7 @@ class TokenStore:
                 entry.max_requests,
                 entry.max_concurrent,
                 project.max_concurrent,
+                project.origins,
             )
             entry.principal_of = project
         return principal
