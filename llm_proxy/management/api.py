@@ -38,6 +38,8 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -46,6 +48,8 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -77,6 +81,8 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "allowed_origins": list(project.allowed_origins),
+        "require_origin": project.require_origin,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -163,6 +169,8 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        allowed_origins=data.get("allowed_origins") or (),
+        require_origin=data.get("require_origin", False),
     )
     return json_response(project_json(project), status=201)
 
@@ -197,6 +205,7 @@ async def update_project_handler(request: web.Request) -> web.Response:
         check_fields(data, PROJECT_UPDATE)
     description = data.get("description", None)
     metadata = data.get("metadata", None)
+    origins = data.get("allowed_origins", None)
     project = await request.config_dict[SERVICE_KEY].update_project(
         project_id,
         name=data.get("name"),
@@ -209,6 +218,10 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        allowed_origins=()
+        if "allowed_origins" in data and origins is None
+        else origins,
+        require_origin=data.get("require_origin"),
     )
     return json_response(project_json(project))
 

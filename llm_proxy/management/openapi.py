@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 from .. import __version__
+from ..origins import MAX_ORIGINS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]
@@ -199,6 +200,22 @@ def _max_concurrent(default_setting: str) -> dict[str, Any]:
     }
 
 
+_ORIGIN_FIELDS: dict[str, Any] = {
+    "allowed_origins": {
+        "type": ["array", "null"],
+        "items": {"type": "string"},
+        "maxItems": MAX_ORIGINS,
+        "description": "Origins whose pages may use the project's tokens:"
+        " scheme://host[:port] (http or https, no path) or https://*.example.com"
+        " (subdomains only). Empty or null: CORS_ALLOWED_ORIGINS apply.",
+    },
+    "require_origin": {
+        "type": "boolean",
+        "description": "Refuse the project's tokens without an Origin header.",
+    },
+}
+
+
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -216,6 +233,7 @@ def _schemas() -> dict[str, Any]:
         "openai_api_key": _string(),
         "is_active": {"type": "boolean"},
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+        **_ORIGIN_FIELDS,
     }
     return {
         "Project": _object(
@@ -227,6 +245,7 @@ def _schemas() -> dict[str, Any]:
                 "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
                 "is_active": {"type": "boolean"},
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
             },
@@ -239,6 +258,7 @@ def _schemas() -> dict[str, Any]:
                 "metadata": {"type": ["object", "null"]},
                 "openai_api_key": _string(),
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
             },
             ["name", "openai_api_key"],
         ),
