@@ -31,7 +31,7 @@ from ..errors import (
     UpstreamError,
 )
 from ..keys import EXCHANGE_KEY, PRINCIPAL_KEY
-from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
+from .allowlist import NOT_FOUND, Allowlist, Match, MatchKind, normalise_path
 from .breaker import CircuitBreaker
 from .concurrency import InFlight, Scope
 from .exchange import Exchange
@@ -240,16 +240,9 @@ class AllowlistStage:
             else NOT_FOUND
         )
         if verdict.kind is MatchKind.NOT_FOUND:
-            raise NotAllowedError(
-                404, "Unknown or forbidden path.", code="unknown_endpoint"
-            )
+            raise unknown_endpoint()
         if verdict.kind is MatchKind.METHOD_NOT_ALLOWED:
-            raise NotAllowedError(
-                405,
-                f"Method {request.method} is not allowed for this path.",
-                code="method_not_allowed",
-                headers={"Allow": verdict.allow_header},
-            )
+            raise method_not_allowed(request.method, verdict)
         exchange.endpoint = verdict.endpoint
         exchange.models = verdict.models
 
@@ -257,6 +250,21 @@ class AllowlistStage:
         self, request: web.Request, exchange: Exchange, error: BaseException | None
     ) -> None:
         """Nothing to undo."""
+
+
+def unknown_endpoint() -> NotAllowedError:
+    """404 for a path outside the allowlist (or a path trick)."""
+    return NotAllowedError(404, "Unknown or forbidden path.", code="unknown_endpoint")
+
+
+def method_not_allowed(method: str, verdict: Match) -> NotAllowedError:
+    """405 for a method the allowlist does not allow on this path, with `Allow`."""
+    return NotAllowedError(
+        405,
+        f"Method {method} is not allowed for this path.",
+        code="method_not_allowed",
+        headers={"Allow": verdict.allow_header},
+    )
 
 
 def bearer_token(value: str | None) -> str | None:

@@ -44,6 +44,7 @@ class Exchange:
         "capture",
         "response_kind",
         "content_encoding",
+        "cors",
     )
 
     def __init__(self, request_id: str, started: float, method: str = "GET") -> None:
@@ -76,3 +77,4 @@ class Exchange:
         self.endpoint: str | None = None
         self.models: ModelPatterns | None = None
         self.path = ""
+        self.cors: str | None = None  # the request's Origin, when allowed (cors.py)

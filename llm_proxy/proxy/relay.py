@@ -38,6 +38,7 @@ from .capture import (
     UsageChunkStripper,
     inject_include_usage,
 )
+from .cors import add_cors_headers
 from .exchange import Exchange
 from .headers import (
     _forwarded_client,
@@ -252,6 +253,8 @@ async def relay(
     is_sse = content_type == "text/event-stream"
     exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
     headers = downstream_headers(upstream.headers, exchange, is_sse)
+    if exchange.cors is not None:
+        add_cors_headers(headers, exchange.cors)
     stripper = _usage_stripper(upstream.status, exchange, is_sse)
     if stripper is not None:
         headers.popall(hdrs.CONTENT_LENGTH, None)
