@@ -7,52 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ..dsn import DatabaseKind, parse_database_url
-from .base import (
-    ChangeCursor,
-    ChangePage,
-    Deletion,
-    DuplicateNameError,
-    MigrationError,
-    Project,
-    ProjectChanges,
-    PurgeCounts,
-    RejectedRowsError,
-    Repository,
-    RepositoryError,
-    RevokeCounts,
-    Token,
-    TokenFilter,
-    TokenUsage,
-    UsageEvent,
-    UsageRow,
-    UsageTotals,
-)
+from . import base
+from .base import *  # noqa: F403 (the records, errors and protocol: base.__all__)
+from .base import Repository
 from .sqlite import SqliteRepository
 
 if TYPE_CHECKING:
     from .postgres import PostgresRepository
 
 __all__ = [
-    "ChangeCursor",
-    "ChangePage",
-    "Deletion",
-    "DuplicateNameError",
-    "MigrationError",
+    *base.__all__,
     "PostgresRepository",
-    "Project",
-    "ProjectChanges",
-    "PurgeCounts",
-    "RejectedRowsError",
-    "Repository",
-    "RepositoryError",
-    "RevokeCounts",
     "SqliteRepository",
-    "Token",
-    "TokenFilter",
-    "TokenUsage",
-    "UsageEvent",
-    "UsageRow",
-    "UsageTotals",
     "create_repository",
 ]
 

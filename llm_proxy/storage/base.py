@@ -12,13 +12,36 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..domain_errors import ProxyError
+
+__all__ = [  # what `llm_proxy.storage` re-exports
+    "ChangeCursor",
+    "ChangePage",
+    "Deletion",
+    "DuplicateNameError",
+    "MigrationError",
+    "Project",
+    "ProjectChanges",
+    "PurgeCounts",
+    "RejectedRowsError",
+    "Repository",
+    "RepositoryError",
+    "RevokeCounts",
+    "Token",
+    "TokenFilter",
+    "TokenUsage",
+    "UsageEvent",
+    "UsageRow",
+    "UsageTotals",
+]
+
 T = TypeVar("T")
 
 # Where a page of changes ended: (change marker, id) of its last row.
 ChangeCursor = tuple[int, str]
 
 
-class RepositoryError(Exception):
+class RepositoryError(ProxyError):
     """Base of every error a repository raises on purpose."""
 
 
@@ -232,7 +255,7 @@ class Repository(Protocol):
         """Delete a project and (by cascade) its tokens; False when unknown."""
 
     async def create_token(self, token: Token) -> None:
-        """Insert a token record."""
+        """Insert a token record; `RepositoryError` when its project is unknown."""
 
     async def get_token(self, token_id: str) -> Token | None:
         """One token by its public id."""
@@ -310,7 +333,11 @@ class Repository(Protocol):
         in one short transaction; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError`, and then the call inserts none of them.
+        """
 
     async def usage_totals(
         self,
