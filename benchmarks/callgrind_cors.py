@@ -12,7 +12,16 @@ and the main thread's instructions are dumped (see callgrind_metrics.py). Kinds:
   client takes);
 - after-origin: this checkout, calls from an origin allowed server-wide.
 
+Background work (token reloads, usage flushes, the event writer) follows the clock,
+which callgrind slows, so whole-proxy counts move by about 1% from run to run; the
+micro part counts only what CORS adds to a call without `Origin`: one process under
+callgrind drives `proxy_chain` (no event loop: the handler never awaits) with and
+without the two CORS stages, `--ops` calls between a zero and a dump.
+
     python benchmarks/callgrind_cors.py --before DIR [--calls 300] [--rounds 2]
+                                        [--ops 20000]
+
+`micro OPS` is the child process of the micro part.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,8 +42,10 @@ from callgrind_metrics import (
     alternate,
     chat,
     instructions_per_call,
+    operation_instructions,
     per_kind_lines,
     proxy_env,
+    run_operations,
     with_fake_upstream,
 )
 from run import Stack, free_port
@@ -59,24 +72,94 @@ def proxy_instructions(
     return instructions_per_call(proxy, port, env, calls, partial(chat, extra=extra))
 
 
-def measure(before: Path, calls: int, rounds: int) -> dict[str, object]:
+def micro(ops: int) -> None:
+    """One call through `proxy_chain` without an Origin, with and without CORS."""
+    run_operations(_operations(), ops)
+
+
+def _operations() -> dict[str, Callable[[], object]]:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from llm_proxy.auth.origin_index import OriginIndex
+    from llm_proxy.auth.tokens import Principal
+    from llm_proxy.config import CorsSettings
+    from llm_proxy.keys import PRINCIPAL_KEY
+    from llm_proxy.proxy.chain import Stage, proxy_chain
+    from llm_proxy.proxy.cors import CorsPolicy, CorsStage, ProjectOriginStage
+
+    principal = Principal("token", "project", "Bearer sk-upstream", None, None)
+
+    class Sink:
+        in_flight = 0
+
+        def submit(self, exchange: object) -> None:
+            """Dropped."""
+
+    class Authenticated:
+        def enter(self, request: web.Request, exchange: object) -> None:
+            request[PRINCIPAL_KEY] = principal
+
+        def leave(self, request: object, exchange: object, error: object) -> None:
+            """Nothing to undo."""
+
+    answer = web.Response()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return answer
+
+    policy = CorsPolicy(CorsSettings((ORIGIN,)), OriginIndex())
+    plain = proxy_chain(Sink(), [Authenticated()], handler)
+    stages: list[Stage] = [
+        CorsStage(policy),
+        Authenticated(),
+        ProjectOriginStage(policy),
+    ]
+    with_cors = proxy_chain(Sink(), stages, handler)
+    # The headers the OpenAI Python SDK sends with a chat completion, no Origin.
+    sdk = ("Accept", "Accept-Encoding", "Connection", "User-Agent", "X-Stainless-Lang")
+    headers = {name: "x" for name in sdk} | {"Authorization": "Bearer wt-x"}
+    request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
+
+    def call(chain: Callable[[web.Request], Any]) -> None:
+        try:
+            chain(request).send(None)
+        except StopIteration:
+            return
+        raise RuntimeError("the chain awaited")
+
+    return {
+        "a call through the chain": partial(call, plain),
+        "the same call with the CORS stages": partial(call, with_cors),
+    }
+
+
+def measure(before: Path, calls: int, rounds: int, ops: int) -> dict[str, object]:
     """Instructions per call of each kind, alternating kinds in each round."""
-    per_call = with_fake_upstream(
-        lambda stack, upstream: alternate(
+
+    def work(stack: Stack, upstream: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        command = [sys.executable, __file__, "micro", str(ops)]
+        micro_counts = operation_instructions(stack.workdir / "micro", command, ops, 2)
+        per_call = alternate(
             KINDS,
             rounds,
             lambda kind, round_: proxy_instructions(
                 stack, kind, before, upstream, calls, round_
             ),
         )
-    )
+        return micro_counts, per_call
+
+    micro_counts, per_call = with_fake_upstream(work)
     medians = {kind: statistics.median(values) for kind, values in per_call.items()}
+    plain, with_cors = micro_counts.values()
     return {
         "calls": calls,
         "instructions_per_call": per_call,
         "no_origin_extra": medians["after"] - medians["before"],
         "no_origin_ratio": medians["after"] / medians["before"],
         "origin_extra": medians["after-origin"] - medians["after"],
+        "micro_instructions_per_call": micro_counts,
+        "micro_no_origin_extra": with_cors - plain,
     }
 
 
@@ -86,18 +169,26 @@ def render(report: dict[str, object]) -> str:
         f"  without Origin, after - before: {report['no_origin_extra']:+,.0f}"
         f" instructions per call (x{report['no_origin_ratio']:.5f})",
         f"  an allowed Origin adds: {report['origin_extra']:+,.0f} instructions per call",
+        "micro, instructions per call of proxy_chain without Origin:",
     ]
+    micro_counts = report["micro_instructions_per_call"]
+    assert isinstance(micro_counts, dict)
+    lines += [f"  {name}: {count:,.0f}" for name, count in micro_counts.items()]
+    lines.append(f"  CORS adds: {report['micro_no_origin_extra']:+,.0f}")
     return "\n".join(lines)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["micro"]:
+        return micro(int(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ops", type=int, default=20000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    report = measure(args.before.resolve(), args.calls, args.rounds)
+    report = measure(args.before.resolve(), args.calls, args.rounds, args.ops)
     print(json.dumps(report, indent=2) if args.json else render(report))
 
 

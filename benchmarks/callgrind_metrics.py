@@ -82,7 +82,11 @@ def serve(kind: str) -> None:
 def micro(kind: str, ops: int) -> None:
     """Run each operation `ops` times when told to on stdin (the driver counts)."""
     use_kind(kind)
-    operations = _operations()
+    run_operations(_operations(), ops)
+
+
+def run_operations(operations: Mapping[str, Callable[[], object]], ops: int) -> None:
+    """The child's side of `operation_instructions`."""
     print("ready", flush=True)
     for name, operation in operations.items():
         sys.stdin.readline()
@@ -240,13 +244,21 @@ def _wait_lines(path: Path, count: int, timeout_s: float = 120.0) -> None:
 def micro_instructions(workdir: Path, kind: str, ops: int) -> dict[str, float]:
     """Instructions per operation of each metric operation of a call."""
     command = [sys.executable, __file__, "micro", kind, str(ops)]
-    child = Callgrind(workdir / f"micro-{kind}", command)
+    return operation_instructions(workdir / f"micro-{kind}", command, ops, 5)
+
+
+def operation_instructions(
+    out: Path, command: list[str], ops: int, operations: int
+) -> dict[str, float]:
+    """Instructions per operation of a `micro` child that runs `operations` of them
+    `ops` times each, one after the other as told on stdin (see `micro`)."""
+    child = Callgrind(out, command)
     process = child.process
     assert process.stdin is not None and process.stdout is not None
     counts: dict[str, float] = {}
     try:
-        process.stdout.readline()  # set up: everything imported, the metrics built
-        for _ in range(5):
+        process.stdout.readline()  # set up: everything imported, the objects built
+        for _ in range(operations):
             child.zero()
             process.stdin.write("go\n")
             process.stdin.flush()

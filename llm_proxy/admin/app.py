@@ -16,10 +16,10 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..clock import utc_now
 from ..config import Settings
 from ..domain_errors import DomainError
 from ..errors import http_status
-from ..management.service import utc_now
 from . import pages, projects, tokens
 from .render import ADMIN_STATE_KEY, AdminState, Now, render, static_urls
 from .security import (

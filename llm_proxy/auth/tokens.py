@@ -13,14 +13,16 @@ tokens revoked or deleted meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Final
 
+from ..clock import Clock
 from ..domain_errors import ErrorKind
 from ..origins import OriginRule
 from ..storage.base import Deletion, Project, Token, TokenUsage
@@ -30,7 +32,6 @@ from .origin_index import OriginIndex
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 # Table entries a resync's sweep examines per loop slice (about 50 ns each), when the
 # resync did not see every entry again (a token gone without its tombstone).
@@ -48,6 +49,10 @@ class Principal:
     max_requests: int | None
     max_concurrent: int | None = None  # the token's own cap on calls in flight
     project_max_concurrent: int | None = None  # its project's
+    # Changes with every change of the project (its key, activation, settings): the
+    # response cache keys on it, so a rotated key never reads the old answers.
+    project_generation: str = ""
+    project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
     origins: OriginRule | None = None  # its project's browser origins, if it has any
 
 
@@ -80,6 +85,14 @@ class _ProjectEntry:
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
     origins: OriginRule | None = None
+    generation: str = ""  # see Principal.project_generation
+    cache_ttl_s: int | None = None
+
+
+def project_generation(project: Project) -> str:
+    """A digest of the project's key envelope and last change (never of the key)."""
+    stamp = f"{project.encrypted_api_key}|{project.updated_at.timestamp()!r}"
+    return hashlib.sha256(stamp.encode()).hexdigest()[:32]
 
 
 class TokenStore:
@@ -187,6 +200,7 @@ class TokenStore:
         the project's tokens here.
         """
         known = self._projects.get(project.id)
+        generation = project_generation(project)
         origins = OriginRule.of(
             project.allowed_origins, require_origin=project.require_origin
         )
@@ -195,14 +209,20 @@ class TokenStore:
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
-            carried = (project.max_concurrent, origins)
-            if (known.max_concurrent, known.origins) != carried:
+            if (
+                known.max_concurrent != project.max_concurrent
+                or known.generation != generation
+                or known.cache_ttl_s != project.cache_ttl_seconds
+                or known.origins != origins
+            ):
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
                     known.envelope,
                     known.authorization,
                     seen=self._generation,
                     max_concurrent=project.max_concurrent,
+                    generation=generation,
+                    cache_ttl_s=project.cache_ttl_seconds,
                     origins=origins,
                 )
             return
@@ -219,6 +239,8 @@ class TokenStore:
             f"Bearer {key}",
             seen=self._generation,
             max_concurrent=project.max_concurrent,
+            generation=generation,
+            cache_ttl_s=project.cache_ttl_seconds,
             origins=origins,
         )
 
@@ -351,6 +373,8 @@ class TokenStore:
                 entry.max_requests,
                 entry.max_concurrent,
                 project.max_concurrent,
+                project.generation,
+                project.cache_ttl_s,
                 project.origins,
             )
             entry.principal_of = project

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..auth.bearer import bearer_matches
 from ..auth.errors import AuthError
+from ..clock import utc_iso
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
@@ -42,6 +43,7 @@ PROJECT_CREATE = {
     "max_concurrent": Field(int, nullable=True),
     "allowed_origins": Field(list, nullable=True),
     "require_origin": Field(bool),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -52,6 +54,7 @@ PROJECT_UPDATE = {
     "max_concurrent": Field(int, nullable=True),
     "allowed_origins": Field(list, nullable=True),
     "require_origin": Field(bool),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -69,9 +72,7 @@ T = TypeVar("T")
 
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 UTC with a Z suffix, to the second."""
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if moment is None else utc_iso(moment)
 
 
 def project_json(project: Project) -> dict[str, Any]:
@@ -86,6 +87,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "max_concurrent": project.max_concurrent,
         "allowed_origins": list(project.allowed_origins),
         "require_origin": project.require_origin,
+        "cache_ttl_seconds": project.cache_ttl_seconds,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -173,6 +175,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         allowed_origins=data.get("allowed_origins") or (),
         require_origin=data.get("require_origin", False),
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
     )
     return json_response(project_json(project), status=201)
 
@@ -220,6 +223,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
         if "allowed_origins" in data and origins is None
         else origins,
         require_origin=data.get("require_origin"),
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
+        clear_cache_ttl_seconds="cache_ttl_seconds" in data
+        and data["cache_ttl_seconds"] is None,
     )
     return json_response(project_json(project))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..origins import MAX_ORIGINS
+from .service import MAX_CACHE_TTL_SECONDS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]
@@ -216,6 +217,16 @@ _ORIGIN_FIELDS: dict[str, Any] = {
 }
 
 
+def _cache_ttl() -> dict[str, Any]:
+    return {
+        **_integer(nullable=True, minimum=0),
+        "maximum": MAX_CACHE_TTL_SECONDS,
+        "description": "With RESPONSE_CACHE=on: seconds the project's answers may be"
+        " cached (capped by RESPONSE_CACHE_TTL_MAX), POST calls included; 0: never"
+        " cached; null: only what clients ask for (Cache-Control: max-age).",
+    }
+
+
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -234,6 +245,7 @@ def _schemas() -> dict[str, Any]:
         "is_active": {"type": "boolean"},
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
         **_ORIGIN_FIELDS,
+        "cache_ttl_seconds": _cache_ttl(),
     }
     return {
         "Project": _object(
@@ -246,6 +258,7 @@ def _schemas() -> dict[str, Any]:
                 "is_active": {"type": "boolean"},
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
                 **_ORIGIN_FIELDS,
+                "cache_ttl_seconds": _cache_ttl(),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
             },
@@ -259,6 +272,7 @@ def _schemas() -> dict[str, Any]:
                 "openai_api_key": _string(),
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
                 **_ORIGIN_FIELDS,
+                "cache_ttl_seconds": _cache_ttl(),
             },
             ["name", "openai_api_key"],
         ),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
 from ..auth.crypto import (
@@ -25,6 +25,7 @@ from ..auth.crypto import (
     token_hint,
 )
 from ..auth.tokens import TokenStore
+from ..clock import utc_now
 from ..domain_errors import DomainError, ErrorKind, ProxyError
 from ..origins import OriginError, parse_origins
 from ..storage import (
@@ -40,17 +41,13 @@ from ..storage import (
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200
 MAX_DESCRIPTION_CHARS: Final = 2000
+MAX_CACHE_TTL_SECONDS: Final = 31_536_000  # a year; RESPONSE_CACHE_TTL_MAX caps it too
 KEY_CHECK_META: Final = "encryption_key_check"
 
 Now = Callable[[], datetime]
 # Called after a committed change to a project or token: ("project" | "token", id).
 ChangeHook = Callable[[str, str], Awaitable[None]]
 T = TypeVar("T")
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC, to the microsecond."""
-    return datetime.now(UTC)
 
 
 class ServiceError(DomainError):
@@ -157,9 +154,11 @@ class ManagementService:
         max_concurrent: int | None = None,
         allowed_origins: Sequence[object] = (),
         require_origin: bool = False,
+        cache_ttl_seconds: int | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted."""
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         origins = _valid_origins(allowed_origins)
         now = self._now()
         project = Project(
@@ -175,6 +174,7 @@ class ManagementService:
             max_concurrent=max_concurrent,
             allowed_origins=origins,
             require_origin=require_origin,
+            cache_ttl_seconds=cache_ttl_seconds,
         )
         try:
             await self._repository.create_project(project)
@@ -218,13 +218,17 @@ class ManagementService:
         clear_max_concurrent: bool = False,
         allowed_origins: Sequence[object] | None = None,
         require_origin: bool | None = None,
+        cache_ttl_seconds: int | None = None,
+        clear_cache_ttl_seconds: bool = False,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
-        `clear_max_concurrent` removes the project's own cap (the default applies);
-        an empty `allowed_origins` its own origins (CORS_ALLOWED_ORIGINS apply).
+        `clear_max_concurrent` removes the project's own cap (the default applies),
+        `clear_cache_ttl_seconds` its cache setting; an empty `allowed_origins` its
+        own origins (CORS_ALLOWED_ORIGINS apply).
         """
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         origins = None if allowed_origins is None else _valid_origins(allowed_origins)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
@@ -241,6 +245,8 @@ class ManagementService:
             clear_max_concurrent=clear_max_concurrent,
             allowed_origins=origins,
             require_origin=require_origin,
+            cache_ttl_seconds=cache_ttl_seconds,
+            clear_cache_ttl_seconds=clear_cache_ttl_seconds,
         )
         try:
             project = await self._repository.update_project(
@@ -363,6 +369,11 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
 def _check_max_concurrent(value: int | None) -> None:
     if value is not None:
         _check_range("max_concurrent", value, 1, 2**31 - 1)
+
+
+def _check_cache_ttl(value: int | None) -> None:
+    if value is not None:
+        _check_range("cache_ttl_seconds", value, 0, MAX_CACHE_TTL_SECONDS)
 
 
 def _has_nul(value: Any) -> bool:

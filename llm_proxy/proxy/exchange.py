@@ -8,9 +8,13 @@ counts and bounded captures here for the instrumentation that runs after it. Tim
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .allowlist import ModelPatterns
 from .capture import ResponseCapture
+
+if TYPE_CHECKING:
+    from .cache_stage import CachePlan
 
 
 class Exchange:
@@ -45,6 +49,8 @@ class Exchange:
         "response_kind",
         "content_encoding",
         "cors",
+        "cache_plan",
+        "cache",
     )
 
     def __init__(self, request_id: str, started: float, method: str = "GET") -> None:
@@ -78,3 +84,7 @@ class Exchange:
         self.models: ModelPatterns | None = None
         self.path = ""
         self.cors: str | None = None  # the request's Origin, when allowed (cors.py)
+        # With RESPONSE_CACHE: the call's lookup and keep, and their outcome for the
+        # event ("hit" | "miss" | "bypass"); None while the cache takes no part.
+        self.cache_plan: CachePlan | None = None
+        self.cache: str | None = None

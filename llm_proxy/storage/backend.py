@@ -374,6 +374,7 @@ class SqlBackend(ABC):
             self._time(project.created_at),
             self._time(project.updated_at),
             project.max_concurrent,
+            project.cache_ttl_seconds,
             dump_origins(project.allowed_origins),
             project.require_origin,
         )
@@ -421,7 +422,7 @@ class SqlBackend(ABC):
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    """Parameters $2 to $11 of update_project."""
+    """Parameters $2 to $13 of update_project."""
     metadata, origins = changes.metadata, changes.allowed_origins
     return (
         changes.name,
@@ -432,6 +433,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        changes.clear_cache_ttl_seconds,
+        changes.cache_ttl_seconds,
         None if origins is None else dump_origins(origins),
         changes.require_origin,
     )

@@ -268,8 +268,8 @@ class PostgresRepository(SqlBackend):
     def _project(row: asyncpg.Record) -> Project:
         # PROJECT_COLUMNS order; only the id and the JSON columns need converting.
         metadata = load_metadata(row[3])
-        key, hint, active, created, updated, cap = row[4:10]
-        origins = load_origins(row[10])
+        key, hint, active, created, updated, cap, ttl = row[4:11]
+        origins = load_origins(row[11])
         return Project(
             str(row[0]),
             row[1],
@@ -281,8 +281,9 @@ class PostgresRepository(SqlBackend):
             created,
             updated,
             cap,
+            ttl,
             origins,
-            row[11],
+            row[12],
         )
 
     @staticmethod

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import aiosqlite
 
+from ..clock import utc_iso
 from ..private_files import create_private_file
 from ._common import load_metadata, load_origins
 from .backend import Params, SqlBackend
@@ -267,6 +268,7 @@ class SqliteRepository(SqlBackend):
             created_at=_from_text(row["created_at"]),
             updated_at=_from_text(row["updated_at"]),
             max_concurrent=row["max_concurrent"],
+            cache_ttl_seconds=row["cache_ttl_seconds"],
             allowed_origins=load_origins(row["allowed_origins"]),
             require_origin=bool(row["require_origin"]),
         )
@@ -388,12 +390,7 @@ def _statements(script: str) -> Iterable[str]:
 
 
 def _to_text(moment: datetime) -> str:
-    if moment.tzinfo is UTC:  # the common case (a row per proxied call): no conversion
-        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
-    if moment.tzinfo is None:
-        raise ValueError("repository times must be timezone-aware")
-    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
-    return naive_utc.isoformat(timespec="microseconds") + "Z"
+    return utc_iso(moment, "microseconds")
 
 
 def _from_text(text: str) -> datetime:
