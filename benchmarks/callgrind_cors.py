@@ -14,9 +14,10 @@ and the main thread's instructions are dumped (see callgrind_metrics.py). Kinds:
 
 Background work (token reloads, usage flushes, the event writer) follows the clock,
 which callgrind slows, so whole-proxy counts move by about 1% from run to run; the
-micro part counts only what CORS adds to a call without `Origin`: one process under
-callgrind drives `proxy_chain` (no event loop: the handler never awaits) with and
-without the two CORS stages, `--ops` calls between a zero and a dump.
+micro part counts what CORS adds to a call without `Origin` alone: a process of each
+code (before, after) under callgrind drives `proxy_chain` with the real token auth
+stage on a real token table (no event loop: the handler never awaits), `--ops` calls
+between a zero and a dump.
 
     python benchmarks/callgrind_cors.py --before DIR [--calls 300] [--rounds 2]
                                         [--ops 20000]
@@ -30,7 +31,8 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from run import Stack, free_port
 
 KINDS = ("before", "after", "after-origin")
 ORIGIN = "https://app.example.com"
+TOKEN = "wt-callgrind-cors-token"
 
 
 def proxy_instructions(
@@ -73,7 +76,8 @@ def proxy_instructions(
 
 
 def micro(ops: int) -> None:
-    """One call through `proxy_chain` without an Origin, with and without CORS."""
+    """One call through `proxy_chain` and token auth without an Origin, in the code
+    this process imports (`--before`'s through PYTHONPATH, or this checkout's)."""
     run_operations(_operations(), ops)
 
 
@@ -81,14 +85,19 @@ def _operations() -> dict[str, Callable[[], object]]:
     from aiohttp import web
     from aiohttp.test_utils import make_mocked_request
 
-    from llm_proxy.auth.origin_index import OriginIndex
-    from llm_proxy.auth.tokens import Principal
-    from llm_proxy.config import CorsSettings
-    from llm_proxy.keys import PRINCIPAL_KEY
-    from llm_proxy.proxy.chain import Stage, proxy_chain
-    from llm_proxy.proxy.cors import CorsPolicy, CorsStage, ProjectOriginStage
+    from llm_proxy.proxy.chain import Stage, TokenAuthStage, proxy_chain
 
-    principal = Principal("token", "project", "Bearer sk-upstream", None, None)
+    store = _token_store()
+    stages: list[Stage]
+    gates: tuple[Any, ...]
+    try:
+        from llm_proxy.config import CorsSettings
+        from llm_proxy.proxy.cors import CorsPolicy
+    except ImportError:  # the code before
+        stages, gates = [TokenAuthStage(store)], ()
+    else:
+        gate = CorsPolicy(CorsSettings((ORIGIN,)), store.origin_index)
+        stages, gates = [TokenAuthStage(store, gate)], (gate,)
 
     class Sink:
         in_flight = 0
@@ -96,42 +105,46 @@ def _operations() -> dict[str, Callable[[], object]]:
         def submit(self, exchange: object) -> None:
             """Dropped."""
 
-    class Authenticated:
-        def enter(self, request: web.Request, exchange: object) -> None:
-            request[PRINCIPAL_KEY] = principal
-
-        def leave(self, request: object, exchange: object, error: object) -> None:
-            """Nothing to undo."""
-
     answer = web.Response()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return answer
 
-    policy = CorsPolicy(CorsSettings((ORIGIN,)), OriginIndex())
-    plain = proxy_chain(Sink(), [Authenticated()], handler)
-    stages: list[Stage] = [
-        CorsStage(policy),
-        Authenticated(),
-        ProjectOriginStage(policy),
-    ]
-    with_cors = proxy_chain(Sink(), stages, handler)
+    chain = proxy_chain(Sink(), stages, handler, *gates)
     # The headers the OpenAI Python SDK sends with a chat completion, no Origin.
     sdk = ("Accept", "Accept-Encoding", "Connection", "User-Agent", "X-Stainless-Lang")
-    headers = {name: "x" for name in sdk} | {"Authorization": "Bearer wt-x"}
+    headers = {name: "x" for name in sdk} | {"Authorization": f"Bearer {TOKEN}"}
     request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
 
-    def call(chain: Callable[[web.Request], Any]) -> None:
+    def call() -> None:
+        coroutine = chain(request)
+        assert isinstance(coroutine, Coroutine)
         try:
-            chain(request).send(None)
+            coroutine.send(None)
         except StopIteration:
             return
         raise RuntimeError("the chain awaited")
 
-    return {
-        "a call through the chain": partial(call, plain),
-        "the same call with the CORS stages": partial(call, with_cors),
-    }
+    call()  # a refusal would raise here, before any counting
+    return {"a call through the chain (token auth, no Origin)": call}
+
+
+def _token_store() -> Any:
+    """A token table holding one token, TOKEN, of an active project."""
+    from llm_proxy.auth.crypto import KeyCipher, TokenHasher
+    from llm_proxy.auth.tokens import TokenStore
+    from llm_proxy.storage.base import Project, Token
+
+    key = bytes(range(32))
+    store = TokenStore(TokenHasher(key), KeyCipher(key))
+    now = datetime.now(UTC)
+    envelope = KeyCipher(key).encrypt("sk-upstream-key-0123456789")
+    store.put_project(Project("p", "bench", "", {}, envelope, "", True, now, now))
+    expires = now + timedelta(days=1)
+    value_hash = TokenHasher(key).hash(TOKEN)
+    token = Token("t", value_hash, "", "p", expires, True, 0, None, None, now, None)
+    store.put_token(token)
+    return store
 
 
 def measure(before: Path, calls: int, rounds: int, ops: int) -> dict[str, object]:
@@ -139,7 +152,18 @@ def measure(before: Path, calls: int, rounds: int, ops: int) -> dict[str, object
 
     def work(stack: Stack, upstream: int) -> tuple[dict[str, Any], dict[str, Any]]:
         command = [sys.executable, __file__, "micro", str(ops)]
-        micro_counts = operation_instructions(stack.workdir / "micro", command, ops, 2)
+        micro_counts = {
+            kind: sum(
+                operation_instructions(
+                    stack.workdir / f"micro-{kind}",
+                    command,
+                    ops,
+                    1,
+                    {"PYTHONPATH": str(before)} if kind == "before" else None,
+                ).values()
+            )
+            for kind in ("before", "after")
+        }
         per_call = alternate(
             KINDS,
             rounds,
@@ -151,7 +175,7 @@ def measure(before: Path, calls: int, rounds: int, ops: int) -> dict[str, object
 
     micro_counts, per_call = with_fake_upstream(work)
     medians = {kind: statistics.median(values) for kind, values in per_call.items()}
-    plain, with_cors = micro_counts.values()
+    plain, with_cors = micro_counts["before"], micro_counts["after"]
     return {
         "calls": calls,
         "instructions_per_call": per_call,
@@ -169,7 +193,7 @@ def render(report: dict[str, object]) -> str:
         f"  without Origin, after - before: {report['no_origin_extra']:+,.0f}"
         f" instructions per call (x{report['no_origin_ratio']:.5f})",
         f"  an allowed Origin adds: {report['origin_extra']:+,.0f} instructions per call",
-        "micro, instructions per call of proxy_chain without Origin:",
+        "micro, instructions per call of proxy_chain and token auth without Origin:",
     ]
     micro_counts = report["micro_instructions_per_call"]
     assert isinstance(micro_counts, dict)

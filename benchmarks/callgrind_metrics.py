@@ -248,11 +248,15 @@ def micro_instructions(workdir: Path, kind: str, ops: int) -> dict[str, float]:
 
 
 def operation_instructions(
-    out: Path, command: list[str], ops: int, operations: int
+    out: Path,
+    command: list[str],
+    ops: int,
+    operations: int,
+    env: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Instructions per operation of a `micro` child that runs `operations` of them
     `ops` times each, one after the other as told on stdin (see `micro`)."""
-    child = Callgrind(out, command)
+    child = Callgrind(out, command, env)
     process = child.process
     assert process.stdin is not None and process.stdout is not None
     counts: dict[str, float] = {}

@@ -57,7 +57,7 @@ from .proxy.chain import (
     proxy_chain,
 )
 from .proxy.concurrency import InFlight
-from .proxy.cors import CorsPolicy, CorsStage, ProjectOriginStage, preflight_handler
+from .proxy.cors import CorsPolicy, preflight_handler
 from .proxy.ratelimit import GcraLimiter
 from .proxy.relay import proxy_handler
 from .proxy.upstream import upstream_session_ctx
@@ -223,10 +223,8 @@ def create_proxy_handler(
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
     cors = CorsPolicy(settings.cors, store.origin_index)
     stages: list[Stage] = [
-        CorsStage(cors),
         AllowlistStage(load_endpoint_allowlist(settings)),
-        TokenAuthStage(store),
-        ProjectOriginStage(cors),
+        TokenAuthStage(store, cors),
         rate_stage,
         ConcurrencyStage(
             InFlight(),
@@ -239,7 +237,7 @@ def create_proxy_handler(
         from .proxy.cache_stage import ResponseCacheStage  # redis only when configured
 
         stages.append(ResponseCacheStage(cache))
-    return proxy_chain(instrumentation, stages, proxy_handler)
+    return proxy_chain(instrumentation, stages, proxy_handler, cors)
 
 
 def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:

@@ -4,14 +4,14 @@
   preflight carries no token, so it is answered (204, no token, nothing upstream) when
   the origin is allowed server-wide (CORS_ALLOWED_ORIGINS) or by any active project,
   with the allowlist's methods for the path. Any other OPTIONS goes through the chain.
-- `CorsStage`, the first stage: an `Origin` allowed nowhere is refused (403
-  `origin_not_allowed`); an allowed one is kept on the call's `Exchange`, so every
-  answer carries the CORS headers, the proxy's own errors included.
-- `ProjectOriginStage`, after token auth: the origin must be allowed for the token's
-  project (its own list, else the server-wide one), and a project with
-  `require_origin` refuses calls without one.
+- `CorsPolicy`, the chain's `OriginGate`: before the stages, an `Origin` allowed
+  nowhere is refused (403 `origin_not_allowed`) and an allowed one is kept on the
+  call's `Exchange`, so every answer carries the CORS headers, the proxy's own errors
+  included; in token auth, the origin must be allowed for the token's project (its own
+  list, else the server-wide one), and a project with `require_origin` refuses calls
+  without one.
 
-A call without an `Origin` header costs one header lookup and two attribute checks.
+A call without an `Origin` header costs one header lookup and two attribute tests.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from ..auth.origin_index import OriginIndex
+from ..auth.tokens import Principal
 from ..config import CorsSettings
 from ..errors import ApiError, NotAllowedError
-from ..keys import PRINCIPAL_KEY
 from ..origins import OriginSet
 from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
 from .chain import method_not_allowed, unknown_endpoint
@@ -69,7 +69,7 @@ _UPSTREAM_CORS_PREFIX: Final = "access-control-"
 
 class CorsPolicy:
     """The origins allowed server-wide, the live index of the projects' origins, and
-    how long a browser may keep a preflight's answer."""
+    how long a browser may keep a preflight's answer; the chain's `OriginGate`."""
 
     __slots__ = ("default", "index", "max_age")
 
@@ -81,6 +81,32 @@ class CorsPolicy:
     def allows_somewhere(self, origin: str) -> bool:
         """Allowed server-wide or by any active project (a preflight's question)."""
         return self.default.allows(origin) or self.index.allows(origin)
+
+    def admit(self, request: web.Request, exchange: Exchange, origin: str) -> None:
+        """Before the stages: refuse an origin allowed nowhere, keep an allowed one."""
+        if not self.allows_somewhere(origin):
+            # The allowlist stage has not run: record the path as it came.
+            exchange.path = request.raw_path.split("?")[0]
+            raise origin_not_allowed()
+        exchange.cors = origin
+
+    def check(self, principal: Principal, exchange: Exchange) -> None:
+        """In token auth: the origin must be allowed for the token's project."""
+        rule = principal.origins
+        origin = exchange.cors
+        if origin is None:
+            if rule is not None and rule.require_origin:
+                raise origin_required()
+            return
+        if rule.allows(origin, self.default) if rule else self.default.allows(origin):
+            return
+        exchange.cors = None  # no CORS headers: the page may not read the refusal
+        raise origin_not_allowed()
+
+    def decorate(self, error: ApiError, exchange: Exchange) -> None:
+        """The proxy's own error answer to an allowed origin carries the CORS headers."""
+        if exchange.cors is not None:
+            add_cors_headers(error.headers, exchange.cors)
 
 
 def origin_not_allowed() -> ApiError:
@@ -119,59 +145,6 @@ def add_cors_headers(headers: CIMultiDict[str], origin: str) -> None:
     }
     if "origin" not in listed and "*" not in listed:
         headers.add(hdrs.VARY, "Origin")
-
-
-class CorsStage:
-    """First in the chain: refuse origins allowed nowhere, mark allowed ones."""
-
-    __slots__ = ("policy",)
-
-    def __init__(self, policy: CorsPolicy) -> None:
-        self.policy = policy
-
-    def enter(self, request: web.Request, exchange: Exchange) -> None:
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin is None:
-            return
-        if not self.policy.allows_somewhere(origin):
-            # The allowlist stage has not run: record the path as it came.
-            exchange.path = request.raw_path.split("?")[0]
-            raise origin_not_allowed()
-        exchange.cors = origin
-
-    def leave(
-        self, request: web.Request, exchange: Exchange, error: BaseException | None
-    ) -> None:
-        """The proxy's own error answers carry the CORS headers too."""
-        if error is not None and exchange.cors is not None:
-            if isinstance(error, ApiError):
-                add_cors_headers(error.headers, exchange.cors)
-
-
-class ProjectOriginStage:
-    """After token auth: the origin must be allowed for the token's project."""
-
-    __slots__ = ("default",)
-
-    def __init__(self, policy: CorsPolicy) -> None:
-        self.default = policy.default
-
-    def enter(self, request: web.Request, exchange: Exchange) -> None:
-        rule = request[PRINCIPAL_KEY].origins
-        origin = exchange.cors
-        if origin is None:
-            if rule is not None and rule.require_origin:
-                raise origin_required()
-            return
-        if rule.allows(origin, self.default) if rule else self.default.allows(origin):
-            return
-        exchange.cors = None  # no CORS headers: the page may not read the refusal
-        raise origin_not_allowed()
-
-    def leave(
-        self, request: web.Request, exchange: Exchange, error: BaseException | None
-    ) -> None:
-        """Nothing to undo."""
 
 
 def preflight_handler(
