@@ -22,7 +22,7 @@ from ..accounting.metrics import METRICS_KEY, Metrics
 from ..config import ConfigError, Settings
 from ..events.lifecycle import EVENT_BUS_KEY
 from ..events.memory_bus import InMemoryEventBus
-from ..events.model import EventBus
+from ..events.model import EventBus, EventT
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
 from .base import (
     Backend,
@@ -148,13 +148,13 @@ def _default_endpoint(service: str) -> str:
 
 
 def new_dispatcher(
-    backend: Backend,
-    bus: EventBus,
+    backend: Backend[EventT],
+    bus: EventBus[EventT],
     settings: Settings,
     *,
     group: str,
     metrics: Metrics | None = None,
-) -> Dispatcher:
+) -> Dispatcher[EventT]:
     """A dispatcher of `backend` on consumer group `group` of `bus`."""
     dispatcher = settings.dispatcher
     return Dispatcher(
