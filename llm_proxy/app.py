@@ -20,9 +20,11 @@ from .accounting.instrumentation import (
 from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
 from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .auth.invalidation import TokenInvalidation
-from .auth.tokens import TokenStore, TokenSync
+from .auth.sync import TokenSync
+from .auth.tokens import TokenStore
 from .config import Settings
 from .dispatchers import dispatchers_ctx
+from .errors import json_errors_middleware
 from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
     FLEET_LIMITER_KEY,
@@ -50,7 +52,6 @@ from .proxy.chain import (
     RateLimitStage,
     Stage,
     TokenAuthStage,
-    json_errors_middleware,
     proxy_chain,
 )
 from .proxy.concurrency import InFlight

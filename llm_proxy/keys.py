@@ -15,7 +15,8 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .auth.invalidation import TokenInvalidation
-    from .auth.tokens import Principal, TokenStore, TokenSync
+    from .auth.sync import TokenSync
+    from .auth.tokens import Principal, TokenStore
     from .config import Settings
     from .management.service import ManagementService
     from .ops.retention import RetentionJob

@@ -29,6 +29,7 @@ from . import __version__
 from .app import create_app
 from .clock import Clock
 from .config import ListenerSettings, Settings
+from .domain_errors import ProxyError
 from .listener import ListenerRunner, raise_open_files_limit, resolve_listener
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SWITCH_INTERVAL_S: Final = 0.001
 SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
-class PidFileError(Exception):
+class PidFileError(ProxyError):
     """The PID file names a live process, or cannot be read or written."""
 
 

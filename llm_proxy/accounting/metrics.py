@@ -8,7 +8,6 @@ is bounded here: unknown values share one `other` label.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -27,8 +26,10 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ..auth.bearer import bearer_matches
+from ..auth.errors import AuthError
 from ..auth.invalidation import InvalidationStats
-from ..errors import InvalidTokenError
+from ..errors import api_error
 from ..events.model import BusStats
 from ..proxy.allowlist import KNOWN_METHODS
 from ..proxy.breaker import BreakerState, CircuitBreaker
@@ -414,15 +415,17 @@ METRICS_KEY: Final = web.AppKey("metrics", Metrics)
 
 def metrics_handler_for(token: str | None) -> Handler:
     """`GET /metrics`, behind `Authorization: Bearer <METRICS_TOKEN>` when set."""
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if expected is not None:
-            given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise InvalidTokenError(
-                    "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",
-                    code="invalid_metrics_token",
+            given = request.headers.get(hdrs.AUTHORIZATION)
+            if not bearer_matches(given, expected):
+                raise api_error(
+                    AuthError(
+                        "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",
+                        code="invalid_metrics_token",
+                    )
                 )
         body = request.app[METRICS_KEY].render()
         return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})

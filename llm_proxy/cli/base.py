@@ -20,6 +20,7 @@ from ..config import (
     environ_with_dotenv,
     parse_listen_addr,
 )
+from ..domain_errors import ProxyError
 from ..management.client import ManageApiError
 from ..management.service import (
     KeyMismatchError,
@@ -54,7 +55,7 @@ SERVE_FLAGS: Mapping[str, str] = {
 }
 
 
-class CliError(click.ClickException):
+class CliError(click.ClickException, ProxyError):
     """A failure shown as one `error: ...` line (exit code 1)."""
 
     def show(self, file: IO[Any] | None = None) -> None:

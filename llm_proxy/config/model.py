@@ -11,6 +11,7 @@ from typing import Final
 
 from yarl import URL
 
+from ..domain_errors import ProxyError
 from ..dsn import DatabaseUrl, parse_database_url
 
 # The folder of every file the proxy writes by default, relative to the working
@@ -21,7 +22,7 @@ DEFAULT_DATABASE_URL: Final = f"sqlite:///{DATA_DIR}/llm-proxy.db"
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class ConfigError(ValueError):
+class ConfigError(ProxyError, ValueError):
     """A setting is missing or has a bad value; the message names the setting."""
 
 

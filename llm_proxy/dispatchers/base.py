@@ -24,6 +24,7 @@ import orjson
 from ..accounting.metrics import Metrics
 from ..backoff import RetryPolicy as RetryPolicy  # also importable from here
 from ..clock import Clock, utc_now_iso
+from ..domain_errors import ProxyError
 from ..events.model import BaseEvent, EventT, Subscription
 from ..private_files import open_private_append
 from .records import event_time_s
@@ -31,7 +32,7 @@ from .records import event_time_s
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
+class DeliveryError(ProxyError):
     """A whole batch failed; `permanent` says whether retrying can help."""
 
     def __init__(self, reason: str, *, permanent: bool = False) -> None:

@@ -25,6 +25,7 @@ from ..auth.crypto import (
     token_hint,
 )
 from ..auth.tokens import TokenStore
+from ..domain_errors import DomainError, ErrorKind, ProxyError
 from ..storage import (
     DuplicateNameError,
     Project,
@@ -51,40 +52,32 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class ServiceError(Exception):
-    """A rule refused the operation; `status` and `code` say how to answer."""
-
-    status = 400
-    code = "invalid_request"
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+class ServiceError(DomainError):
+    """A rule refused the operation; by default, its input breaks the rule."""
 
 
 class NotFound(ServiceError):
     """The project or token does not exist."""
 
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     code = "not_found"
 
 
 class Conflict(ServiceError):
     """The name is already taken."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
     code = "conflict"
 
 
 class Forbidden(ServiceError):
     """The project is inactive."""
 
-    status = 403
+    kind = ErrorKind.FORBIDDEN
     code = "project_inactive"
 
 
-class KeyMismatchError(Exception):
+class KeyMismatchError(ProxyError):
     """ENCRYPTION_KEY is not the key this database was written with."""
 
 
@@ -343,7 +336,7 @@ class ManagementService:
         await self._changed("token", token_id)
 
     async def revoke_token_value(self, value: str) -> None:
-        """Revoke by the token's value (the seed API's DELETE body); idempotent."""
+        """Revoke by the token's value (a DELETE /manage/tokens body); idempotent."""
         token = await self.find_token_by_value(value)
         await self.revoke_token(token.id)
 

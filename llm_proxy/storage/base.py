@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..domain_errors import ProxyError
+
 T = TypeVar("T")
 
 # Where a page of changes ended: (change marker, id) of its last row.
 ChangeCursor = tuple[int, str]
 
 
-class RepositoryError(Exception):
+class RepositoryError(ProxyError):
     """Base of every error a repository raises on purpose."""
 
 

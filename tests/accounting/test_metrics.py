@@ -102,6 +102,18 @@ async def test_metrics_token_protects_the_endpoint(
     )
 
 
+async def test_metrics_token_scheme_is_matched_in_any_case(
+    start_proxy: Callable[..., Any],
+) -> None:
+    """RFC 7235: the scheme is case-insensitive, as on /v1 and /manage."""
+    client: Client = await start_proxy(METRICS_TOKEN="metrics-secret-123")
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} metrics-secret-123"}
+        assert "llm_proxy_in_flight_requests" in await scrape(client, headers)
+    wrong = await client.get("/metrics", headers={"Authorization": "bearer nope"})
+    assert wrong.status == 401
+
+
 def test_fast_histogram_matches_prometheus_bucket_semantics() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
