@@ -10,6 +10,8 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
+from ..auth.bearer import bearer_token
+
 PROJECT_CREATE: Final = "project.create"
 PROJECT_UPDATE: Final = "project.update"
 PROJECT_ROTATE_KEY: Final = "project.rotate_key"
@@ -32,6 +34,9 @@ ACTIONS: Final = (
     TOKEN_REVOKE,
     AUTH_FAILED,
 )
+# success: done; failure: a rule refused it; denied: the credentials were refused;
+# error: the proxy failed while doing it.
+OUTCOMES: Final = ("success", "failure", "denied", "error")
 # Who acts through the management API: its one shared token names no person.
 MANAGEMENT_ACTOR: Final = "management_api"
 # A refused sign-in whose user name is not the admin's: never echoed (it may be a
@@ -75,6 +80,36 @@ AUDIT_TRAIL_KEY: Final = web.AppKey("audit_trail", AuditTrail)
 def trail_of(request: web.Request) -> AuditTrail | None:
     """The app's audit trail; None in an app assembled without one."""
     return request.config_dict.get(AUDIT_TRAIL_KEY)
+
+
+def auth_failed(request: web.Request, *, surface: str, actor: str, reason: str) -> None:
+    """Record a refused sign-in, when the app has an audit trail."""
+    trail = trail_of(request)
+    if trail is not None:
+        trail.auth_failed(request, surface=surface, actor=actor, reason=reason)
+
+
+def bearer_refusal(authorization: str | None) -> str:
+    """Why a bearer credential was refused, naming no part of it."""
+    if not authorization:
+        return "no credentials"
+    if bearer_token(authorization) is None:
+        return "not a bearer token"
+    return "wrong token"
+
+
+def project_actions(changes: Mapping[str, Any]) -> tuple[str, ...]:
+    """The actions a change of these project fields is: a key rotation, an
+    (de)activation, and an update of the other fields, as many as apply."""
+    actions = []
+    if set(changes) - {"openai_api_key", "is_active", "project_id"}:
+        actions.append(PROJECT_UPDATE)
+    if "openai_api_key" in changes:
+        actions.append(PROJECT_ROTATE_KEY)
+    if "is_active" in changes:
+        active = changes["is_active"] is not False
+        actions.append(PROJECT_ACTIVATE if active else PROJECT_DEACTIVATE)
+    return tuple(actions) or (PROJECT_UPDATE,)
 
 
 @dataclass(slots=True)

@@ -64,6 +64,7 @@ __all__ = [
     "dispatchers_ctx",
     "event_record",
     "run_dispatcher",
+    "stop_tasks",
 ]
 
 
@@ -201,7 +202,7 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(d.run(), name=f"dispatcher-{d.name}") for d in dispatchers
     ]
     yield
-    await _stop(tasks, settings.dispatcher.drain_timeout_s)
+    await stop_tasks(tasks, settings.dispatcher.drain_timeout_s)
 
 
 def _remind_of_fleet_dispatchers(settings: Settings) -> None:
@@ -224,7 +225,7 @@ def _remind_of_fleet_dispatchers(settings: Settings) -> None:
             )
 
 
-async def _stop(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
     """Wait up to `timeout_s` for the dispatchers to drain, then cancel them."""
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
@@ -291,7 +292,7 @@ async def run_dispatcher(
             finally:
                 waiter.cancel()
                 await bus.close()
-                await _stop([task], settings.dispatcher.drain_timeout_s)
+                await stop_tasks([task], settings.dispatcher.drain_timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 
 from .model import BaseEvent
-
-# success: done; failure: a rule refused it; denied: the credentials were refused;
-# error: the proxy failed while doing it.
-OUTCOMES: Final = ("success", "failure", "denied", "error")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -28,7 +24,9 @@ class AuditRecorded(BaseEvent):
 
     action: str  # `project.create`, `token.revoke`, `auth.failed`, ...
     actor: str  # `management_api`, the admin user name, or who a sign-in claimed
-    outcome: str  # one of OUTCOMES
+    # success: done; failure: a rule refused it; denied: the credentials were
+    # refused; error: the proxy failed while doing it.
+    outcome: str
     client_ip: str | None = None
     request_id: str | None = None
     project_id: str | None = None

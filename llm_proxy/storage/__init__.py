@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ..dsn import DatabaseKind, parse_database_url
+from .audit import AuditEvent, AuditFilter
 from .base import (
     ChangeCursor,
     ChangePage,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .postgres import PostgresRepository
 
 __all__ = [
+    "AuditEvent",
+    "AuditFilter",
     "ChangeCursor",
     "ChangePage",
     "Deletion",

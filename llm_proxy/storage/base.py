@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..domain_errors import ProxyError
+from .audit import AuditStore
 
 T = TypeVar("T")
 
@@ -182,7 +183,7 @@ class UsageRow:
     totals: UsageTotals
 
 
-class Repository(Protocol):
+class Repository(AuditStore, Protocol):
     """Intent-named storage operations; no raw SQL crosses this boundary."""
 
     async def connect(self) -> None:
