@@ -401,7 +401,8 @@ class Metrics:
         )
         self.purged_rows = Counter(
             "llm_proxy_retention_purged_rows",
-            "Rows deleted by retention purges, by table (tokens, usage_events).",
+            "Rows deleted by retention purges, by table (tokens, usage_events, "
+            "audit_events).",
             ["table"],
             registry=registry,
         )

@@ -78,8 +78,8 @@ class RetentionSettings:
 
     token_days: int | None = 30  # None: tokens are never purged
     usage_days: int | None = 90  # None: usage events are never purged
-    audit_days: int | None = 365  # None: audit records are never purged
     purge_interval_s: float | None = 3600.0  # None: no scheduled purge in `serve`
+    audit_days: int | None = 365  # None: audit records are never purged
 
 
 @dataclass(frozen=True, slots=True)

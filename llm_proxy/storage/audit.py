@@ -43,8 +43,8 @@ class AuditFilter:
 class AuditStore(Protocol):
     """The audit trail's table."""
 
-    async def insert_audit_events(self, events: Sequence[AuditEvent]) -> int:
-        """Insert rows, skipping ids already stored; return rows inserted.
+    async def insert_audit_events(self, events: Sequence[AuditEvent]) -> None:
+        """Insert rows in one transaction, skipping ids already stored.
 
         Rows the database cannot take raise `RejectedRowsError` (nothing inserted).
         """

@@ -135,6 +135,7 @@ class PurgeCounts:
 
     tokens: int = 0
     usage_events: int = 0
+    audit_events: int = 0
 
 
 @dataclass(frozen=True, slots=True)

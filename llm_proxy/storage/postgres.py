@@ -25,6 +25,7 @@ from ._common import (
     load_metadata,
     storable_usage_event,
 )
+from .audit_sql import AuditMethods, Params, audit_statements
 from .base import (
     ChangeCursor,
     ChangePage,
@@ -246,8 +247,11 @@ RECENT_USAGE_EVENTS: Final = (
 )
 
 
-class PostgresRepository:
+class PostgresRepository(AuditMethods):
     """`Repository` on an asyncpg connection pool."""
+
+    _audit_sql = audit_statements("postgres")
+    _audit_data_errors = USAGE_DATA_ERRORS
 
     def __init__(
         self,
@@ -623,6 +627,26 @@ class PostgresRepository:
         if self._pool is None:
             raise RepositoryError("PostgresRepository is not connected; call connect()")
         return self._pool
+
+    async def _fetch_one(self, sql: str, params: Params = ()) -> asyncpg.Record | None:
+        return await self._connected.fetchrow(sql, *params)
+
+    async def _fetch_all(self, sql: str, params: Params = ()) -> list[asyncpg.Record]:
+        return await self._connected.fetch(sql, *params)
+
+    async def _scalar(self, sql: str, params: Params = ()) -> Any:
+        return await self._connected.fetchval(sql, *params)
+
+    async def _write(self, sql: str, params: Params = ()) -> int:
+        return _affected(await self._connected.execute(sql, *params))
+
+    async def _write_many(self, sql: str, rows: Sequence[Params]) -> None:
+        async with self._connected.acquire() as con, con.transaction():
+            await con.executemany(sql, rows)
+
+    @staticmethod
+    def _time(moment: datetime) -> datetime:
+        return moment
 
 
 async def _apply_pending(

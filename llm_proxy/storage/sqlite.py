@@ -30,6 +30,7 @@ from ._common import (
     load_metadata,
     storable_usage_event,
 )
+from .audit_sql import AuditMethods, audit_statements
 from .base import (
     ChangeCursor,
     ChangePage,
@@ -264,8 +265,11 @@ RECENT_USAGE_EVENTS: Final = (
 Params = Sequence[Any]
 
 
-class SqliteRepository:
+class SqliteRepository(AuditMethods):
     """`Repository` on one aiosqlite connection to a database file."""
+
+    _audit_sql = audit_statements("sqlite")
+    _audit_data_errors = USAGE_DATA_ERRORS
 
     def __init__(self, path: Path | str, *, sql_dir: Path | None = None) -> None:
         self._path = Path(path)
@@ -634,6 +638,14 @@ class SqliteRepository:
     async def _write(self, sql: str, params: Params = ()) -> int:
         async with self._write_lock:
             return await self._run(sql, params)
+
+    async def _write_many(self, sql: str, rows: Sequence[Params]) -> None:
+        async with self._transaction():
+            await self._connection.executemany(sql, rows)
+
+    @staticmethod
+    def _time(moment: datetime) -> str:
+        return _to_text(moment)
 
     async def _run(self, sql: str, params: Params = ()) -> int:
         async with self._connection.execute(sql, params) as cursor:
