@@ -18,10 +18,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..audit.actions import audit_middleware
+from ..clock import utc_now
 from ..config import Settings
 from ..domain_errors import DomainError
 from ..errors import http_status
-from ..management.service import utc_now
 from . import audit, pages, projects, tokens
 from .render import ADMIN_STATE_KEY, AdminState, Now, render, static_urls
 from .security import (

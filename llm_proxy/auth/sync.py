@@ -18,8 +18,9 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Final, Protocol, TypeVar
 
+from ..clock import Clock
 from ..storage.base import ChangeCursor, ChangePage, Repository
-from .tokens import Clock, TokenStore
+from .tokens import TokenStore
 
 log = logging.getLogger(__name__)
 

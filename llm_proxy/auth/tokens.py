@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Final
 
+from ..clock import Clock
 from ..domain_errors import ErrorKind
 from ..storage.base import Deletion, Project, Token, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
@@ -28,7 +29,6 @@ from .errors import AuthError, quota_spent
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 # Table entries a resync's sweep examines per loop slice (about 50 ns each), when the
 # resync did not see every entry again (a token gone without its tombstone).

@@ -40,7 +40,7 @@ EXIT_NOT_RUNNING = 3
 # Commands that never read MANAGEMENT_TOKEN (db, dispatcher) pass this in its place,
 # so the one settings parser does not demand it from them.
 UNUSED_MANAGEMENT_TOKEN = "not-used-by-this-command"
-# Other names a command answers to (not listed in --help): the seed plan's spelling.
+# Other names a command answers to (not listed in --help), for scripts that spell it so.
 COMMAND_ALIASES: Mapping[str, str] = {"benchmark": "bench"}
 
 SERVE_FLAGS: Mapping[str, str] = {

@@ -21,6 +21,7 @@ from ..audit import trail as audit
 from ..audit.actions import audit_middleware
 from ..auth.bearer import bearer_matches
 from ..auth.errors import AuthError
+from ..clock import utc_iso
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .audit_api import get_audit_handler, list_audit_handler
@@ -68,9 +69,7 @@ T = TypeVar("T")
 
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 UTC with a Z suffix, to the second."""
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if moment is None else utc_iso(moment)
 
 
 def project_json(project: Project) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
 from ..auth.crypto import (
@@ -25,6 +25,7 @@ from ..auth.crypto import (
     token_hint,
 )
 from ..auth.tokens import TokenStore
+from ..clock import utc_now
 from ..domain_errors import DomainError, ErrorKind, ProxyError
 from ..storage import (
     DuplicateNameError,
@@ -45,11 +46,6 @@ Now = Callable[[], datetime]
 # Called after a committed change to a project or token: ("project" | "token", id).
 ChangeHook = Callable[[str, str], Awaitable[None]]
 T = TypeVar("T")
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC, to the microsecond."""
-    return datetime.now(UTC)
 
 
 class ServiceError(DomainError):

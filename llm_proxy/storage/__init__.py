@@ -7,55 +7,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ..dsn import DatabaseKind, parse_database_url
+from . import base
 from .audit import AuditEvent, AuditFilter
-from .base import (
-    ChangeCursor,
-    ChangePage,
-    Deletion,
-    DuplicateNameError,
-    MigrationError,
-    Project,
-    ProjectChanges,
-    PurgeCounts,
-    RejectedRowsError,
-    Repository,
-    RepositoryError,
-    RevokeCounts,
-    Token,
-    TokenFilter,
-    TokenUsage,
-    UsageEvent,
-    UsageRow,
-    UsageTotals,
-)
+from .base import *  # noqa: F403 (the records, errors and protocol: base.__all__)
+from .base import Repository
 from .sqlite import SqliteRepository
 
 if TYPE_CHECKING:
     from .postgres import PostgresRepository
 
 __all__ = [
+    *base.__all__,
     "AuditEvent",
     "AuditFilter",
-    "ChangeCursor",
-    "ChangePage",
-    "Deletion",
-    "DuplicateNameError",
-    "MigrationError",
     "PostgresRepository",
-    "Project",
-    "ProjectChanges",
-    "PurgeCounts",
-    "RejectedRowsError",
-    "Repository",
-    "RepositoryError",
-    "RevokeCounts",
     "SqliteRepository",
-    "Token",
-    "TokenFilter",
-    "TokenUsage",
-    "UsageEvent",
-    "UsageRow",
-    "UsageTotals",
     "create_repository",
 ]
 

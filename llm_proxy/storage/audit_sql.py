@@ -1,14 +1,11 @@
-"""`AuditMethods`: the `AuditStore` methods of both backends, written once.
+"""`AuditBackend`: the `AuditStore` methods of both backends, written once.
 
-The statements are PostgreSQL text; for SQLite their parameters become `?n` without
-their `::type` casts. A backend supplies its driver calls (`_fetch_one`, `_fetch_all`,
-`_scalar`, `_write`, `_write_many`), how it stores a time (`_time`), the statements
-in its dialect (`audit_statements`) and which driver errors blame the rows.
+The statements are PostgreSQL text that each backend's `Dialect` renders
+(`audit_statements`); the methods run on `SqlBackend`'s driver calls.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
@@ -16,9 +13,10 @@ from typing import Any, ClassVar, Final
 
 from ._common import check_page, clean_text, dump_metadata, load_metadata
 from .audit import AuditEvent, AuditFilter
+from .backend import Params, SqlBackend
 from .base import RejectedRowsError
+from .statements import Dialect
 
-Params = Sequence[Any]
 COLUMNS: Final = tuple(field.name for field in fields(AuditEvent))
 _TEXT: Final = COLUMNS[2:-1]  # action ... reason
 # $1 action, $2 actor, $3 project id, $4 token id, $5 outcome, $6 since, $7 until;
@@ -40,46 +38,23 @@ TEMPLATES: Final = {
     "count": f"SELECT count(*) FROM audit_events WHERE {_WHERE}",
     "get": f"{_SELECT} WHERE id = $1",
     "count_old": "SELECT count(*) FROM audit_events WHERE ts < $1",
-    # Oldest first, one short statement per batch (on SQLite by rowid).
+    # Oldest first, one short statement per batch.
     "purge": (
         "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events"
         " WHERE ts < $1 ORDER BY ts LIMIT $2)"
     ),
 }
-_PARAMETER: Final = re.compile(r"\$(\d+)(?:::[a-z]+)?")
 
 
-def audit_statements(dialect: str) -> dict[str, str]:
-    """The audit statements in `dialect` (`postgres` or `sqlite`)."""
-    if dialect == "postgres":
-        return dict(TEMPLATES)
-    return {name: _PARAMETER.sub(r"?\1", text) for name, text in TEMPLATES.items()}
+def audit_statements(dialect: Dialect) -> dict[str, str]:
+    """The audit statements in `dialect`."""
+    return {name: dialect.render(text) for name, text in TEMPLATES.items()}
 
 
-class AuditMethods:
-    """The audit trail's table, on the driver calls of the backend it is mixed into."""
+class AuditBackend(SqlBackend):
+    """`SqlBackend` with the audit trail's table; each backend sets `_audit_sql`."""
 
     _audit_sql: ClassVar[dict[str, str]]
-    _audit_data_errors: ClassVar[tuple[type[Exception], ...]]  # the rows at fault
-
-    async def _fetch_one(self, sql: str, params: Params = ()) -> Any:
-        raise NotImplementedError
-
-    async def _fetch_all(self, sql: str, params: Params = ()) -> Sequence[Any]:
-        raise NotImplementedError
-
-    async def _scalar(self, sql: str, params: Params = ()) -> Any:
-        raise NotImplementedError
-
-    async def _write(self, sql: str, params: Params = ()) -> int:
-        raise NotImplementedError
-
-    async def _write_many(self, sql: str, rows: Sequence[Params]) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _time(moment: datetime) -> Any:
-        raise NotImplementedError
 
     async def insert_audit_events(self, events: Sequence[AuditEvent]) -> None:
         """Insert rows in one transaction, skipping ids already stored."""
@@ -88,7 +63,7 @@ class AuditMethods:
         rows = [self._audit_params(event) for event in events]
         try:
             await self._write_many(self._audit_sql["insert"], rows)
-        except self._audit_data_errors as exc:
+        except self._usage_data_errors as exc:  # the driver's errors of bad rows
             raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
 
     async def list_audit_events(
@@ -96,13 +71,13 @@ class AuditMethods:
     ) -> list[AuditEvent]:
         """A page of matching rows, newest first."""
         check_page(limit, offset)
-        params = (*self._filter_params(audit_filter), limit, offset)
+        params = (*self._audit_filter_params(audit_filter), limit, offset)
         rows = await self._fetch_all(self._audit_sql["list"], params)
         return [audit_event(row) for row in rows]
 
     async def count_audit_events(self, audit_filter: AuditFilter) -> int:
         """How many rows match."""
-        params = self._filter_params(audit_filter)
+        params = self._audit_filter_params(audit_filter)
         return int(await self._scalar(self._audit_sql["count"], params))
 
     async def get_audit_event(self, event_id: str) -> AuditEvent | None:
@@ -119,7 +94,7 @@ class AuditMethods:
         """Delete up to `limit` of the oldest rows with ts before `before`."""
         return await self._write(self._audit_sql["purge"], (self._time(before), limit))
 
-    def _filter_params(self, audit_filter: AuditFilter) -> Params:
+    def _audit_filter_params(self, audit_filter: AuditFilter) -> Params:
         since, until = audit_filter.since, audit_filter.until
         return (
             audit_filter.action,

@@ -15,6 +15,27 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..domain_errors import ProxyError
 from .audit import AuditStore
 
+__all__ = [  # what `llm_proxy.storage` re-exports
+    "ChangeCursor",
+    "ChangePage",
+    "Deletion",
+    "DuplicateNameError",
+    "MigrationError",
+    "Project",
+    "ProjectChanges",
+    "PurgeCounts",
+    "RejectedRowsError",
+    "Repository",
+    "RepositoryError",
+    "RevokeCounts",
+    "Token",
+    "TokenFilter",
+    "TokenUsage",
+    "UsageEvent",
+    "UsageRow",
+    "UsageTotals",
+]
+
 T = TypeVar("T")
 
 # Where a page of changes ended: (change marker, id) of its last row.
@@ -231,7 +252,7 @@ class Repository(AuditStore, Protocol):
         """Delete a project and (by cascade) its tokens; False when unknown."""
 
     async def create_token(self, token: Token) -> None:
-        """Insert a token record."""
+        """Insert a token record; `RepositoryError` when its project is unknown."""
 
     async def get_token(self, token_id: str) -> Token | None:
         """One token by its public id."""
@@ -309,7 +330,11 @@ class Repository(AuditStore, Protocol):
         in one short transaction; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError`, and then the call inserts none of them.
+        """
 
     async def usage_totals(
         self,
