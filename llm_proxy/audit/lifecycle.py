@@ -18,7 +18,7 @@ from ..config import Settings
 from ..dispatchers import new_dispatcher, stop_tasks
 from ..dispatchers.base import Dispatcher
 from ..events.audit import AuditRecorded
-from ..events.memory_bus import InMemoryEventBus
+from ..events.lifecycle import create_bus
 from ..events.model import EventBus
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
 from .file import AuditFileBackend
@@ -37,25 +37,12 @@ STREAM_SUFFIX: Final = ":audit"
 def create_audit_bus(settings: Settings) -> EventBus[AuditRecorded]:
     """The audit bus of these settings; nothing connects until `start()`."""
     events = settings.events
-    if settings.event_bus == "redis" and settings.redis_url:
-        from ..events.redis_bus import RedisEventBus  # redis only when it is used
-
-        spool = events.spool_path
-        return RedisEventBus(
-            settings.redis_url,
-            spool_path=spool.with_name(f"{spool.stem}.audit{spool.suffix}"),
-            buffer_size=events.buffer_size,
-            batch_size=events.batch_size,
-            flush_interval_s=events.flush_interval_s,
-            stream_key=events.stream_key + STREAM_SUFFIX,
-            maxlen=events.stream_maxlen,
-            consumer_name=events.consumer_name,
-            event_type=AuditRecorded,
-        )
-    return InMemoryEventBus[AuditRecorded](
-        buffer_size=events.buffer_size,
-        batch_size=events.batch_size,
-        flush_interval_s=events.flush_interval_s,
+    spool = events.spool_path
+    return create_bus(
+        settings,
+        AuditRecorded,
+        events.stream_key + STREAM_SUFFIX,
+        spool.with_name(f"{spool.stem}.audit{spool.suffix}"),
     )
 
 
