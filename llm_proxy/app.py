@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from .accounting.cache_metrics import ResponseCacheCollector
 from .accounting.fleet_metrics import FleetLimitsCollector
 from .accounting.instrumentation import (
     INSTRUMENTATION_KEY,
@@ -31,6 +32,7 @@ from .keys import (
     FLEET_LIMITER_KEY,
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
+    RESPONSE_CACHE_KEY,
     RETENTION_JOB_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
@@ -62,6 +64,7 @@ from .proxy.upstream import upstream_session_ctx
 from .storage import create_repository
 
 if TYPE_CHECKING:
+    from .proxy.cache import ResponseCache
     from .proxy.fleet_limits import FleetLimiter
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,10 @@ def create_app(settings: Settings) -> web.Application:
         # and the event bus to its spool, so the instance keeps serving.
         app[READY_CHECKS_KEY]["redis"] = fleet.readiness
         metrics.registry.register(FleetLimitsCollector(lambda: fleet.stats))
+    cache = new_response_cache(settings)
+    if cache is not None:
+        app[RESPONSE_CACHE_KEY] = cache
+        metrics.registry.register(ResponseCacheCollector(lambda: cache.stats))
     if invalidation is not None:
         app[TOKEN_INVALIDATION_KEY] = invalidation
         app[READY_CHECKS_KEY]["token_invalidation"] = invalidation.ready_check
@@ -142,6 +149,7 @@ def create_app(settings: Settings) -> web.Application:
             retention_ctx,
             token_invalidation_ctx,
             fleet_limits_ctx,
+            response_cache_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -156,7 +164,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route(
         "*",
         "/v1/{tail:.*}",
-        create_proxy_handler(settings, store, breaker, instrumentation, fleet),
+        create_proxy_handler(settings, store, breaker, instrumentation, fleet, cache),
     )
     mount_admin(app, settings)
     return app
@@ -190,6 +198,7 @@ def create_proxy_handler(
     breaker: CircuitBreaker,
     instrumentation: Instrumentation,
     fleet: FleetLimiter | None = None,
+    cache: ResponseCache | None = None,
 ) -> Handler:
     """The /v1 handler: the proxy chain composed by hand, outermost first.
 
@@ -197,7 +206,9 @@ def create_proxy_handler(
     per-request context manager and resolves the sub-app prefix before its own
     router (~10% of the proxy's time, profiled under load), and nested middleware
     coroutines cost a frame on every resume of the relay loop.
-    With `fleet` (REDIS_URL) the rate limit and the lifetime cap hold fleet-wide.
+    With `fleet` (REDIS_URL) the rate limit and the lifetime cap hold fleet-wide;
+    with `cache` (RESPONSE_CACHE=on) the response cache's stage comes last, so it
+    plans only calls every other stage admitted.
     """
     default_rate = settings.default_rate_limit_per_hour
     rate_stage: Stage = RateLimitStage(GcraLimiter(), default_rate)
@@ -205,21 +216,22 @@ def create_proxy_handler(
         from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
 
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
-    return proxy_chain(
-        instrumentation,
-        [
-            AllowlistStage(load_endpoint_allowlist(settings)),
-            TokenAuthStage(store),
-            rate_stage,
-            ConcurrencyStage(
-                InFlight(),
-                settings.tenant_limits.token_max_concurrent,
-                settings.tenant_limits.project_max_concurrent,
-            ),
-            CircuitBreakerStage(breaker),
-        ],
-        proxy_handler,
-    )
+    stages: list[Stage] = [
+        AllowlistStage(load_endpoint_allowlist(settings)),
+        TokenAuthStage(store),
+        rate_stage,
+        ConcurrencyStage(
+            InFlight(),
+            settings.tenant_limits.token_max_concurrent,
+            settings.tenant_limits.project_max_concurrent,
+        ),
+        CircuitBreakerStage(breaker),
+    ]
+    if cache is not None:
+        from .proxy.cache_stage import ResponseCacheStage  # redis only when configured
+
+        stages.append(ResponseCacheStage(cache))
+    return proxy_chain(instrumentation, stages, proxy_handler)
 
 
 def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:
@@ -246,6 +258,42 @@ async def fleet_limits_ctx(app: web.Application) -> AsyncIterator[None]:
     await fleet.start()
     yield
     await fleet.close()
+
+
+def new_response_cache(settings: Settings) -> ResponseCache | None:
+    """The response cache on its Redis (RESPONSE_CACHE=on); nothing connects yet."""
+    options = settings.response_cache
+    if options is None:
+        return None
+    from redis.asyncio import Redis  # redis only when configured
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from .proxy.cache import ResponseCache
+
+    redis = Redis.from_url(
+        options.redis_url,
+        socket_timeout=options.timeout_s,
+        socket_connect_timeout=options.timeout_s,
+        # a pooled connection Redis closed is retried once; a dead Redis is skipped
+        retry=Retry(NoBackoff(), 1),
+    )
+    return ResponseCache(
+        redis,
+        ttl_max_s=options.ttl_max_s,
+        max_bytes=options.max_bytes,
+        timeout_s=options.timeout_s,
+    )
+
+
+async def response_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the cache's writer; on shutdown write what is queued and disconnect."""
+    cache = app.get(RESPONSE_CACHE_KEY)
+    if cache is not None:
+        cache.start()
+    yield
+    if cache is not None:
+        await cache.close()
 
 
 def new_breaker(settings: Settings) -> CircuitBreaker:

@@ -8,7 +8,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,13 @@ async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
             if len(lines) >= count:
                 return [orjson.loads(line) for line in lines]
             await asyncio.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+    """Wait until `check()` is true; fail the test after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():  # noqa: ASYNC110 - a condition, not an event
+            await asyncio.sleep(0.05)
 
 
 class FakeClock:

@@ -13,6 +13,7 @@ tokens revoked or deleted meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,10 @@ class Principal:
     max_requests: int | None
     max_concurrent: int | None = None  # the token's own cap on calls in flight
     project_max_concurrent: int | None = None  # its project's
+    # Changes with every change of the project (its key, activation, settings): the
+    # response cache keys on it, so a rotated key never reads the old answers.
+    project_generation: str = ""
+    project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
 
 
 @dataclass(slots=True)
@@ -76,6 +81,14 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    generation: str = ""  # see Principal.project_generation
+    cache_ttl_s: int | None = None
+
+
+def project_generation(project: Project) -> str:
+    """A digest of the project's key envelope and last change (never of the key)."""
+    stamp = f"{project.encrypted_api_key}|{project.updated_at.timestamp()!r}"
+    return hashlib.sha256(stamp.encode()).hexdigest()[:32]
 
 
 class TokenStore:
@@ -181,16 +194,23 @@ class TokenStore:
         project's tokens here.
         """
         known = self._projects.get(project.id)
+        generation = project_generation(project)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
-            if known.max_concurrent != project.max_concurrent:
+            if (
+                known.max_concurrent != project.max_concurrent
+                or known.generation != generation
+                or known.cache_ttl_s != project.cache_ttl_seconds
+            ):
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
                     known.envelope,
                     known.authorization,
                     seen=self._generation,
                     max_concurrent=project.max_concurrent,
+                    generation=generation,
+                    cache_ttl_s=project.cache_ttl_seconds,
                 )
             return
         try:
@@ -205,6 +225,8 @@ class TokenStore:
             f"Bearer {key}",
             seen=self._generation,
             max_concurrent=project.max_concurrent,
+            generation=generation,
+            cache_ttl_s=project.cache_ttl_seconds,
         )
 
     def remove_project(self, project_id: str) -> None:
@@ -335,6 +357,8 @@ class TokenStore:
                 entry.max_requests,
                 entry.max_concurrent,
                 project.max_concurrent,
+                project.generation,
+                project.cache_ttl_s,
             )
             entry.principal_of = project
         return principal

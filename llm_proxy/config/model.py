@@ -134,6 +134,16 @@ class DispatcherSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseCacheSettings:
+    """The opt-in response cache (RESPONSE_CACHE=on): its Redis, entry life, size."""
+
+    redis_url: str = field(default="", repr=False)
+    ttl_max_s: int = 3600
+    max_bytes: int = 256 * 1024
+    timeout_s: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of one proxy process. Build with `Settings.from_env`."""
 
@@ -175,6 +185,7 @@ class Settings:
     # Which worker of a fleet this process is, set by the supervisor (workers.py);
     # None: the only process. Only worker 0 runs the in-process dispatchers.
     worker_index: int | None = None
+    response_cache: ResponseCacheSettings | None = None  # None: RESPONSE_CACHE off
 
     @property
     def database(self) -> DatabaseUrl:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Final
 
+from ..dsn import parse_redis_url
 from . import values
 from .checks import check_cross_field
 from .model import (
@@ -15,6 +16,7 @@ from .model import (
     EventSettings,
     FleetLimitSettings,
     ListenerSettings,
+    ResponseCacheSettings,
     RetentionSettings,
     Settings,
     TenantLimits,
@@ -82,6 +84,7 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
         events=_events(env),
         dispatcher=_dispatcher(env),
         workers=values.workers(env.text("WORKERS"), DEFAULT.workers),
+        response_cache=_response_cache(env),
     )
     settings = _fleet_event_bus(settings, env)
     check_cross_field(settings)
@@ -272,3 +275,40 @@ def _fleet_event_bus(settings: Settings, env: Env) -> Settings:
     if settings.workers > 1 and env.text("LLM_PROXY_EVENT_BUS") is None:
         return replace(settings, event_bus="redis")
     return settings
+
+
+# -- the response cache (RESPONSE_CACHE) --------------------------------------------
+
+# Answers are stored from the relay's JSON capture, which keeps at most this much.
+RESPONSE_CACHE_BYTES_LIMIT: Final = 1024 * 1024
+
+
+def _response_cache(env: Env) -> ResponseCacheSettings | None:
+    """RESPONSE_CACHE=on: the cache's settings; its Redis defaults to REDIS_URL."""
+    if not env.boolean("RESPONSE_CACHE", False):
+        return None
+    default = ResponseCacheSettings()
+    own = env.text("RESPONSE_CACHE_REDIS_URL")
+    url = own or env.text("REDIS_URL")
+    if url is None:
+        raise ConfigError(
+            "RESPONSE_CACHE=on needs REDIS_URL (or RESPONSE_CACHE_REDIS_URL): the "
+            "cached answers live in Redis"
+        )
+    try:
+        url = parse_redis_url(url)
+    except ValueError as exc:
+        name = "RESPONSE_CACHE_REDIS_URL" if own else "REDIS_URL"
+        raise ConfigError(str(exc).replace("REDIS_URL", name, 1)) from None
+    max_bytes = env.integer("RESPONSE_CACHE_MAX_BYTES", default.max_bytes, minimum=1)
+    if max_bytes > RESPONSE_CACHE_BYTES_LIMIT:
+        raise ConfigError(
+            f"RESPONSE_CACHE_MAX_BYTES must be at most {RESPONSE_CACHE_BYTES_LIMIT} "
+            f"(1 MiB, what the relay keeps of an answer), got {max_bytes}"
+        )
+    return ResponseCacheSettings(
+        redis_url=url,
+        ttl_max_s=env.integer("RESPONSE_CACHE_TTL_MAX", default.ttl_max_s, minimum=1),
+        max_bytes=max_bytes,
+        timeout_s=env.seconds("RESPONSE_CACHE_TIMEOUT", default.timeout_s),
+    )

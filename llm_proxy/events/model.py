@@ -110,6 +110,9 @@ class RequestCompleted(BaseEvent):
     usage: Mapping[str, Any] | None = None
     requested_model: str | None = None  # the model the client asked for
     created: int | None = None  # upstream's creation time of the answer (epoch s)
+    # RESPONSE_CACHE: "hit" (answered from the cache, no upstream usage), "miss" or
+    # "bypass"; None while the cache is off.
+    cache: str | None = None
 
 
 # Widen to a union (`RequestCompleted | TokenRevoked | ...`) as event types are added,

@@ -44,6 +44,7 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -52,6 +53,7 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -82,6 +84,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "cache_ttl_seconds": project.cache_ttl_seconds,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -174,6 +177,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
     )
     audit.note(request, project_id=project.id)
     return json_response(project_json(project), status=201)
@@ -223,6 +227,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
+        clear_cache_ttl_seconds="cache_ttl_seconds" in data
+        and data["cache_ttl_seconds"] is None,
     )
     return json_response(project_json(project))
 

@@ -40,6 +40,7 @@ from ..storage import (
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200
 MAX_DESCRIPTION_CHARS: Final = 2000
+MAX_CACHE_TTL_SECONDS: Final = 31_536_000  # a year; RESPONSE_CACHE_TTL_MAX caps it too
 KEY_CHECK_META: Final = "encryption_key_check"
 
 Now = Callable[[], datetime]
@@ -150,9 +151,11 @@ class ManagementService:
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
         max_concurrent: int | None = None,
+        cache_ttl_seconds: int | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted."""
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         now = self._now()
         project = Project(
             id=str(uuid.uuid4()),
@@ -165,6 +168,7 @@ class ManagementService:
             created_at=now,
             updated_at=now,
             max_concurrent=max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
         )
         try:
             await self._repository.create_project(project)
@@ -206,12 +210,16 @@ class ManagementService:
         is_active: bool | None = None,
         max_concurrent: int | None = None,
         clear_max_concurrent: bool = False,
+        cache_ttl_seconds: int | None = None,
+        clear_cache_ttl_seconds: bool = False,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
-        `clear_max_concurrent` removes the project's own cap (the default applies).
+        `clear_max_concurrent` removes the project's own cap (the default applies),
+        `clear_cache_ttl_seconds` its cache setting.
         """
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
             description=None
@@ -225,6 +233,8 @@ class ManagementService:
             is_active=is_active,
             max_concurrent=max_concurrent,
             clear_max_concurrent=clear_max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
+            clear_cache_ttl_seconds=clear_cache_ttl_seconds,
         )
         try:
             project = await self._repository.update_project(
@@ -342,6 +352,11 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
 def _check_max_concurrent(value: int | None) -> None:
     if value is not None:
         _check_range("max_concurrent", value, 1, 2**31 - 1)
+
+
+def _check_cache_ttl(value: int | None) -> None:
+    if value is not None:
+        _check_range("cache_ttl_seconds", value, 0, MAX_CACHE_TTL_SECONDS)
 
 
 def _has_nul(value: Any) -> bool:

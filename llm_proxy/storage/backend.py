@@ -368,6 +368,7 @@ class SqlBackend(ABC):
             self._time(project.created_at),
             self._time(project.updated_at),
             project.max_concurrent,
+            project.cache_ttl_seconds,
         )
 
     def _token_params(self, token: Token) -> Params:
@@ -413,7 +414,7 @@ class SqlBackend(ABC):
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    """Parameters $2 to $9 of update_project."""
+    """Parameters $2 to $11 of update_project."""
     metadata = changes.metadata
     return (
         changes.name,
@@ -424,6 +425,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.is_active,
         changes.clear_max_concurrent,
         changes.max_concurrent,
+        changes.clear_cache_ttl_seconds,
+        changes.cache_ttl_seconds,
     )
 
 

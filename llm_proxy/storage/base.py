@@ -76,13 +76,17 @@ class Project:
     created_at: datetime
     updated_at: datetime
     max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
+    # Response cache: seconds its answers may be kept; None: only what clients ask
+    # for, 0: never cached (see docs/caching.md).
+    cache_ttl_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectChanges:
     """Fields of a project to change; None leaves a field as it is.
 
-    `max_concurrent` is nullable in storage: `clear_max_concurrent` sets it to NULL.
+    `max_concurrent` and `cache_ttl_seconds` are nullable in storage: their `clear_*`
+    flag sets them to NULL.
     """
 
     name: str | None = None
@@ -93,6 +97,8 @@ class ProjectChanges:
     is_active: bool | None = None
     max_concurrent: int | None = None
     clear_max_concurrent: bool = False
+    cache_ttl_seconds: int | None = None
+    clear_cache_ttl_seconds: bool = False
 
 
 @dataclass(frozen=True, slots=True)

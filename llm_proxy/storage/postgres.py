@@ -270,7 +270,7 @@ class PostgresRepository(AuditBackend):
     def _project(row: asyncpg.Record) -> Project:
         # PROJECT_COLUMNS order; only the id and the metadata need converting.
         metadata = load_metadata(row[3])
-        return Project(str(row[0]), row[1], row[2], metadata, *row[4:10])
+        return Project(str(row[0]), row[1], row[2], metadata, *row[4:11])
 
     @staticmethod
     def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:

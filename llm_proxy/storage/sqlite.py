@@ -270,6 +270,7 @@ class SqliteRepository(AuditBackend):
             created_at=_from_text(row["created_at"]),
             updated_at=_from_text(row["updated_at"]),
             max_concurrent=row["max_concurrent"],
+            cache_ttl_seconds=row["cache_ttl_seconds"],
         )
 
     @staticmethod

@@ -20,7 +20,7 @@ from .base import UsageEvent
 # In the field order of `Project` and of `Token`, so a row converts by position.
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent"
+    " created_at, updated_at, max_concurrent, cache_ttl_seconds"
 )
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
@@ -80,7 +80,7 @@ class Statements:
     )
     insert_project: str = (
         "INSERT INTO projects ({project_columns})"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11)"
     )
     select_project: str = "SELECT {project_columns} FROM projects WHERE id = $1"
     list_projects: str = (
@@ -97,7 +97,8 @@ UPDATE projects SET
     api_key_hint = coalesce($6, api_key_hint),
     is_active = coalesce($7, is_active),
     max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($9, max_concurrent) END,
-    updated_at = $10
+    cache_ttl_seconds = CASE WHEN $10 THEN NULL ELSE coalesce($11, cache_ttl_seconds) END,
+    updated_at = $12
 WHERE id = $1
 RETURNING {project_columns}"""
     delete_project: str = "DELETE FROM projects WHERE id = $1"

@@ -38,6 +38,12 @@ CASES: dict[str, tuple[str, Any, Callable[[Settings], Any], dict[str, str]]] = {
     "LUNARY_PUBLIC_KEY": ("lk-1", None, lambda s: s.dispatcher.lunary_public_key, {}),
     "DATABASE_URL": ("sqlite:///from/file.db", None, lambda s: s.database_url, {}),
     "REDIS_URL": ("redis://:pw@host:6379/0", None, lambda s: s.redis_url, {}),
+    "RESPONSE_CACHE_REDIS_URL": (
+        "redis://:pw@cache:6379/1",
+        None,
+        lambda s: s.response_cache and s.response_cache.redis_url,
+        {"RESPONSE_CACHE": "on"},
+    ),
 }
 
 
