@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.accounting.metrics import Metrics
+from llm_proxy.config import RetentionSettings
+from llm_proxy.ops.retention import Purger, RetentionJob
 from llm_proxy.storage import AuditEvent, AuditFilter, Repository
 from llm_proxy.storage.migrations import SQL_DIR, load_migrations
 
@@ -128,3 +131,26 @@ async def test_audit_text_without_nul_is_stored_alike_on_both(
 async def test_audit_listing_refuses_negative_paging(repository: Repository) -> None:
     with pytest.raises(ValueError):
         await repository.list_audit_events(AuditFilter(), limit=-1, offset=0)
+
+
+async def test_retention_purges_audit_rows_past_audit_retention_days(
+    repository: Repository,
+) -> None:
+    now = datetime.now(UTC)
+    old, recent = row(ts=now - timedelta(days=400)), row(ts=now - timedelta(days=10))
+    await repository.insert_audit_events([old, recent])
+    purger = Purger(repository, RetentionSettings(audit_days=365))
+    cutoffs, counts = await purger.preview()
+    assert cutoffs.audit_before is not None and counts.audit_events == 1
+    metrics = Metrics()
+    report = await RetentionJob(purger, 3600.0, metrics=metrics).run_once()
+    assert report is not None and report.deleted.audit_events == 1
+    assert await repository.get_audit_event(old.id) is None
+    assert await repository.get_audit_event(recent.id) == recent
+    sample = {"table": "audit_events"}
+    purged = metrics.registry.get_sample_value(
+        "llm_proxy_retention_purged_rows_total", sample
+    )
+    assert purged == 1
+    kept = Purger(repository, RetentionSettings(audit_days=None))
+    assert (await kept.preview())[0].audit_before is None
