@@ -19,6 +19,7 @@ from .accounting.instrumentation import (
     instrumentation_ctx,
 )
 from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
+from .audit.lifecycle import audit_ctx, install_audit
 from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .auth.invalidation import TokenInvalidation
 from .auth.sync import TokenSync
@@ -114,6 +115,7 @@ def create_app(settings: Settings) -> web.Application:
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
     metrics = app[METRICS_KEY] = Metrics()
     metrics.live.breaker = breaker
+    install_audit(app, settings, metrics)
     fleet = None
     if settings.redis_url:
         fleet = app[FLEET_LIMITER_KEY] = new_fleet_limiter(settings, store)
@@ -139,10 +141,11 @@ def create_app(settings: Settings) -> web.Application:
     app[INSTRUMENTATION_KEY] = instrumentation
     # Teardown runs in reverse: the upstream session closes, the instrumentation
     # drains into the bus, the bus closes (its subscribers drain), the dispatchers
-    # finish, then the repository closes.
+    # finish, the audit bus closes and its writers drain, then the repository closes.
     app.cleanup_ctx.extend(
         [
             repository_ctx,
+            audit_ctx,
             token_sync_ctx,
             retention_ctx,
             token_invalidation_ctx,

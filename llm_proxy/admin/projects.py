@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ..audit import trail as audit
 from ..domain_errors import ErrorKind
 from ..errors import http_status
 from ..management.service import ServiceError
@@ -60,8 +61,10 @@ async def create_project_action(request: web.Request) -> web.Response:
             **_origin_changes(form),
         )
     except ServiceError as exc:
+        audit.note(request, reason=exc.message)
         context = {"form": fields, "error": exc}
         return render(request, "project_new.html", context, status=http_status(exc))
+    audit.note(request, project_id=project.id)
     raise see_other(
         request, project_url(project.id), f"Project “{project.name}” created."
     )
@@ -101,11 +104,13 @@ async def _update(
     """Apply changes; back to the detail page with `done(project)` as its notice,
     or showing the error if refused."""
     project_id = request.match_info["project_id"]
+    audit.note(request, project_id=project_id, fields=sorted(changes))
     try:
         project = await service(request).update_project(project_id, **changes)
     except ServiceError as exc:
         if exc.kind is ErrorKind.NOT_FOUND:
             raise
+        audit.note(request, reason=exc.message)
         project = await service(request).get_project(project_id)
         context = await _detail_context(request, project, exc)
         return render(request, "project.html", context, status=http_status(exc))
@@ -161,9 +166,9 @@ def _origin_changes(form: Mapping[str, Any]) -> dict[str, Any]:
 async def activation_action(request: web.Request) -> web.Response:
     """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
     form = await request.post()
-    return await _update(
-        request, _activation_notice, is_active=text(form, "is_active") == "1"
-    )
+    active = text(form, "is_active") == "1"
+    audit.note(request, actions=audit.project_actions({"is_active": active}))
+    return await _update(request, _activation_notice, is_active=active)
 
 
 def _activation_notice(project: Project) -> str:
@@ -190,6 +195,7 @@ async def confirm_delete_page(request: web.Request) -> web.Response:
 
 async def delete_project_action(request: web.Request) -> web.Response:
     """Delete the project, then back to the list."""
+    audit.note(request, project_id=request.match_info["project_id"])
     project = await service(request).get_project(request.match_info["project_id"])
     await service(request).delete_project(project.id)
     notice = f"Project “{project.name}” deleted, with its tokens."
@@ -211,8 +217,10 @@ async def confirm_revoke_all_page(request: web.Request) -> web.Response:
 
 async def revoke_all_action(request: web.Request) -> web.Response:
     """Revoke every token of the project, then back to it."""
+    audit.note(request, project_id=request.match_info["project_id"])
     project = await service(request).get_project(request.match_info["project_id"])
     counts = await service(request).revoke_project_tokens(project.id)
+    audit.note(request, revoked_count=counts.revoked_count)
     raise see_other(request, project_url(project.id), _revoked_notice(project, counts))
 
 

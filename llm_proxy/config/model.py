@@ -73,11 +73,13 @@ class TenantLimits:
 
 @dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """How long dead tokens and usage events are kept; how often the purge runs."""
+    """How long dead tokens, usage events and audit records are kept; how often the
+    purge runs."""
 
     token_days: int | None = 30  # None: tokens are never purged
     usage_days: int | None = 90  # None: usage events are never purged
     purge_interval_s: float | None = 3600.0  # None: no scheduled purge in `serve`
+    audit_days: int | None = 365  # None: audit records are never purged
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,8 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     # The JSONL event log; None: none.
     file_event_log: Path | None = Path(DATA_DIR, "events.jsonl")
+    # A JSONL copy of the audit trail (the database always has it); None: none.
+    audit_log_file: Path | None = None
     db_pool_max_size: int = 10
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     events: EventSettings = field(default_factory=EventSettings)

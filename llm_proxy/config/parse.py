@@ -78,6 +78,7 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
         fleet_limits=_fleet_limits(env),
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=env.optional_path("FILE_EVENT_LOG", DEFAULT.file_event_log),
+        audit_log_file=env.optional_path("AUDIT_LOG_FILE", DEFAULT.audit_log_file),
         db_pool_max_size=env.integer(
             "DATABASE_POOL_SIZE", DEFAULT.db_pool_max_size, minimum=1
         ),
@@ -215,6 +216,7 @@ def _retention(env: Env) -> RetentionSettings:
     return RetentionSettings(
         token_days=_retention_days(env, "TOKEN_RETENTION_DAYS", default.token_days),
         usage_days=_retention_days(env, "USAGE_RETENTION_DAYS", default.usage_days),
+        audit_days=_retention_days(env, "AUDIT_RETENTION_DAYS", default.audit_days),
         purge_interval_s=None
         if env.is_off("PURGE_INTERVAL")
         else env.maybe_seconds("PURGE_INTERVAL") or default.purge_interval_s,

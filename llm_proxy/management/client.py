@@ -208,6 +208,22 @@ class ManageClient:
         else:
             await self.call("DELETE", f"tokens/{token}")
 
+    # -- audit -------------------------------------------------------------------
+
+    async def list_audit(
+        self, *, page: int = 1, page_size: int = 20, **filters: str | None
+    ) -> JsonObject:
+        """A page of audit events: `{"events": [...], "pagination": {...}}`."""
+        params = {name: value for name, value in filters.items() if value}
+        params |= {"page": str(page), "page_size": str(page_size)}
+        found, _ = await self.call("GET", "audit", params=params)
+        return dict(found)
+
+    async def get_audit(self, event_id: str) -> JsonObject:
+        """One audit event."""
+        found, _ = await self.call("GET", f"audit/{event_id}")
+        return dict(found)
+
 
 def is_token_value(text: str) -> bool:
     """Whether `text` is a withering token's value rather than its id."""

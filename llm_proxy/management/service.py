@@ -353,11 +353,6 @@ class ManagementService:
             raise NotFound(f"No token with id {token_id!r}.", param="token_id")
         await self._changed("token", token_id)
 
-    async def revoke_token_value(self, value: str) -> None:
-        """Revoke by the token's value (a DELETE /manage/tokens body); idempotent."""
-        token = await self.find_token_by_value(value)
-        await self.revoke_token(token.id)
-
 
 def _check_range(param: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:

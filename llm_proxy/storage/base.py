@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..domain_errors import ProxyError
+from .audit import AuditStore
 
 __all__ = [  # what `llm_proxy.storage` re-exports
     "ChangeCursor",
@@ -166,6 +167,7 @@ class PurgeCounts:
 
     tokens: int = 0
     usage_events: int = 0
+    audit_events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +216,7 @@ class UsageRow:
     totals: UsageTotals
 
 
-class Repository(Protocol):
+class Repository(AuditStore, Protocol):
     """Intent-named storage operations; no raw SQL crosses this boundary."""
 
     async def connect(self) -> None:

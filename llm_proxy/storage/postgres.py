@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 
 from ._common import load_metadata, load_origins
-from .backend import Params, SqlBackend
+from .audit_sql import AuditBackend, audit_statements
+from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
 from .migrations import SQL_DIR, Migration, load_migrations, migration_failed, pending
 from .statements import USAGE_FIELDS, USAGE_VALUES, Dialect
@@ -123,10 +124,11 @@ TokenTail = tuple[
 ]
 
 
-class PostgresRepository(SqlBackend):
+class PostgresRepository(AuditBackend):
     """`Repository` on an asyncpg connection pool."""
 
     _sql = SQL
+    _audit_sql = audit_statements(POSTGRES)
     _integrity_error = asyncpg.IntegrityConstraintViolationError
     _usage_data_errors = USAGE_DATA_ERRORS
 
