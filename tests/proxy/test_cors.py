@@ -231,13 +231,16 @@ async def test_a_browser_only_token_needs_an_origin(
     start_proxy: Start, fake: FakeUpstreamState
 ) -> None:
     proxy = await start_proxy()
-    project_id, token = await project_token(
+    project = await create_project(
         proxy, "browser", allowed_origins=[APP], require_origin=True
     )
+    project_id = project["project_id"]
+    token = (await create_token(proxy, project_id, max_requests=2))["token"]
     before = len(fake.requests)
-    await assert_refused(
-        await proxy.get("/v1/models", headers=bearer(token)), "origin_required"
-    )
+    for _ in range(3):  # refused without spending the token's two requests
+        await assert_refused(
+            await proxy.get("/v1/models", headers=bearer(token)), "origin_required"
+        )
     assert len(fake.requests) == before
     allowed = await proxy.get("/v1/models", headers={**bearer(token), "Origin": APP})
     assert allowed.status == 200
