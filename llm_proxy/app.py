@@ -58,6 +58,7 @@ from .proxy.chain import (
     proxy_chain,
 )
 from .proxy.concurrency import InFlight
+from .proxy.cors import CorsPolicy, preflight_handler
 from .proxy.ratelimit import GcraLimiter
 from .proxy.relay import proxy_handler
 from .proxy.upstream import upstream_session_ctx
@@ -161,11 +162,18 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/live", live_handler)
     app.router.add_get("/ready", ready_handler)
     app.add_subapp("/manage", create_management_app(settings.management_token))
-    app.router.add_route(
-        "*",
-        "/v1/{tail:.*}",
-        create_proxy_handler(settings, store, breaker, instrumentation, fleet, cache),
+    proxy = create_proxy_handler(
+        settings, store, breaker, instrumentation, fleet, cache
     )
+    preflight = preflight_handler(
+        CorsPolicy(settings.cors, store.origin_index),
+        load_endpoint_allowlist(settings),
+        proxy,
+    )
+    # Preflights carry no token: answered before the chain (other methods never
+    # look at this route: the router picks a route by one dict lookup on the method).
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy)
     mount_admin(app, settings)
     return app
 
@@ -216,9 +224,10 @@ def create_proxy_handler(
         from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
 
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
+    cors = CorsPolicy(settings.cors, store.origin_index)
     stages: list[Stage] = [
         AllowlistStage(load_endpoint_allowlist(settings)),
-        TokenAuthStage(store),
+        TokenAuthStage(store, cors),
         rate_stage,
         ConcurrencyStage(
             InFlight(),
@@ -231,7 +240,7 @@ def create_proxy_handler(
         from .proxy.cache_stage import ResponseCacheStage  # redis only when configured
 
         stages.append(ResponseCacheStage(cache))
-    return proxy_chain(instrumentation, stages, proxy_handler)
+    return proxy_chain(instrumentation, stages, proxy_handler, cors)
 
 
 def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:

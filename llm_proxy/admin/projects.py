@@ -1,10 +1,11 @@
-"""Project pages: list and search, create, detail, edit, key rotation, activation,
-bulk token revocation and deletion. Writes go through `ManagementService`.
+"""Project pages: list and search, create, detail, edit, key rotation, browser origins,
+activation, bulk token revocation and deletion. Writes go through `ManagementService`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
@@ -46,12 +47,18 @@ async def new_project_page(request: web.Request) -> web.Response:
 async def create_project_action(request: web.Request) -> web.Response:
     """Create a project from the form; the form again with the error if refused."""
     form = await request.post()
-    fields = {"name": text(form, "name"), "description": text(form, "description")}
+    fields = {
+        "name": text(form, "name"),
+        "description": text(form, "description"),
+        "allowed_origins": text(form, "allowed_origins"),
+        "require_origin": text(form, "require_origin"),
+    }
     try:
         project = await service(request).create_project(
             name=fields["name"],
             description=fields["description"],
             api_key=text(form, "openai_api_key"),
+            **_origin_changes(form),
         )
     except ServiceError as exc:
         audit.note(request, reason=exc.message)
@@ -134,6 +141,28 @@ def _rotated(project: Project) -> str:
     )
 
 
+async def origins_action(request: web.Request) -> web.Response:
+    """Replace the browser origins and the Origin requirement (next request)."""
+    form = await request.post()
+    return await _update(
+        request,
+        lambda project: f"Browser access of “{project.name}” saved.",
+        **_origin_changes(form),
+    )
+
+
+def _origin_changes(form: Mapping[str, Any]) -> dict[str, Any]:
+    """The origins field (one per line, or separated by blanks or commas) and the
+    require-origin checkbox."""
+    origins = [
+        part for part in re.split(r"[\s,]+", text(form, "allowed_origins")) if part
+    ]
+    return {
+        "allowed_origins": origins,
+        "require_origin": text(form, "require_origin") == "1",
+    }
+
+
 async def activation_action(request: web.Request) -> web.Response:
     """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
     form = await request.post()
@@ -214,6 +243,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/projects/{project_id}", project_page)
     router.add_post("/projects/{project_id}", edit_project_action)
     router.add_post("/projects/{project_id}/key", rotate_key_action)
+    router.add_post("/projects/{project_id}/origins", origins_action)
     router.add_post("/projects/{project_id}/active", activation_action)
     router.add_get("/projects/{project_id}/delete", confirm_delete_page)
     router.add_post("/projects/{project_id}/delete", delete_project_action)

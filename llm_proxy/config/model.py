@@ -134,6 +134,17 @@ class DispatcherSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsSettings:
+    """Browsers on /v1: the origins allowed server-wide, how long a preflight is cached.
+
+    A project's own list replaces `allowed_origins` for its tokens (see proxy/cors.py).
+    """
+
+    allowed_origins: tuple[str, ...] = ()  # canonical entries (llm_proxy.origins)
+    max_age_s: int = 600
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseCacheSettings:
     """The opt-in response cache (RESPONSE_CACHE=on): its Redis, entry life, size."""
 
@@ -180,6 +191,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     events: EventSettings = field(default_factory=EventSettings)
     dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
     # Processes of `serve` (WORKERS, --workers; `auto` = the CPU count).
     workers: int = 1
     # Which worker of a fleet this process is, set by the supervisor (workers.py);

@@ -44,6 +44,8 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
@@ -53,6 +55,8 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
@@ -84,6 +88,8 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "allowed_origins": list(project.allowed_origins),
+        "require_origin": project.require_origin,
         "cache_ttl_seconds": project.cache_ttl_seconds,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
@@ -177,6 +183,8 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        allowed_origins=data.get("allowed_origins") or (),
+        require_origin=data.get("require_origin", False),
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
     )
     audit.note(request, project_id=project.id)
@@ -215,6 +223,7 @@ async def update_project_handler(request: web.Request) -> web.Response:
     )
     description = data.get("description", None)
     metadata = data.get("metadata", None)
+    origins = data.get("allowed_origins", None)
     project = await service_of(request).update_project(
         project_id,
         name=data.get("name"),
@@ -227,6 +236,10 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        allowed_origins=()
+        if "allowed_origins" in data and origins is None
+        else origins,
+        require_origin=data.get("require_origin"),
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
         clear_cache_ttl_seconds="cache_ttl_seconds" in data
         and data["cache_ttl_seconds"] is None,

@@ -129,9 +129,13 @@ class ManageClient:
         api_key: str,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        **fields: Any,
     ) -> JsonObject:
-        """Create a project; the upstream key travels only in the request body."""
-        body: JsonObject = {"name": name, "openai_api_key": api_key}
+        """Create a project; the upstream key travels only in the request body.
+
+        `fields` are further fields of the body (`allowed_origins`, ...).
+        """
+        body: JsonObject = {"name": name, "openai_api_key": api_key, **fields}
         if description is not None:
             body["description"] = description
         if metadata is not None:

@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 from .. import __version__
+from ..origins import MAX_ORIGINS
 from .service import MAX_CACHE_TTL_SECONDS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -225,6 +226,22 @@ def _max_concurrent(default_setting: str) -> dict[str, Any]:
     }
 
 
+_ORIGIN_FIELDS: dict[str, Any] = {
+    "allowed_origins": {
+        "type": ["array", "null"],
+        "items": {"type": "string"},
+        "maxItems": MAX_ORIGINS,
+        "description": "Origins whose pages may use the project's tokens:"
+        " scheme://host[:port] (http or https, no path) or https://*.example.com"
+        " (subdomains only). Empty or null: CORS_ALLOWED_ORIGINS apply.",
+    },
+    "require_origin": {
+        "type": "boolean",
+        "description": "Refuse the project's tokens without an Origin header.",
+    },
+}
+
+
 def _cache_ttl() -> dict[str, Any]:
     return {
         **_integer(nullable=True, minimum=0),
@@ -252,6 +269,7 @@ def _schemas() -> dict[str, Any]:
         "openai_api_key": _string(),
         "is_active": {"type": "boolean"},
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+        **_ORIGIN_FIELDS,
         "cache_ttl_seconds": _cache_ttl(),
     }
     return {
@@ -264,6 +282,7 @@ def _schemas() -> dict[str, Any]:
                 "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
                 "is_active": {"type": "boolean"},
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
@@ -277,6 +296,7 @@ def _schemas() -> dict[str, Any]:
                 "metadata": {"type": ["object", "null"]},
                 "openai_api_key": _string(),
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
             },
             ["name", "openai_api_key"],

@@ -79,6 +79,9 @@ class Project:
     # Response cache: seconds its answers may be kept; None: only what clients ask
     # for, 0: never cached (see docs/caching.md).
     cache_ttl_seconds: int | None = None
+    # Canonical browser origins (llm_proxy.origins); empty: CORS_ALLOWED_ORIGINS apply.
+    allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False  # its tokens are refused without an Origin header
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,8 @@ class ProjectChanges:
     clear_max_concurrent: bool = False
     cache_ttl_seconds: int | None = None
     clear_cache_ttl_seconds: bool = False
+    allowed_origins: tuple[str, ...] | None = None  # () empties the list
+    require_origin: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
-from ._common import load_metadata
+from ._common import load_metadata, load_origins
 from .audit_sql import AuditBackend, audit_statements
 from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
@@ -268,9 +268,25 @@ class PostgresRepository(AuditBackend):
 
     @staticmethod
     def _project(row: asyncpg.Record) -> Project:
-        # PROJECT_COLUMNS order; only the id and the metadata need converting.
+        # PROJECT_COLUMNS order; only the id and the JSON columns need converting.
         metadata = load_metadata(row[3])
-        return Project(str(row[0]), row[1], row[2], metadata, *row[4:11])
+        key, hint, active, created, updated, cap, ttl = row[4:11]
+        origins = load_origins(row[11])
+        return Project(
+            str(row[0]),
+            row[1],
+            row[2],
+            metadata,
+            key,
+            hint,
+            active,
+            created,
+            updated,
+            cap,
+            ttl,
+            origins,
+            row[12],
+        )
 
     @staticmethod
     def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:

@@ -25,7 +25,7 @@ import aiosqlite
 
 from ..clock import utc_iso
 from ..private_files import create_private_file
-from ._common import load_metadata
+from ._common import load_metadata, load_origins
 from .audit_sql import AuditBackend, audit_statements
 from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
@@ -271,6 +271,8 @@ class SqliteRepository(AuditBackend):
             updated_at=_from_text(row["updated_at"]),
             max_concurrent=row["max_concurrent"],
             cache_ttl_seconds=row["cache_ttl_seconds"],
+            allowed_origins=load_origins(row["allowed_origins"]),
+            require_origin=bool(row["require_origin"]),
         )
 
     @staticmethod
