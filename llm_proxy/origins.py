@@ -170,4 +170,8 @@ class OriginRule:
 
     def allows(self, origin: str, default: OriginSet) -> bool:
         """Whether this project's tokens may be used from `origin`."""
-        return (self._set if self.entries else default).allows(origin)
+        return self.effective(default).allows(origin)
+
+    def effective(self, default: OriginSet) -> OriginSet:
+        """The origins that apply: this project's own, else the server default."""
+        return self._set if self.entries else default

@@ -82,9 +82,9 @@ class CallSink(Protocol):
 class OriginGate(Protocol):
     """What the chain asks about a call's `Origin` header (CORS: `cors.CorsPolicy`).
 
-    `admit` runs before the stages for a call with an `Origin` (it may refuse, or keep
-    the origin as `Exchange.cors`); `check` in token auth, for a call with an allowed
-    origin or a principal with an origin rule; `decorate` gives the proxy's own error
+    `admit` runs before the stages for a call with an `Origin` (it keeps the origin on
+    the `Exchange`); `check` in token auth, for a call with an `Origin` or a principal
+    with an origin rule (it may refuse); `decorate` gives the proxy's own error
     answer to an allowed origin its CORS headers. A call without `Origin` costs one
     header lookup and, in token auth, two attribute tests.
     """
@@ -271,7 +271,7 @@ class TokenAuthStage:
         except AuthError as refused:
             raise api_error(refused) from None
         request[PRINCIPAL_KEY] = principal
-        if principal.origins is not None or exchange.cors is not None:
+        if principal.origins is not None or exchange.origin is not None:
             self._check_origin(principal, exchange)
 
     def _check_origin(self, principal: Principal, exchange: Exchange) -> None:

@@ -4,12 +4,13 @@
   preflight carries no token, so it is answered (204, no token, nothing upstream) when
   the origin is allowed server-wide (CORS_ALLOWED_ORIGINS) or by any active project,
   with the allowlist's methods for the path. Any other OPTIONS goes through the chain.
-- `CorsPolicy`, the chain's `OriginGate`: before the stages, an `Origin` allowed
-  nowhere is refused (403 `origin_not_allowed`) and an allowed one is kept on the
-  call's `Exchange`, so every answer carries the CORS headers, the proxy's own errors
-  included; in token auth, the origin must be allowed for the token's project (its own
-  list, else the server-wide one), and a project with `require_origin` refuses calls
-  without one.
+- `CorsPolicy`, the chain's `OriginGate`: before the stages, the `Origin` is kept on
+  the call's `Exchange`, and one allowed somewhere gets the CORS headers on every
+  answer, the proxy's own errors included; in token auth, when the token's project
+  has origins (its own list, else the server-wide one), the origin must be one of
+  them (403 `origin_not_allowed`, without CORS headers); a project with no origins
+  anywhere is served as before, without CORS headers, so browsers keep their
+  same-origin rule; a project with `require_origin` refuses calls without one.
 
 A call without an `Origin` header costs one header lookup and two attribute tests.
 """
@@ -83,25 +84,28 @@ class CorsPolicy:
         return self.default.allows(origin) or self.index.allows(origin)
 
     def admit(self, request: web.Request, exchange: Exchange, origin: str) -> None:
-        """Before the stages: refuse an origin allowed nowhere, keep an allowed one."""
-        if not self.allows_somewhere(origin):
-            # The allowlist stage has not run: record the path as it came.
-            exchange.path = request.raw_path.split("?")[0]
-            raise origin_not_allowed()
-        exchange.cors = origin
+        """Before the stages: keep the origin; one allowed somewhere gets CORS headers
+        on the proxy's own errors (a page may read why it was refused)."""
+        exchange.origin = origin
+        if self.allows_somewhere(origin):
+            exchange.cors = origin
 
     def check(self, principal: Principal, exchange: Exchange) -> None:
-        """In token auth: the origin must be allowed for the token's project."""
+        """In token auth: the origin must be allowed for the token's project, when
+        that project (or the server) lists any; with no list the call is served as
+        before CORS existed, without CORS headers, so browsers keep same-origin."""
         rule = principal.origins
-        origin = exchange.cors
+        origin = exchange.origin
         if origin is None:
             if rule is not None and rule.require_origin:
                 raise origin_required()
             return
-        if rule.allows(origin, self.default) if rule else self.default.allows(origin):
+        allowed = rule.effective(self.default) if rule else self.default
+        if allowed.allows(origin):
             return
-        exchange.cors = None  # no CORS headers: the page may not read the refusal
-        raise origin_not_allowed()
+        exchange.cors = None  # no CORS headers: the page may not read the answer
+        if allowed:
+            raise origin_not_allowed()
 
     def decorate(self, error: ApiError, exchange: Exchange) -> None:
         """The proxy's own error answer to an allowed origin carries the CORS headers."""

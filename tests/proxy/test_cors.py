@@ -193,6 +193,31 @@ async def test_an_origin_allowed_nowhere_is_refused_before_the_upstream(
     assert len(fake.requests) == before
 
 
+async def test_with_no_origins_anywhere_a_call_with_origin_is_served_as_before(
+    start_proxy: Start, fake: FakeUpstreamState
+) -> None:
+    # nothing lists an origin: same-origin pages, extensions and desktop apps that
+    # send Origin keep working; without CORS headers browsers keep same-origin
+    proxy = await start_proxy()
+    _, token = await project_token(proxy, "plain")
+    before = len(fake.requests)
+    response = await proxy.get("/v1/models", headers={**bearer(token), "Origin": OTHER})
+    assert response.status == 200
+    assert_no_cors(response)
+    assert len(fake.requests) == before + 1
+
+
+async def test_a_project_without_origins_gets_no_cors_headers_from_another_projects(
+    start_proxy: Start,
+) -> None:
+    proxy = await start_proxy()
+    await project_token(proxy, "web", allowed_origins=[APP])
+    _, plain = await project_token(proxy, "plain")
+    response = await proxy.get("/v1/models", headers={**bearer(plain), "Origin": APP})
+    assert response.status == 200
+    assert_no_cors(response)  # "plain" never opted in: its answers stay same-origin
+
+
 async def test_a_projects_own_list_replaces_the_server_wide_one(
     start_proxy: Start, fake: FakeUpstreamState
 ) -> None:
@@ -354,9 +379,16 @@ async def test_a_refused_origin_is_recorded_as_a_call(
     start_proxy: Start, tmp_path: Path
 ) -> None:
     log_file = tmp_path / "events.jsonl"
-    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
+    proxy = await start_proxy(
+        FILE_EVENT_LOG=str(log_file),
+        EVENT_FLUSH_INTERVAL="0.01",
+        CORS_ALLOWED_ORIGINS=APP,
+    )
+    _, token = await project_token(proxy, "web")
     response = await proxy.post(
-        "/v1/chat/completions?x=1", json=CHAT, headers={"Origin": OTHER}
+        "/v1/chat/completions?x=1",
+        json=CHAT,
+        headers={**bearer(token), "Origin": OTHER},
     )
     await assert_refused(response, "origin_not_allowed")
     [event] = await read_events(log_file, 1)
