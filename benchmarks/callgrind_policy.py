@@ -27,10 +27,9 @@ import argparse
 import asyncio
 import http.client
 import json
-import shutil
 import statistics
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,11 @@ from callgrind_metrics import (
     WARMUP_CALLS,
     Callgrind,
     _wait_lines,
-    serve_env,
-    start_fake_upstream,
+    alternate,
+    chat,
+    per_kind_lines,
+    proxy_env,
+    with_fake_upstream,
 )
 from run import MANAGEMENT_TOKEN, UPSTREAM_KEY, Stack, free_port, wait_port
 
@@ -62,16 +64,18 @@ BODY = (
     '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}],'
     '"max_tokens":100}'
 )
+KINDS = ("this/none", "this/full", "reference/none")
+# Every call sends the bound header, so both tokens' calls are the same bytes.
+CALL = partial(chat, extra={"X-Proxy-User-Id": USER}, body=BODY)
 
 
 class Proxy:
-    """One proxy under callgrind, its tokens by name, and its event count."""
+    """One proxy under callgrind, its tokens by kind, and the events it has logged."""
 
     def __init__(self, stack: Stack, name: str, upstream: int, tree: Path | None):
         self.port = free_port()
-        self.events = stack.workdir / f"{name}.jsonl"
-        env = serve_env(stack.workdir / name, self.port, upstream, self.events)
-        env |= QUIET
+        env = proxy_env(stack, name, self.port, upstream) | QUIET
+        self.events = Path(env["FILE_EVENT_LOG"])
         if tree is not None:  # its package first on the path, ahead of this one
             env["PYTHONPATH"] = str(tree.resolve())
         command = [sys.executable, "-m", "llm_proxy", "serve"]
@@ -86,18 +90,8 @@ class Proxy:
         self.sent = 0
 
     def call(self, token: str, count: int) -> None:
-        """`count` chat completions with `token`; each must succeed."""
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-            "X-Proxy-User-Id": USER,
-        }
-        for _ in range(count):
-            self.connection.request("POST", "/v1/chat/completions", BODY, headers)
-            response = self.connection.getresponse()
-            body = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"proxy answered {response.status}: {body[:200]!r}")
+        """`count` chat completions with `token`, then until their events are in."""
+        CALL(self.connection, token, count)
         self.sent += count
         _wait_lines(self.events, self.sent)
 
@@ -139,30 +133,28 @@ async def _tokens(port: int, *, policy: bool) -> dict[str, str]:
 
 def measure(calls: int, rounds: int, reference: Path | None) -> dict[str, Any]:
     """Instructions per call of each token (and the reference), in one run."""
-    stack = Stack(Path(tempfile.mkdtemp(prefix="llm-proxy-policy-")))
-    proxies: dict[str, Proxy] = {}
-    try:
-        upstream = start_fake_upstream(stack)
-        proxies["this"] = Proxy(stack, "this", upstream, None)
-        if reference is not None:
-            proxies["reference"] = Proxy(stack, "reference", upstream, reference)
-        runs = [
-            (name, kind) for name, proxy in proxies.items() for kind in proxy.tokens
-        ]
-        for name, kind in runs:
-            proxies[name].call(proxies[name].tokens[kind], WARMUP_CALLS)
-        counts: dict[str, list[float]] = {f"{n}/{k}": [] for n, k in runs}
-        for _ in range(rounds):
-            for name, kind in runs:
-                proxy = proxies[name]
-                counts[f"{name}/{kind}"].append(
-                    proxy.per_call(proxy.tokens[kind], calls)
-                )
-    finally:
-        for proxy in proxies.values():
-            proxy.stop()
-        stack.stop()
-        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+    def work(stack: Stack, upstream: int) -> dict[str, list[float]]:
+        proxies: dict[str, Proxy] = {}
+        try:
+            proxies["this"] = Proxy(stack, "this", upstream, None)
+            if reference is not None:
+                proxies["reference"] = Proxy(stack, "reference", upstream, reference)
+            kinds = [kind for kind in KINDS if kind.split("/")[0] in proxies]
+            for kind in kinds:
+                name, token = kind.split("/")
+                proxies[name].call(proxies[name].tokens[token], WARMUP_CALLS)
+
+            def one(kind: str, round_: int) -> float:
+                name, token = kind.split("/")
+                return proxies[name].per_call(proxies[name].tokens[token], calls)
+
+            return alternate(kinds, rounds, one)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+
+    counts = with_fake_upstream(work)
     return {"calls": calls, "instructions_per_call": counts, **_compare(counts)}
 
 
@@ -181,10 +173,7 @@ def _compare(counts: dict[str, list[float]]) -> dict[str, float]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"proxy, main thread, one connection, {report['calls']} calls per round:"]
-    for name, values in report["instructions_per_call"].items():
-        shown = ", ".join(f"{value:,.0f}" for value in values)
-        lines.append(f"  {name:>15}: {shown} instructions per call")
+    lines = per_kind_lines(report, "instructions_per_call", 15)
     lines.append(
         f"  full policy vs none: {report['full_policy_extra_instructions']:+,.0f}"
         f" instructions per call, {report['full_policy_throughput_cost']:.2%} of"

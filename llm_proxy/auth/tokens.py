@@ -24,9 +24,11 @@ from typing import Final
 
 from ..clock import Clock
 from ..domain_errors import ErrorKind
+from ..origins import OriginRule
 from ..storage.base import Deletion, Project, Token, TokenPolicy, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
 from .errors import AuthError, quota_spent
+from .origin_index import OriginIndex
 from .policy import CallPolicy, compile_policy, merge_policies
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class Principal:
     # response cache keys on it, so a rotated key never reads the old answers.
     project_generation: str = ""
     project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
+    origins: OriginRule | None = None  # its project's browser origins, if it has any
     policy: CallPolicy | None = None  # its project's defaults narrowed by its own
 
 
@@ -84,6 +87,7 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    origins: OriginRule | None = None
     generation: str = ""  # see Principal.project_generation
     cache_ttl_s: int | None = None
     stored_policy: TokenPolicy | None = None
@@ -117,6 +121,8 @@ class TokenStore:
         self._used: dict[str, _TokenEntry] = {}
         self._generation = 0
         self._unseen = 0  # entries with seen < _generation (not seen by this resync)
+        # The origins of every active project, for preflights (proxy/cors.py).
+        self.origin_index = OriginIndex()
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -194,12 +200,17 @@ class TokenStore:
     def put_project(self, project: Project) -> None:
         """Add or refresh a project; the key is decrypted only when it changed.
 
-        A change the principals carry (the key, max_concurrent) makes a new entry:
-        each token's principal is rebuilt on its next use, without a walk over the
-        project's tokens here.
+        A change the principals carry (the key, max_concurrent, origins) makes a new
+        entry: each token's principal is rebuilt on its next use, without a walk over
+        the project's tokens here.
         """
         known = self._projects.get(project.id)
         generation = project_generation(project)
+        origins = OriginRule.of(
+            project.allowed_origins, require_origin=project.require_origin
+        )
+        listed = project.allowed_origins if project.is_active else ()
+        self.origin_index.set(project.id, listed)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
@@ -207,6 +218,7 @@ class TokenStore:
                 known.max_concurrent != project.max_concurrent
                 or known.generation != generation
                 or known.cache_ttl_s != project.cache_ttl_seconds
+                or known.origins != origins
                 or known.stored_policy != project.policy
             ):
                 self._projects[project.id] = _ProjectEntry(
@@ -217,6 +229,7 @@ class TokenStore:
                     max_concurrent=project.max_concurrent,
                     generation=generation,
                     cache_ttl_s=project.cache_ttl_seconds,
+                    origins=origins,
                     stored_policy=project.policy,
                     policy=compile_policy(project.policy),
                 )
@@ -226,6 +239,7 @@ class TokenStore:
         except DecryptionError:
             log.error("cannot decrypt the upstream key of project %s", project.id)
             self._projects.pop(project.id, None)
+            self.origin_index.discard(project.id)
             return
         self._projects[project.id] = _ProjectEntry(
             project.is_active,
@@ -235,6 +249,7 @@ class TokenStore:
             max_concurrent=project.max_concurrent,
             generation=generation,
             cache_ttl_s=project.cache_ttl_seconds,
+            origins=origins,
             stored_policy=project.policy,
             policy=compile_policy(project.policy),
         )
@@ -242,6 +257,7 @@ class TokenStore:
     def remove_project(self, project_id: str) -> None:
         """Forget a deleted project and every token of it."""
         self._projects.pop(project_id, None)
+        self.origin_index.discard(project_id)
         self.remove_tokens_of(project_id)
 
     def remove_tokens_of(self, project_id: str) -> None:
@@ -371,6 +387,7 @@ class TokenStore:
                 project.max_concurrent,
                 project.generation,
                 project.cache_ttl_s,
+                project.origins,
                 merge_policies(project.policy, entry.policy),
             )
             entry.principal_of = project

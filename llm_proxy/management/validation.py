@@ -33,7 +33,7 @@ _TYPE_NAMES = {
     int: "an integer",
     bool: "a boolean",
     dict: "an object",
-    list: "a list",
+    list: "an array",
 }
 
 

@@ -41,6 +41,7 @@ from .capture import (
     UsageChunkStripper,
     inject_include_usage,
 )
+from .cors import add_cors_headers
 from .exchange import Exchange
 from .headers import (
     _forwarded_client,
@@ -254,6 +255,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if plan is not None:
         cached = await plan.lookup(request, exchange, body)
         if cached is not None:
+            if exchange.cors is not None:
+                add_cors_headers(cached.headers, exchange.cors)
             return cached
     if isinstance(body, CountedBody) and request.content_length is not None:
         # aiohttp's parser delivers exactly this many bytes or fails the stream.
@@ -302,6 +305,8 @@ async def relay(
     is_sse = content_type == "text/event-stream"
     exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
     headers = downstream_headers(upstream.headers, exchange, is_sse)
+    if exchange.cors is not None:
+        add_cors_headers(headers, exchange.cors)
     stripper = _usage_stripper(upstream.status, exchange, is_sse)
     if stripper is not None:
         headers.popall(hdrs.CONTENT_LENGTH, None)

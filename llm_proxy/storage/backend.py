@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from ._common import (
     check_page,
     dump_metadata,
+    dump_origins,
     dump_policy,
     like_pattern,
     storable_usage_event,
@@ -375,6 +376,8 @@ class SqlBackend(ABC):
             self._time(project.updated_at),
             project.max_concurrent,
             project.cache_ttl_seconds,
+            dump_origins(project.allowed_origins),
+            project.require_origin,
             dump_policy(project.policy),
         )
 
@@ -422,8 +425,8 @@ class SqlBackend(ABC):
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    """Parameters $2 to $13 of update_project."""
-    metadata = changes.metadata
+    """Parameters $2 to $15 of update_project."""
+    metadata, origins = changes.metadata, changes.allowed_origins
     return (
         changes.name,
         changes.description,
@@ -435,6 +438,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.max_concurrent,
         changes.clear_cache_ttl_seconds,
         changes.cache_ttl_seconds,
+        None if origins is None else dump_origins(origins),
+        changes.require_origin,
         changes.clear_policy,
         dump_policy(changes.policy),
     )

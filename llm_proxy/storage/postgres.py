@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
-from ._common import load_metadata, load_policy
-from .backend import Params, SqlBackend
+from ._common import load_metadata, load_origins, load_policy
+from .audit_sql import AuditBackend, audit_statements
+from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
 from .migrations import SQL_DIR, Migration, load_migrations, migration_failed, pending
 from .statements import USAGE_FIELDS, USAGE_VALUES, Dialect
@@ -117,18 +118,17 @@ USAGE_DATA_ERRORS: Final = (
 )
 
 
-# A project row from openai_api_key to cache_ttl_seconds, as asyncpg returns it.
-ProjectTail = tuple[str, str, bool, datetime, datetime, int | None, int | None]
 # A token row from expires_at to max_concurrent, as asyncpg returns it.
 TokenTail = tuple[
     datetime, bool, int, int | None, int | None, datetime, datetime | None, int | None
 ]
 
 
-class PostgresRepository(SqlBackend):
+class PostgresRepository(AuditBackend):
     """`Repository` on an asyncpg connection pool."""
 
     _sql = SQL
+    _audit_sql = audit_statements(POSTGRES)
     _integrity_error = asyncpg.IntegrityConstraintViolationError
     _usage_data_errors = USAGE_DATA_ERRORS
 
@@ -268,11 +268,26 @@ class PostgresRepository(SqlBackend):
 
     @staticmethod
     def _project(row: asyncpg.Record) -> Project:
-        # PROJECT_COLUMNS order; only the id, the metadata and the policy need
-        # converting.
-        metadata, policy = load_metadata(row[3]), load_policy(row[11])
-        rest: ProjectTail = row[4:11]
-        return Project(str(row[0]), row[1], row[2], metadata, *rest, policy)
+        # PROJECT_COLUMNS order; only the id and the JSON columns need converting.
+        metadata = load_metadata(row[3])
+        key, hint, active, created, updated, cap, ttl = row[4:11]
+        origins = load_origins(row[11])
+        return Project(
+            str(row[0]),
+            row[1],
+            row[2],
+            metadata,
+            key,
+            hint,
+            active,
+            created,
+            updated,
+            cap,
+            ttl,
+            origins,
+            row[12],
+            load_policy(row[13]),
+        )
 
     @staticmethod
     def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:
