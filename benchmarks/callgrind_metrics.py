@@ -229,9 +229,9 @@ def chat(
     for _ in range(calls):
         connection.request("POST", "/v1/chat/completions", body, headers)
         response = connection.getresponse()
-        body = response.read()
+        answer = response.read()
         if response.status != 200:
-            raise RuntimeError(f"proxy answered {response.status}: {body[:200]!r}")
+            raise RuntimeError(f"proxy answered {response.status}: {answer[:200]!r}")
 
 
 def _wait_lines(path: Path, count: int, timeout_s: float = 120.0) -> None:
