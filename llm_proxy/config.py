@@ -95,7 +95,7 @@ class RetentionSettings:
 class FleetLimitSettings:
     """Fleet-wide rate limits and quotas on REDIS_URL: lease size, timeout, failure mode."""
 
-    lease_max: int = 20
+    lease_max: int = 256
     timeout_s: float = 0.25
     fail_closed: bool = False
 
@@ -335,7 +335,7 @@ def _parse(env: _Env) -> Settings:
             ),
         ),
         fleet_limits=FleetLimitSettings(
-            lease_max=env.integer("FLEET_LEASE_MAX", 20, minimum=1),
+            lease_max=env.integer("FLEET_LEASE_MAX", 256, minimum=1),
             timeout_s=env.seconds("REDIS_LIMITS_TIMEOUT", 0.25),
             fail_closed=env.choice("REDIS_FAILURE_MODE", "open", FAILURE_MODES)
             == "closed",
