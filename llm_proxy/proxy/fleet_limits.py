@@ -127,6 +127,7 @@ class FleetLimiter:
         self._reconnect: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = False  # no refill ahead of need once `close` began
 
     @property
     def down(self) -> bool:
@@ -151,9 +152,14 @@ class FleetLimiter:
         """Spend one unit of `lease`; prefetch in the background when it runs low."""
         if not lease.take(self._clock()):
             return False
-        if lease.wants_prefetch() and not self.stats.down:
+        if lease.wants_prefetch() and self._asks_ahead():
             self._start_refill(token_id, lease)
         return True
+
+    def _asks_ahead(self) -> bool:
+        """Refills ahead of need: not while Redis is down, nor once `close` began
+        (a grant landing after the final release would stay with a stopped process)."""
+        return not (self.stats.down or self._closing)
 
     def give_back(self, token_id: str) -> None:
         """A unit taken for a call that never reached upstream returns to its lease."""
@@ -228,7 +234,7 @@ class FleetLimiter:
             lease.refill = None
             future.set_result(None)
         # what the waiters took may leave the lease half spent already: ask again now
-        if lease.wants_prefetch() and not self.stats.down:
+        if lease.wants_prefetch() and self._asks_ahead():
             self._start_refill(token_id, lease)
 
     def _args(
@@ -376,7 +382,7 @@ class FleetLimiter:
 
     async def start(self) -> None:
         """Load the script and start housekeeping; a dead Redis only means `down`."""
-        self._closed = False
+        self._closed = self._closing = False
         try:
             async with asyncio.timeout(self.timeout_s * 4):
                 await self._script.registered_client.script_load(LEASE_SCRIPT)
@@ -414,6 +420,7 @@ class FleetLimiter:
 
     async def close(self) -> None:
         """Give every unused unit back (graceful stop), then close the pool."""
+        self._closing = True
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with suppress(asyncio.CancelledError):

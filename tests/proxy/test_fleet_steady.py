@@ -22,8 +22,8 @@ from llm_proxy.keys import FLEET_LIMITER_KEY
 from llm_proxy.proxy.fleet_limits import FleetLimiter
 from llm_proxy.proxy.leases import LEASE_FLOOR
 
-from ..support import PrivateRedis, bearer, proxy_token, require_redis
-from .test_fleet_limits import admit, limiter, metric
+from ..support import REDIS_URL, PrivateRedis, bearer, proxy_token, require_redis
+from .test_fleet_limits import admit, counted, limiter, metric
 
 pytestmark = pytest.mark.redis
 Client = TestClient[Any, Any]
@@ -115,3 +115,24 @@ async def test_units_of_a_refill_go_to_the_requests_waiting_for_it() -> None:
         assert all(await asyncio.gather(*waiters))
         assert len(newcomers) == 100 and not any(newcomers)
         assert fleet.stats.waits == waiting
+
+
+async def test_close_while_a_refill_flies_leaves_no_unit_unreturned() -> None:
+    """The waiters spend a whole grant, which would ask for the next lease at once;
+    a graceful stop begun meanwhile returns every unit nobody spent."""
+    await require_redis()
+    token, waiting = str(uuid.uuid4()), 30
+    client = Redis.from_url(REDIS_URL)
+    fleet = FleetLimiter(REDIS_URL, lambda _: None)
+    await fleet.start()
+    try:
+        waiters = [
+            asyncio.ensure_future(admit(fleet, token, HUGE, 1000))
+            for _ in range(waiting)
+        ]
+        await asyncio.sleep(0)  # every waiter awaits the one refill now
+        await fleet.close()
+        assert all(await asyncio.gather(*waiters))
+        assert await counted(client, token) == waiting
+    finally:
+        await client.aclose()
