@@ -1,0 +1,235 @@
+"""Instructions per proxied call under callgrind: the proxy with and without fleet limits.
+
+CPU seconds on a shared, loaded machine swing by tens of percent from run to run; the
+instruction counts of valgrind's callgrind repeat to a per cent or two (kernel time,
+such as the loopback sends, is not in them). Starts nginx as the upstream and a Redis
+of its own (CPU 1), then the proxy under `valgrind --tool=callgrind` (CPU 0), once
+without and once with REDIS_URL. For each concurrency it warms the proxy up, zeroes
+the counters (`callgrind_control -z`), sends `--calls` chat completions from an
+aiohttp client with at most that many in flight, dumps the counters (`callgrind_control
+-d`) and divides by the calls. The counts include the process's background work in
+that window (usage flush, lease housekeeping). With Redis it also reports the lease
+script runs per call (Redis INFO commandstats) and the calls that waited for one
+(`llm_proxy_fleet_lease_waits_total`): 0 at steady state.
+
+    python benchmarks/instructions.py [--calls 1000] [--concurrency 1 64] [--json]
+
+Needs valgrind, nginx and redis-server. Each proxy start under valgrind takes about
+a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import redis
+from stack import (
+    CHAT_BODY,
+    Stack,
+    start_proxy,
+    start_redis,
+    start_upstream,
+)
+
+WARM_UP_CALLS = 300
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Count:
+    """One measured window of one proxy at one concurrency."""
+
+    server: str
+    concurrency: int
+    calls: int
+    instructions: int
+    lease_runs: int | None = None  # EVALSHA calls Redis answered in the window
+    waits: int | None = None  # calls that waited for a lease script run
+
+    @property
+    def per_call(self) -> float:
+        return self.instructions / self.calls
+
+
+async def send_calls(base: str, token: str, calls: int, concurrency: int) -> None:
+    """`calls` chat completions, at most `concurrency` in flight; each must be a 200."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            async with gate:
+                url = f"{base}/v1/chat/completions"
+                async with session.post(url, data=CHAT_BODY, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{url} answered {r.status}")
+
+        await asyncio.gather(*(one() for _ in range(calls)))
+
+
+def callgrind(command: str, pid: int) -> None:
+    """`callgrind_control -z` (zero) or `-d` (dump) on the valgrind process `pid`."""
+    subprocess.run(
+        ["callgrind_control", command, str(pid)], check=True, capture_output=True
+    )
+
+
+def dumped_instructions(workdir: Path, pid: int) -> int:
+    """The instruction total of the last counter dump of `pid`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        dumps = sorted(
+            workdir.glob(f"callgrind.{pid}.*"), key=lambda p: int(p.suffix[1:])
+        )
+        if dumps:
+            found = re.search(
+                r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M
+            )
+            if found:
+                return int(found.group(1))
+        time.sleep(0.2)
+    raise RuntimeError(f"no callgrind dump of process {pid} in {workdir}")
+
+
+def lease_runs(redis_url: str) -> int:
+    """EVALSHA calls the run's Redis has answered so far."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def lease_waits(base: str) -> int:
+    """`llm_proxy_fleet_lease_waits_total` of the proxy at `base`."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found = re.search(r"^llm_proxy_fleet_lease_waits_total (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def measure_server(
+    stack: Stack,
+    upstream_port: int,
+    redis_url: str | None,
+    calls: int,
+    concurrencies: list[int],
+) -> list[Count]:
+    """Start one proxy under callgrind and count each concurrency's window."""
+    out = stack.workdir / "callgrind.%p"
+    prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    port, token, process = start_proxy(
+        stack,
+        upstream_port,
+        redis_url=redis_url,
+        prefix=prefix,
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    base = f"http://127.0.0.1:{port}"
+    name = "proxy-redis-limits" if redis_url else "proxy"
+    counts = []
+    for concurrency in concurrencies:
+        asyncio.run(send_calls(base, token, WARM_UP_CALLS, concurrency))
+        runs = lease_runs(redis_url) if redis_url else 0
+        waits = lease_waits(base) if redis_url else 0
+        callgrind("-z", process.pid)
+        asyncio.run(send_calls(base, token, calls, concurrency))
+        callgrind("-d", process.pid)
+        count = Count(
+            name, concurrency, calls, dumped_instructions(stack.workdir, process.pid)
+        )
+        if redis_url:
+            count.lease_runs = lease_runs(redis_url) - runs
+            count.waits = lease_waits(base) - waits
+        counts.append(count)
+    return counts
+
+
+def run(calls: int, concurrencies: list[int]) -> list[Count]:
+    """Both proxies, one after the other, on one upstream and one Redis."""
+    os.sched_setaffinity(0, {1})
+    os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
+    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-instructions-"))
+    stack = Stack(workdir)
+    try:
+        upstream_port = start_upstream(stack)
+        redis_url = start_redis(stack)
+        counts = []
+        for url in (None, redis_url):
+            counts += measure_server(stack, upstream_port, url, calls, concurrencies)
+        return counts
+    except Exception:
+        for log in sorted(workdir.glob("proc-*.log")):
+            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(counts: list[Count]) -> dict[str, object]:
+    """Instructions per call by concurrency, and the with/without ratio."""
+    rows: dict[str, object] = {}
+    for concurrency in sorted({c.concurrency for c in counts}):
+        plain, limited = (
+            next(c for c in counts if c.concurrency == concurrency and c.server == name)
+            for name in ("proxy", "proxy-redis-limits")
+        )
+        rows[f"c{concurrency}"] = {
+            "calls": plain.calls,
+            "instructions_per_call_without": round(plain.per_call),
+            "instructions_per_call_with": round(limited.per_call),
+            "ratio": round(limited.per_call / plain.per_call, 4),
+            "lease_runs_per_call": round((limited.lease_runs or 0) / limited.calls, 4),
+            "calls_that_waited": limited.waits,
+        }
+    return rows
+
+
+def main() -> None:
+    """Parse flags, run, print."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=1000, help="calls per window")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 64], help="calls in flight"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "nginx", "redis-server"):
+        if shutil.which(tool) is None:
+            sys.exit(f"this measurement needs {tool}")
+    rows = report(run(args.calls, args.concurrency))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{'conns':>5}{'without':>14}{'with Redis':>14}{'ratio':>8}"
+        f"{'runs/call':>11}{'waited':>8}   (instructions per call)"
+    )
+    for name, row in rows.items():
+        assert isinstance(row, dict)
+        print(
+            f"{name[1:]:>5}{row['instructions_per_call_without']:>14,}"
+            f"{row['instructions_per_call_with']:>14,}{row['ratio']:>8.3f}"
+            f"{row['lease_runs_per_call']:>11.4f}{row['calls_that_waited']:>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()
