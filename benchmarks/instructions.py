@@ -10,7 +10,8 @@ aiohttp client with at most that many in flight, dumps the counters (`callgrind_
 -d`) and divides by the calls. The counts include the process's background work in
 that window (usage flush, lease housekeeping). With Redis it also reports the lease
 script runs per call (Redis INFO commandstats) and the calls that waited for one
-(`llm_proxy_fleet_lease_waits_total`): 0 at steady state.
+(`llm_proxy_fleet_lease_waits_total`): 0 at steady state. A window in which Redis
+counted as down (the fallback decided) is an error.
 
     python benchmarks/instructions.py [--calls 1000] [--concurrency 1 64] [--json]
 
@@ -30,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import redis
 from stack import (
     CHAT_BODY,
     Stack,
+    fleet_counters,
     start_proxy,
     start_redis,
     start_upstream,
@@ -116,14 +117,6 @@ def lease_runs(redis_url: str) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def lease_waits(base: str) -> int:
-    """`llm_proxy_fleet_lease_waits_total` of the proxy at `base`."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    found = re.search(r"^llm_proxy_fleet_lease_waits_total (\S+)$", text, re.M)
-    return int(float(found.group(1))) if found else 0
-
-
 def measure_server(
     stack: Stack,
     upstream_port: int,
@@ -147,7 +140,7 @@ def measure_server(
     for concurrency in concurrencies:
         asyncio.run(send_calls(base, token, WARM_UP_CALLS, concurrency))
         runs = lease_runs(redis_url) if redis_url else 0
-        waits = lease_waits(base) if redis_url else 0
+        before = fleet_counters(base)
         callgrind("-z", process.pid)
         asyncio.run(send_calls(base, token, calls, concurrency))
         callgrind("-d", process.pid)
@@ -155,8 +148,14 @@ def measure_server(
             name, concurrency, calls, dumped_instructions(stack.workdir, process.pid)
         )
         if redis_url:
+            after = fleet_counters(base)
+            if (
+                after["fallback"] > before["fallback"]
+                or after["failed"] > before["failed"]
+            ):
+                raise RuntimeError(f"Redis counted as down in the window: {after}")
             count.lease_runs = lease_runs(redis_url) - runs
-            count.waits = lease_waits(base) - waits
+            count.waits = after["waits"] - before["waits"]
         counts.append(count)
     return counts
 
@@ -165,6 +164,9 @@ def run(calls: int, concurrencies: list[int]) -> list[Count]:
     """Both proxies, one after the other, on one upstream and one Redis."""
     os.sched_setaffinity(0, {1})
     os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
+    # valgrind runs the proxy ~50 times slower: so must the deadline of a lease call
+    # be, or Redis counts as down and the in-process fallback decides instead
+    os.environ["REDIS_LIMITS_TIMEOUT"] = "10"
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-instructions-"))
     stack = Stack(workdir)
     try:

@@ -16,12 +16,18 @@ time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios
 redis-server pinned to the load generator's CPU), same rounds, and reports CPU per
 proxied call with and without them (target: within 10%) and the p50 they add at one
 connection (target: +0.05 ms or less).
+It also says how many calls waited for Redis and how many the in-process fallback
+decided (Redis counted as down), which would make the comparison moot.
 `--reference DIR` adds the proxy of another checkout (e.g. the commit before a change,
 from `git worktree add /tmp/before HEAD~3`), also in the same rounds, so a change is
 judged against its own "before" on the same machine at the same moment.
+`--workers-compare` measures, instead of all that, `serve --workers 2` against
+`--workers 1` (benchmarks/workers_compare.py). `benchmarks/instructions.py` counts
+callgrind instructions per call with and without fleet limits, which a loaded
+machine does not blur.
 
     python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--redis-limits]
-                             [--reference DIR] [--json]
+                             [--reference DIR] [--workers-compare] [--json]
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from stack import (
     Stack,
     children_peak_rss_mib,
     cpu_seconds,
+    fleet_counters,
     free_port,
     peak_rss_mib,
     run_wrk,
@@ -205,6 +212,8 @@ def run(
                 64,
                 2,
             )
+        limited = [x.base for x in servers if x.result.name == REDIS_VARIANT]
+        fleet_before = fleet_counters(limited[0]) if limited else {}
         for _ in range(rounds):
             for server in servers:
                 measure(
@@ -229,9 +238,12 @@ def run(
         }
         if redis_limits:
             with_redis = next(x for x in servers if x.result.name == REDIS_VARIANT)
-            report["redis_limits"] = compare_redis_limits(
-                servers[1].result, with_redis.result
-            )
+            limits = compare_redis_limits(servers[1].result, with_redis.result)
+            fleet_after = fleet_counters(with_redis.base)
+            limits["fleet_counters_in_rounds"] = {
+                key: fleet_after[key] - fleet_before[key] for key in fleet_after
+            }
+            report["redis_limits"] = limits
         if reference is not None:
             report["reference"] = compare_reference(
                 servers[1].result, servers[-1].result
@@ -379,6 +391,11 @@ def print_report(report: dict[str, object]) -> None:
             f"{'fleet limits (Redis)':<22}CPU/call {redis['cpu_us_per_call_with']:.1f} µs"
             f" vs {redis['cpu_us_per_call_without']:.1f} µs (x{redis['cpu_ratio']:.3f}),"
             f" p50 {redis['p50_added_ms']:+.3f} ms"
+        )
+        counters = redis["fleet_counters_in_rounds"]
+        print(
+            f"{'':<22}calls that waited for Redis: {counters['waits']} (after idling),"
+            f" decided by the fallback: {counters['fallback']}"
         )
         for name, ok in redis["targets_met"].items():
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")

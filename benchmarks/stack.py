@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -266,6 +267,25 @@ def proxy_env(stack: Stack, name: str, port: int, upstream_port: int) -> dict[st
         "LOG_LEVEL": "warning",
         "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
     }
+
+
+FLEET_COUNTERS = {
+    "waits": "llm_proxy_fleet_lease_waits_total",
+    "fallback": "llm_proxy_fleet_fallback_decisions_total",
+    "failed": 'llm_proxy_fleet_lease_calls_total{outcome="failed"}',
+}
+
+
+def fleet_counters(base: str) -> dict[str, int]:
+    """The fleet-limit counters of `FLEET_COUNTERS` on the proxy at `base`: calls that
+    waited for Redis, calls the in-process fallback decided, failed lease calls."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counters = {}
+    for key, name in FLEET_COUNTERS.items():
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        counters[key] = int(float(found.group(1))) if found else 0
+    return counters
 
 
 def start_proxy(
