@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from .accounting.cache_metrics import ResponseCacheCollector
 from .accounting.fleet_metrics import FleetLimitsCollector
 from .accounting.instrumentation import (
     INSTRUMENTATION_KEY,
@@ -21,14 +21,17 @@ from .accounting.instrumentation import (
 from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
 from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .auth.invalidation import TokenInvalidation
-from .auth.tokens import TokenStore, TokenSync
+from .auth.sync import TokenSync
+from .auth.tokens import TokenStore
 from .config import Settings
 from .dispatchers import dispatchers_ctx
+from .errors import json_errors_middleware
 from .events.lifecycle import EVENT_BUS_KEY, create_event_bus, event_bus_ctx
 from .keys import (
     FLEET_LIMITER_KEY,
     READY_CHECKS_KEY,
     REPOSITORY_KEY,
+    RESPONSE_CACHE_KEY,
     RETENTION_JOB_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
@@ -51,7 +54,6 @@ from .proxy.chain import (
     RateLimitStage,
     Stage,
     TokenAuthStage,
-    json_errors_middleware,
     proxy_chain,
 )
 from .proxy.concurrency import InFlight
@@ -61,21 +63,18 @@ from .proxy.upstream import upstream_session_ctx
 from .storage import create_repository
 
 if TYPE_CHECKING:
+    from .proxy.cache import ResponseCache
     from .proxy.fleet_limits import FleetLimiter
 
 log = logging.getLogger(__name__)
-
-
-def sqlite_path(database_url: str) -> Path:
-    """The file of a `sqlite:///path` URL (relative to the working directory)."""
-    return Path(database_url.removeprefix("sqlite:///"))
 
 
 def master_key(settings: Settings) -> bytes:
     """ENCRYPTION_KEY, or (SQLite only) a key file generated next to the database."""
     if settings.encryption_key is not None:
         return settings.encryption_key
-    db_file = sqlite_path(settings.database_url)
+    db_file = settings.database.sqlite_path
+    assert db_file is not None  # PostgreSQL needs ENCRYPTION_KEY (config checks it)
     return load_or_create_key_file(db_file.with_name(db_file.name + ".key"))
 
 
@@ -121,6 +120,10 @@ def create_app(settings: Settings) -> web.Application:
         # and the event bus to its spool, so the instance keeps serving.
         app[READY_CHECKS_KEY]["redis"] = fleet.readiness
         metrics.registry.register(FleetLimitsCollector(lambda: fleet.stats))
+    cache = new_response_cache(settings)
+    if cache is not None:
+        app[RESPONSE_CACHE_KEY] = cache
+        metrics.registry.register(ResponseCacheCollector(lambda: cache.stats))
     if invalidation is not None:
         app[TOKEN_INVALIDATION_KEY] = invalidation
         app[READY_CHECKS_KEY]["token_invalidation"] = invalidation.ready_check
@@ -143,6 +146,7 @@ def create_app(settings: Settings) -> web.Application:
             retention_ctx,
             token_invalidation_ctx,
             fleet_limits_ctx,
+            response_cache_ctx,
             dispatchers_ctx,
             event_bus_ctx,
             instrumentation_ctx,
@@ -157,7 +161,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route(
         "*",
         "/v1/{tail:.*}",
-        create_proxy_handler(settings, store, breaker, instrumentation, fleet),
+        create_proxy_handler(settings, store, breaker, instrumentation, fleet, cache),
     )
     mount_admin(app, settings)
     return app
@@ -191,6 +195,7 @@ def create_proxy_handler(
     breaker: CircuitBreaker,
     instrumentation: Instrumentation,
     fleet: FleetLimiter | None = None,
+    cache: ResponseCache | None = None,
 ) -> Handler:
     """The /v1 handler: the proxy chain composed by hand, outermost first.
 
@@ -198,7 +203,9 @@ def create_proxy_handler(
     per-request context manager and resolves the sub-app prefix before its own
     router (~10% of the proxy's time, profiled under load), and nested middleware
     coroutines cost a frame on every resume of the relay loop.
-    With `fleet` (REDIS_URL) the rate limit and the lifetime cap hold fleet-wide.
+    With `fleet` (REDIS_URL) the rate limit and the lifetime cap hold fleet-wide;
+    with `cache` (RESPONSE_CACHE=on) the response cache's stage comes last, so it
+    plans only calls every other stage admitted.
     """
     default_rate = settings.default_rate_limit_per_hour
     rate_stage: Stage = RateLimitStage(GcraLimiter(), default_rate)
@@ -206,21 +213,22 @@ def create_proxy_handler(
         from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
 
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
-    return proxy_chain(
-        instrumentation,
-        [
-            AllowlistStage(load_endpoint_allowlist(settings)),
-            TokenAuthStage(store),
-            rate_stage,
-            ConcurrencyStage(
-                InFlight(),
-                settings.tenant_limits.token_max_concurrent,
-                settings.tenant_limits.project_max_concurrent,
-            ),
-            CircuitBreakerStage(breaker),
-        ],
-        proxy_handler,
-    )
+    stages: list[Stage] = [
+        AllowlistStage(load_endpoint_allowlist(settings)),
+        TokenAuthStage(store),
+        rate_stage,
+        ConcurrencyStage(
+            InFlight(),
+            settings.tenant_limits.token_max_concurrent,
+            settings.tenant_limits.project_max_concurrent,
+        ),
+        CircuitBreakerStage(breaker),
+    ]
+    if cache is not None:
+        from .proxy.cache_stage import ResponseCacheStage  # redis only when configured
+
+        stages.append(ResponseCacheStage(cache))
+    return proxy_chain(instrumentation, stages, proxy_handler)
 
 
 def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:
@@ -247,6 +255,42 @@ async def fleet_limits_ctx(app: web.Application) -> AsyncIterator[None]:
     await fleet.start()
     yield
     await fleet.close()
+
+
+def new_response_cache(settings: Settings) -> ResponseCache | None:
+    """The response cache on its Redis (RESPONSE_CACHE=on); nothing connects yet."""
+    options = settings.response_cache
+    if options is None:
+        return None
+    from redis.asyncio import Redis  # redis only when configured
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from .proxy.cache import ResponseCache
+
+    redis = Redis.from_url(
+        options.redis_url,
+        socket_timeout=options.timeout_s,
+        socket_connect_timeout=options.timeout_s,
+        # a pooled connection Redis closed is retried once; a dead Redis is skipped
+        retry=Retry(NoBackoff(), 1),
+    )
+    return ResponseCache(
+        redis,
+        ttl_max_s=options.ttl_max_s,
+        max_bytes=options.max_bytes,
+        timeout_s=options.timeout_s,
+    )
+
+
+async def response_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the cache's writer; on shutdown write what is queued and disconnect."""
+    cache = app.get(RESPONSE_CACHE_KEY)
+    if cache is not None:
+        cache.start()
+    yield
+    if cache is not None:
+        await cache.close()
 
 
 def new_breaker(settings: Settings) -> CircuitBreaker:

@@ -1,41 +1,57 @@
-"""Errors the proxy generates, always as OpenAI-shaped JSON.
+"""The HTTP edge of the error model: every error answer we make, as OpenAI JSON.
 
-Exception tree::
+Exception tree (the domain errors, free of HTTP, are in `domain_errors.py` and the
+layers that raise them)::
 
     ProxyError
-    └── ApiError                   (an answer we generate; a web.HTTPException)
-        ├── InvalidTokenError      401
-        ├── NotAllowedError        403 / 404 / 405
-        ├── RequestTooLargeError   413
-        ├── IncompleteBodyError    400
-        ├── RateLimitedError       429
-        └── UpstreamError
-            ├── UpstreamUnavailableError  502
-            ├── UpstreamTimeoutError      504
-            └── CircuitOpenError          503
-        └── UpstreamPoolExhaustedError     503 (our overload: not a breaker failure)
+    ├── ApiError                   (an answer we generate; a web.HTTPException)
+    │   ├── InvalidTokenError      401
+    │   ├── NotAllowedError        403 / 404 / 405
+    │   ├── RequestTooLargeError   413
+    │   ├── IncompleteBodyError    400
+    │   ├── RateLimitedError       429
+    │   ├── UpstreamError
+    │   │   ├── UpstreamUnavailableError  502
+    │   │   ├── UpstreamTimeoutError      504
+    │   │   └── CircuitOpenError          503
+    │   └── UpstreamPoolExhaustedError    503 (our overload: not a breaker failure)
+    ├── DomainError                (a rule refused: kind, code, message, param)
+    │   ├── auth.errors.AuthError          a token or credential refused
+    │   └── management.service.ServiceError  NotFound, Conflict, Forbidden
+    ├── config.ConfigError, proxy.allowlist_file.AllowlistConfigError  bad settings
+    ├── auth.crypto.DecryptionError
+    ├── management.service.KeyMismatchError  ENCRYPTION_KEY is not the data's key
+    ├── storage.RepositoryError    DuplicateNameError, MigrationError, RejectedRowsError
+    ├── dispatchers.base.DeliveryError       a batch of events not delivered
+    ├── server.PidFileError, management.client.ManageApiError
+    └── cli.base.CliError, cli.chat.ChatError, devtools.bench.BenchError
 
-Bad settings raise `config.ConfigError` at start (config.py stays free of aiohttp).
-Upstream 4xx/5xx answers are not ours: they pass through byte for byte.
+`ANSWERS` is the one table from a domain error's kind to its status and OpenAI type;
+`api_error` applies it for the /v1 chain, `/manage` (through `json_errors_middleware`),
+/metrics and the admin pages. Upstream 4xx/5xx answers are not ours: they pass
+through byte for byte.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .domain_errors import DomainError, ErrorKind, ProxyError
+
+log = logging.getLogger(__name__)
 
 
 def retry_after(seconds: float) -> str:
     """A `Retry-After` value: whole seconds, rounded up, at least 1."""
     return str(max(1, math.ceil(seconds)))
-
-
-class ProxyError(Exception):
-    """Base of every error raised on purpose by llm-proxy."""
 
 
 class ApiError(web.HTTPException, ProxyError):
@@ -67,12 +83,7 @@ class ApiError(web.HTTPException, ProxyError):
 
 
 class InvalidTokenError(ApiError):
-    """401: missing, malformed, unknown, expired or revoked token."""
-
-    def __init__(self, message: str, code: str = "invalid_api_key") -> None:
-        super().__init__(
-            401, message, code=code, headers={"WWW-Authenticate": "Bearer"}
-        )
+    """401: a missing, malformed, unknown, expired or revoked token (see ANSWERS)."""
 
 
 class NotAllowedError(ApiError):
@@ -184,3 +195,99 @@ def error_body(
         "code": code,
     }
     return orjson.dumps({"error": error})
+
+
+# -- domain errors: one table from what went wrong to how we answer ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How the HTTP edge answers one kind of domain error.
+
+    `error_class` is the answer's class, which a /v1 call's event names.
+    """
+
+    status: int
+    error_class: type[ApiError]
+    type: str = "invalid_request_error"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+ANSWERS: Final[Mapping[ErrorKind, Answer]] = {
+    ErrorKind.INVALID: Answer(400, ApiError),
+    ErrorKind.UNAUTHENTICATED: Answer(
+        401, InvalidTokenError, headers={"WWW-Authenticate": "Bearer"}
+    ),
+    ErrorKind.FORBIDDEN: Answer(403, NotAllowedError),
+    ErrorKind.NOT_FOUND: Answer(404, NotAllowedError),
+    ErrorKind.CONFLICT: Answer(409, ApiError),
+    # A spent lifetime quota never comes back: OpenAI's type for a spent quota, which
+    # clients treat as not worth a retry, and no Retry-After to promise one.
+    ErrorKind.QUOTA_SPENT: Answer(429, ApiError, type="insufficient_quota"),
+}
+
+
+def http_status(error: DomainError) -> int:
+    """The status a domain error is answered with."""
+    return ANSWERS[error.kind].status
+
+
+def api_error(error: DomainError) -> ApiError:
+    """The OpenAI-shaped answer to a domain error."""
+    answer = ANSWERS[error.kind]
+    return answer.error_class(
+        answer.status,
+        error.message,
+        type=answer.type,
+        code=error.code,
+        param=error.param,
+        headers=answer.headers,
+    )
+
+
+# -- aiohttp's own errors and the unexpected ----------------------------------------
+
+_MESSAGES = {
+    404: ("Unknown path.", "not_found"),
+    405: ("Method not allowed for this path.", "method_not_allowed"),
+    413: ("The request body is too large.", "request_too_large"),
+}
+
+
+def as_api_error(exc: web.HTTPException) -> ApiError:
+    """aiohttp's plain-text error (a 404 route, a 413 body) in OpenAI's shape."""
+    message, code = _MESSAGES.get(exc.status, (exc.reason, "http_error"))
+    headers = {}
+    if "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
+    return ApiError(exc.status, message, code=code, headers=headers)
+
+
+def internal_error() -> ApiError:
+    """The 500 answer to an exception nobody handled (it is logged, not shown)."""
+    return ApiError(
+        500, "Internal error in llm-proxy.", type="api_error", code="internal_error"
+    )
+
+
+def json_errors_middleware() -> Middleware:
+    """The root middleware: domain errors, aiohttp's plain-text errors and unexpected
+    exceptions become OpenAI JSON."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError:
+            raise
+        except DomainError as exc:
+            raise api_error(exc) from None
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise as_api_error(exc) from None
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            raise internal_error() from None
+
+    return json_errors

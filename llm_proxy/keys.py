@@ -15,10 +15,12 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .auth.invalidation import TokenInvalidation
-    from .auth.tokens import Principal, TokenStore, TokenSync
+    from .auth.sync import TokenSync
+    from .auth.tokens import Principal, TokenStore
     from .config import Settings
     from .management.service import ManagementService
     from .ops.retention import RetentionJob
+    from .proxy.cache import ResponseCache
     from .proxy.exchange import Exchange
     from .proxy.fleet_limits import FleetLimiter
     from .storage import Repository
@@ -33,6 +35,8 @@ RETENTION_JOB_KEY: web.AppKey[RetentionJob] = web.AppKey("retention_job")
 TOKEN_INVALIDATION_KEY: web.AppKey[TokenInvalidation] = web.AppKey("token_invalidation")
 # Set only when REDIS_URL is: the fleet-wide rate limits and quotas.
 FLEET_LIMITER_KEY: web.AppKey[FleetLimiter] = web.AppKey("fleet_limiter")
+# Set only when RESPONSE_CACHE is on.
+RESPONSE_CACHE_KEY: web.AppKey[ResponseCache] = web.AppKey("response_cache")
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal")
 

@@ -27,7 +27,9 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
+from .clock import Clock
 from .config import ListenerSettings, Settings
+from .domain_errors import ProxyError
 from .listener import ListenerRunner, raise_open_files_limit, resolve_listener
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ SWITCH_INTERVAL_S: Final = 0.001
 SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
-class PidFileError(Exception):
+class PidFileError(ProxyError):
     """The PID file names a live process, or cannot be read or written."""
 
 
@@ -256,7 +258,7 @@ def stop_process(
     timeout_s: float,
     *,
     sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> bool:
     """Send SIGTERM and wait up to `timeout_s` for the exit; True once it is gone."""
     try:

@@ -8,7 +8,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,15 @@ async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
             await asyncio.sleep(0.02)
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+    """Wait until `check()` is true; fail the test after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():  # noqa: ASYNC110 - a condition, not an event
+            await asyncio.sleep(0.05)
+
+
 class FakeClock:
-    """A monotonic clock that moves only when told to."""
+    """A clock (monotonic or wall) that moves only when told to."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

@@ -20,11 +20,9 @@ from click.testing import CliRunner
 
 from llm_proxy.cli import main
 from llm_proxy.config import ConfigError, Settings
+from llm_proxy.supervisor import RestartPolicy, Supervisor, exit_text
 from llm_proxy.workers import (
-    RestartPolicy,
-    Supervisor,
     bind_listener,
-    exit_text,
     parse_worker_argv,
     worker_argv,
     worker_settings,

@@ -16,6 +16,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from .metrics import counter_by
+
 if TYPE_CHECKING:
     from ..proxy.fleet_limits import FleetStats
 
@@ -33,15 +35,16 @@ class FleetLimitsCollector(Collector):
             "1 while Redis is unreachable and limits are enforced per process.",
             value=1 if stats.down else 0,
         )
-        calls = CounterMetricFamily(
+        yield counter_by(
             "llm_proxy_fleet_lease_calls",
             "Redis lease script runs, by outcome.",
-            labels=["outcome"],
+            "outcome",
+            [
+                ("granted", stats.lease_calls),
+                ("released", stats.releases),
+                ("failed", stats.lease_failures),
+            ],
         )
-        calls.add_metric(["granted"], stats.lease_calls)
-        calls.add_metric(["released"], stats.releases)
-        calls.add_metric(["failed"], stats.lease_failures)
-        yield calls
         yield CounterMetricFamily(
             "llm_proxy_fleet_lease_waits",
             "Requests that waited for a Redis round trip: their token's lease was empty.",

@@ -257,6 +257,7 @@ def build_event(
         usage=usage.as_dict() if usage is not None else None,
         requested_model=exchange.model,
         created=answered.created,
+        cache=exchange.cache,
         extra=extra,
     )
 

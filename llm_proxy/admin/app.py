@@ -16,8 +16,10 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..clock import utc_now
 from ..config import Settings
-from ..management.service import ServiceError, utc_now
+from ..domain_errors import DomainError
+from ..errors import http_status
 from . import pages, projects, tokens
 from .render import ADMIN_STATE_KEY, AdminState, Now, render, static_urls
 from .security import (
@@ -78,8 +80,8 @@ def html_errors_middleware() -> Middleware:
             if exc.status == 404 and request.path == PREFIX:
                 raise web.HTTPPermanentRedirect(f"{PREFIX}/") from None
             return _error_page(request, exc.status, exc.reason, exc.text or "")
-        except ServiceError as exc:
-            return _error_page(request, exc.status, exc.code, exc.message)
+        except DomainError as exc:
+            return _error_page(request, http_status(exc), exc.code, exc.message)
         except Exception:
             log.exception("admin page failed: %s %s", request.method, request.path)
             return _error_page(request, 500, "Internal error", "See the server log.")

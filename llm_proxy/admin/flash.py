@@ -8,12 +8,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
+from ..clock import Clock
+
 T = TypeVar("T")
-Clock = Callable[[], float]
 
 KEY_BYTES: Final = 16  # 128 random bits: a slot id cannot be guessed
 NOTICE_SLOTS: Final = 256

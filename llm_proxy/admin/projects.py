@@ -10,6 +10,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ..domain_errors import ErrorKind
+from ..errors import http_status
 from ..management.service import ServiceError
 from ..storage import Project, RevokeCounts, TokenFilter
 from .forms import PAGE_SIZE, Pager, page_number, text
@@ -52,7 +54,7 @@ async def create_project_action(request: web.Request) -> web.Response:
         )
     except ServiceError as exc:
         context = {"form": fields, "error": exc}
-        return render(request, "project_new.html", context, status=exc.status)
+        return render(request, "project_new.html", context, status=http_status(exc))
     raise see_other(
         request, project_url(project.id), f"Project “{project.name}” created."
     )
@@ -95,11 +97,11 @@ async def _update(
     try:
         project = await service(request).update_project(project_id, **changes)
     except ServiceError as exc:
-        if exc.status == 404:
+        if exc.kind is ErrorKind.NOT_FOUND:
             raise
         project = await service(request).get_project(project_id)
         context = await _detail_context(request, project, exc)
-        return render(request, "project.html", context, status=exc.status)
+        return render(request, "project.html", context, status=http_status(exc))
     raise see_other(request, project_url(project_id), done(project))
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..auth.crypto import TOKEN_PREFIX
+from ..errors import http_status
 from ..management.service import Forbidden, NewToken, NotFound, ServiceError
 from ..storage import Project, TokenFilter
 from .flash import MintedValue
@@ -93,7 +94,7 @@ async def new_token_page(request: web.Request) -> web.Response:
 
 
 def _status(error: ServiceError | None) -> int:
-    return 200 if error is None else error.status
+    return 200 if error is None else http_status(error)
 
 
 async def _unusable_project(
@@ -149,7 +150,7 @@ async def create_token_action(request: web.Request) -> web.Response:
         if isinstance(exc, Forbidden):
             exc = await _unusable_project(request, fields["project_id"]) or exc
         context = await _form_context(request, fields, exc)
-        return render(request, "token_new.html", context, status=exc.status)
+        return render(request, "token_new.html", context, status=http_status(exc))
     key = state(request).minted.put(MintedValue(created.token.id, created.value))
     location = URL(created_url(created.token.id)).with_query({SHOW_PARAM: key})
     raise web.HTTPSeeOther(location)

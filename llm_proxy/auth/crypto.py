@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..domain_errors import ProxyError
 from ..private_files import make_private_dirs
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ SHA256_BLOCK_BYTES: Final = 64
 KEY_CHECK_PLAINTEXT: Final = "llm-proxy key check"
 
 
-class DecryptionError(ValueError):
+class DecryptionError(ProxyError, ValueError):
     """An envelope could not be decrypted with this key (wrong key or corrupt)."""
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import random
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
+
+from ..backoff import RetryPolicy
+from ..ids import process_name
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -86,12 +86,11 @@ class TokenInvalidation:
         self._url = redis_url
         self._poke = poke
         self.channel = channel
-        self._backoff_first_s = backoff_first_s
-        self._backoff_max_s = backoff_max_s
+        self._backoff = RetryPolicy(base_s=backoff_first_s, max_s=backoff_max_s)
         self._heartbeat_s = heartbeat_s
         self._dead_after_s = dead_after_s
-        # Who sent a message: unique per process, also across forked workers.
-        self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # Who sent a message: unique per process, also across workers and hosts.
+        self.origin = process_name()
         self._redis: Redis | None = None  # publishes
         self._subscriber: Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -213,7 +212,7 @@ class TokenInvalidation:
     # -- subscribing --------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = self._backoff_first_s
+        attempt = 0
         while True:
             try:
                 await self._listen()
@@ -224,9 +223,9 @@ class TokenInvalidation:
                 self._went_down(exc)
             if self._subscribed.is_set():  # was up: start the backoff afresh
                 self._subscribed.clear()
-                delay = self._backoff_first_s
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, self._backoff_max_s)
+                attempt = 0
+            await asyncio.sleep(self._backoff.delay_s(attempt))
+            attempt += 1
 
     async def _listen(self) -> None:
         """Subscribe and handle messages until the connection fails (raises)."""

@@ -20,6 +20,7 @@ from ..config import (
     environ_with_dotenv,
     parse_listen_addr,
 )
+from ..domain_errors import ProxyError
 from ..management.client import ManageApiError
 from ..management.service import (
     KeyMismatchError,
@@ -39,7 +40,7 @@ EXIT_NOT_RUNNING = 3
 # Commands that never read MANAGEMENT_TOKEN (db, dispatcher) pass this in its place,
 # so the one settings parser does not demand it from them.
 UNUSED_MANAGEMENT_TOKEN = "not-used-by-this-command"
-# Other names a command answers to (not listed in --help): the seed plan's spelling.
+# Other names a command answers to (not listed in --help), for scripts that spell it so.
 COMMAND_ALIASES: Mapping[str, str] = {"benchmark": "bench"}
 
 SERVE_FLAGS: Mapping[str, str] = {
@@ -54,7 +55,7 @@ SERVE_FLAGS: Mapping[str, str] = {
 }
 
 
-class CliError(click.ClickException):
+class CliError(click.ClickException, ProxyError):
     """A failure shown as one `error: ...` line (exit code 1)."""
 
     def show(self, file: IO[Any] | None = None) -> None:

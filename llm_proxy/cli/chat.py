@@ -16,6 +16,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
+from ..domain_errors import ProxyError
 from ..management.client import error_message
 
 EXIT_COMMANDS: Final = frozenset({"/exit", "/quit"})
@@ -26,7 +27,7 @@ Write = Callable[[str], None]
 Message = dict[str, str]
 
 
-class ChatError(Exception):
+class ChatError(ProxyError):
     """The proxy answered an error (message from its OpenAI-shaped body)."""
 
 

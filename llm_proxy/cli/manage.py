@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..config import secret_setting
 from ..management.client import ManageClient, is_token_value
 from .base import (
     F,
@@ -40,11 +41,11 @@ class ManageTarget:
     def client(self) -> ManageClient:
         """A client for one command."""
         environ = dotenv_environ()
-        token = self.token or environ.get("MANAGEMENT_TOKEN")
+        token = self.token or secret_setting(environ, "MANAGEMENT_TOKEN")
         if not token:
             fail(
-                "no management token: set MANAGEMENT_TOKEN (environment or .env) "
-                "or pass --management-token",
+                "no management token: set MANAGEMENT_TOKEN or MANAGEMENT_TOKEN_FILE "
+                "(environment or .env) or pass --management-token",
                 2,
             )
         base_url = (

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 from yarl import URL
 
-from ..app import master_key, sqlite_path
+from ..app import master_key
 from ..logs import configure_logging
 from ..ops.retention import SCHEMA_VERSION, Cutoffs, Purger, PurgeReport, format_cutoff
 from ..server import (
@@ -64,7 +64,7 @@ def settings_options(function: F) -> F:
         click.option(
             "--workers",
             help="Worker processes on one port, or auto (CPU count); "
-            "more than 1 needs REDIS_URL (WORKERS, default 1).",
+            "more than 1 needs REDIS_URL (WORKERS).",
         ),
         click.option(
             "-d",
@@ -276,7 +276,7 @@ def db_status(database_url: str | None) -> None:
     settings = load_settings(
         {"database_url": database_url}, needs_management_token=False
     )
-    path = None if settings.is_postgres else sqlite_path(settings.database_url)
+    path = settings.database.sqlite_path
     if path is not None and not path.is_file():
         fail(f"no database at {path} (create it with `llm-proxy db migrate`)")
     version = _with_repository(
@@ -303,7 +303,7 @@ def db_purge(database_url: str | None, dry_run: bool) -> None:
     settings = load_settings(
         {"database_url": database_url}, needs_management_token=False
     )
-    path = None if settings.is_postgres else sqlite_path(settings.database_url)
+    path = settings.database.sqlite_path
     if path is not None and not path.is_file():
         fail(f"no database at {path} (create it with `llm-proxy db migrate`)")
     retention = settings.retention

@@ -26,6 +26,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..domain_errors import ProxyError
 from .bench_report import (
     BenchReport,
     Samples,
@@ -53,7 +54,7 @@ class Progress(Protocol):
         """Called once when the phase is over."""
 
 
-class BenchError(Exception):
+class BenchError(ProxyError):
     """The bench could not run (a child did not start, bad options)."""
 
 

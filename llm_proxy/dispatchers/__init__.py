@@ -21,7 +21,8 @@ from aiohttp import web
 from ..accounting.metrics import METRICS_KEY, Metrics
 from ..config import ConfigError, Settings
 from ..events.lifecycle import EVENT_BUS_KEY
-from ..events.model import EventBus, InMemoryEventBus
+from ..events.memory_bus import InMemoryEventBus
+from ..events.model import EventBus
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
 from .base import (
     Backend,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,14 +22,17 @@ from typing import Any, Protocol
 import orjson
 
 from ..accounting.metrics import Metrics
-from ..events.model import Event, Subscription, utc_now_iso
+from ..backoff import RetryPolicy as RetryPolicy  # also importable from here
+from ..clock import Clock, utc_now_iso
+from ..domain_errors import ProxyError
+from ..events.model import Event, Subscription
 from ..private_files import open_private_append
 from .records import event_time_s
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
+class DeliveryError(ProxyError):
     """A whole batch failed; `permanent` says whether retrying can help."""
 
     def __init__(self, reason: str, *, permanent: bool = False) -> None:
@@ -65,20 +67,6 @@ class Backend(Protocol):
 def is_transient_status(status: int) -> bool:
     """5xx, 429 and 408 are worth retrying; any other 4xx is the payload's fault."""
     return status >= 500 or status in (408, 429)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with jitter: base * 2**attempt, capped, times 0.5-1.0."""
-
-    max_retries: int = 5
-    base_s: float = 0.5
-    max_s: float = 30.0
-
-    def delay_s(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """The pause before retry number `attempt + 1`."""
-        ceiling = min(self.max_s, self.base_s * 2.0**attempt)
-        return ceiling * (0.5 + rand() / 2)
 
 
 class DeadLetterFile:
@@ -140,7 +128,7 @@ class Dispatcher:
         retry: RetryPolicy | None = None,
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
         dead_letter_on_cancel: bool = True,
     ) -> None:
         self.backend = backend

@@ -1,7 +1,7 @@
 """HTTP backends: a shared POST-with-classification helper and the generic collector.
 
 The generic backend POSTs each batch as a JSON array of event records to any URL
-(the seed's `LOGGING_URL`), with an optional bearer key.
+(`LOGGING_URL`), with an optional bearer key.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 
 from ..accounting.usage import json_text, sse_text
+from ..clock import utc_iso
 from ..events.model import Event
 from .base import DeliveryError, SendResult
 from .helicone import as_uuid
@@ -27,8 +28,7 @@ _DUPLICATE: Final = "already exists"
 
 
 def _iso(epoch_s: float) -> str:
-    stamp = datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    return utc_iso(datetime.fromtimestamp(epoch_s, UTC), "milliseconds")
 
 
 def _input(event: Event) -> Any:

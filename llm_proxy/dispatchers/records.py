@@ -1,6 +1,6 @@
 """The JSON record of a `RequestCompleted` event that backends receive.
 
-The seed's log format (`timestamp`, `project_id`, `endpoint`, `method`,
+The documented log format (`timestamp`, `project_id`, `endpoint`, `method`,
 `status_code`, `duration_ms`, `metadata{prompt_tokens, completion_tokens,
 total_tokens, model, created}`) plus every field of the event, flat: fields that
 travel in the event's `extra` (`usage_source`, `error_class`, bodies) are lifted to
@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..events.model import Event, iso_epoch_s
+from ..clock import iso_epoch_s
+from ..events.model import Event
 
 
 def event_record(event: Event) -> dict[str, Any]:

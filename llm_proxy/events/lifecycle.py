@@ -8,7 +8,8 @@ from typing import Final
 from aiohttp import web
 
 from ..config import Settings
-from .model import EventBus, InMemoryEventBus
+from .memory_bus import InMemoryEventBus
+from .model import EventBus
 
 EVENT_BUS_KEY: Final = web.AppKey("event_bus", EventBus)
 

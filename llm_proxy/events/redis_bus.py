@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..clock import Clock
 from .model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUFFER_SIZE,
@@ -71,7 +72,7 @@ class RedisEventBus:
         timeout_s: float = 5.0,
         drain_timeout_s: float = 5.0,
         drop_log_interval_s: float = DEFAULT_DROP_LOG_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         check_bus_sizes(buffer_size, batch_size, flush_interval_s)
         self.stream_key = stream_key

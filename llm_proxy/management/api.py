@@ -1,26 +1,29 @@
 """The management REST API (`/manage/*`): projects and tokens, bearer-protected.
 
-Request and response shapes follow the seed plan; item routes sit beside the seed's
-body-addressed routes. Rules live in `service.py`; this module only adapts HTTP.
+Request and response shapes are those of docs/api.md; item routes sit beside the
+body-addressed ones. Rules live in `service.py`; this module only adapts HTTP. A rule's
+refusal (`ServiceError`) and a bad management token (`AuthError`) are answered by the
+root app's `errors.json_errors_middleware`, from the one table in `errors.py`.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..errors import ApiError, InvalidTokenError
+from ..auth.bearer import bearer_matches
+from ..auth.errors import AuthError
+from ..clock import utc_iso
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .openapi import openapi_document
-from .service import ServiceError
+from .service import ManagementService, Page, ServiceError
 from .validation import (
     Field,
     check_fields,
@@ -38,6 +41,7 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -46,6 +50,7 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "cache_ttl_seconds": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -58,13 +63,12 @@ TOKEN_DELETE = {"token": Field(str), "token_id": Field(str)}
 TOKEN_LOOKUP = {"token": Field(str, required=True)}
 PROJECT_DELETE = {"project_id": Field(str, required=True)}
 MAX_PAGE = 1000
+T = TypeVar("T")
 
 
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 UTC with a Z suffix, to the second."""
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if moment is None else utc_iso(moment)
 
 
 def project_json(project: Project) -> dict[str, Any]:
@@ -77,6 +81,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "cache_ttl_seconds": project.cache_ttl_seconds,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -97,6 +102,25 @@ def token_json(token: Token) -> dict[str, Any]:
         "created_at": iso(token.created_at),
         "last_used_at": iso(token.last_used_at),
     }
+
+
+def service_of(request: web.Request) -> ManagementService:
+    """The management service, from the root app's state."""
+    return request.config_dict[SERVICE_KEY]
+
+
+def page_window(request: web.Request) -> tuple[int, int]:
+    """`?limit=&offset=` of a listing: (limit, offset), checked."""
+    limit = query_int(request, "limit", 100, low=1, high=MAX_PAGE)
+    return limit, query_int(request, "offset", 0, low=0, high=2**31)
+
+
+def page_response(
+    page: Page[T], to_json: Callable[[T], dict[str, Any]]
+) -> web.Response:
+    """A page of a listing as a JSON array, its total in X-Total-Count."""
+    items = [to_json(item) for item in page.items]
+    return json_response(items, headers={"X-Total-Count": str(page.total)})
 
 
 def json_response(
@@ -121,33 +145,13 @@ def management_auth_middleware(management_token: str) -> Middleware:
     ) -> web.StreamResponse:
         if request.path == "/manage/openapi.json":
             return await handler(request)
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), expected
-        ):
-            raise InvalidTokenError(
+        if not bearer_matches(request.headers.get(hdrs.AUTHORIZATION), expected):
+            raise AuthError(
                 "Missing or invalid management token.", code="invalid_management_token"
             )
         return await handler(request)
 
     return management_auth
-
-
-def service_errors_middleware() -> Middleware:
-    """Turn rule violations into OpenAI-shaped JSON errors with the right status."""
-
-    @web.middleware
-    async def service_errors(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ServiceError as exc:
-            raise ApiError(
-                exc.status, exc.message, code=exc.code, param=exc.param
-            ) from exc
-
-    return service_errors
 
 
 # -- projects ------------------------------------------------------------------
@@ -157,32 +161,29 @@ async def create_project_handler(request: web.Request) -> web.Response:
     """POST /manage/projects."""
     data = await read_json_object(request)
     check_fields(data, PROJECT_CREATE)
-    project = await request.config_dict[SERVICE_KEY].create_project(
+    project = await service_of(request).create_project(
         name=data["name"],
         api_key=data["openai_api_key"],
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
     )
     return json_response(project_json(project), status=201)
 
 
 async def list_projects_handler(request: web.Request) -> web.Response:
     """GET /manage/projects: an array, total in X-Total-Count."""
-    page = await request.config_dict[SERVICE_KEY].list_projects(
-        limit=query_int(request, "limit", 100, low=1, high=MAX_PAGE),
-        offset=query_int(request, "offset", 0, low=0, high=2**31),
-        search=query_text(request, "search"),
+    limit, offset = page_window(request)
+    page = await service_of(request).list_projects(
+        limit=limit, offset=offset, search=query_text(request, "search")
     )
-    items = [project_json(project) for project in page.items]
-    return json_response(items, headers={"X-Total-Count": str(page.total)})
+    return page_response(page, project_json)
 
 
 async def get_project_handler(request: web.Request) -> web.Response:
     """GET /manage/projects/{project_id}."""
-    project = await request.config_dict[SERVICE_KEY].get_project(
-        request.match_info["project_id"]
-    )
+    project = await service_of(request).get_project(request.match_info["project_id"])
     return json_response(project_json(project))
 
 
@@ -197,7 +198,7 @@ async def update_project_handler(request: web.Request) -> web.Response:
         check_fields(data, PROJECT_UPDATE)
     description = data.get("description", None)
     metadata = data.get("metadata", None)
-    project = await request.config_dict[SERVICE_KEY].update_project(
+    project = await service_of(request).update_project(
         project_id,
         name=data.get("name"),
         description=""
@@ -209,6 +210,9 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        cache_ttl_seconds=data.get("cache_ttl_seconds"),
+        clear_cache_ttl_seconds="cache_ttl_seconds" in data
+        and data["cache_ttl_seconds"] is None,
     )
     return json_response(project_json(project))
 
@@ -220,13 +224,13 @@ async def delete_project_handler(request: web.Request) -> web.Response:
         data = await read_json_object(request)
         check_fields(data, PROJECT_DELETE)
         project_id = data["project_id"]
-    await request.config_dict[SERVICE_KEY].delete_project(project_id)
+    await service_of(request).delete_project(project_id)
     return web.Response(status=204)
 
 
 async def revoke_project_tokens_handler(request: web.Request) -> web.Response:
     """POST /manage/projects/{project_id}/tokens/revoke: bulk revocation."""
-    counts = await request.config_dict[SERVICE_KEY].revoke_project_tokens(
+    counts = await service_of(request).revoke_project_tokens(
         request.match_info["project_id"]
     )
     return json_response(
@@ -245,7 +249,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
     """POST /manage/tokens: the only answer that ever carries a token's value."""
     data = await read_json_object(request)
     check_fields(data, TOKEN_CREATE)
-    created = await request.config_dict[SERVICE_KEY].create_token(
+    created = await service_of(request).create_token(
         project_id=data["project_id"],
         duration_minutes=data["duration_minutes"],
         max_requests=data.get("max_requests"),
@@ -271,20 +275,16 @@ async def list_tokens_handler(request: web.Request) -> web.Response:
         project_id=query_text(request, "project_id"),
         active=query_bool(request, "active"),
     )
-    page = await request.config_dict[SERVICE_KEY].list_tokens(
-        token_filter,
-        limit=query_int(request, "limit", 100, low=1, high=MAX_PAGE),
-        offset=query_int(request, "offset", 0, low=0, high=2**31),
+    limit, offset = page_window(request)
+    page = await service_of(request).list_tokens(
+        token_filter, limit=limit, offset=offset
     )
-    items = [token_json(token) for token in page.items]
-    return json_response(items, headers={"X-Total-Count": str(page.total)})
+    return page_response(page, token_json)
 
 
 async def get_token_handler(request: web.Request) -> web.Response:
     """GET /manage/tokens/{token_id}."""
-    token = await request.config_dict[SERVICE_KEY].get_token(
-        request.match_info["token_id"]
-    )
+    token = await service_of(request).get_token(request.match_info["token_id"])
     return json_response(token_json(token))
 
 
@@ -292,13 +292,13 @@ async def lookup_token_handler(request: web.Request) -> web.Response:
     """POST /manage/tokens/lookup {token}: a token by its value, kept out of URLs."""
     data = await read_json_object(request)
     check_fields(data, TOKEN_LOOKUP)
-    token = await request.config_dict[SERVICE_KEY].find_token_by_value(data["token"])
+    token = await service_of(request).find_token_by_value(data["token"])
     return json_response(token_json(token))
 
 
 async def delete_token_handler(request: web.Request) -> web.Response:
     """DELETE /manage/tokens/{token_id} or DELETE /manage/tokens {token|token_id}."""
-    service = request.config_dict[SERVICE_KEY]
+    service = service_of(request)
     token_id = request.match_info.get("token_id")
     if token_id is not None:
         await service.revoke_token(token_id)
@@ -340,12 +340,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 def create_management_app(management_token: str) -> web.Application:
     """The `/manage` sub-app; the service is read from the root app's state."""
-    app = web.Application(
-        middlewares=[
-            management_auth_middleware(management_token),
-            service_errors_middleware(),
-        ]
-    )
+    app = web.Application(middlewares=[management_auth_middleware(management_token)])
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

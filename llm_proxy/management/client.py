@@ -15,12 +15,13 @@ import orjson
 from yarl import URL
 
 from ..auth.crypto import TOKEN_PREFIX
+from ..domain_errors import ProxyError
 
 DEFAULT_TIMEOUT_S: Final = 30.0
 JsonObject = dict[str, Any]
 
 
-class ManageApiError(Exception):
+class ManageApiError(ProxyError):
     """The management API refused a call (or could not be reached: status 0)."""
 
     def __init__(self, status: int, message: str, code: str | None = None) -> None:

@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 from .. import __version__
+from .service import MAX_CACHE_TTL_SECONDS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _BEARER: list[dict[str, list[str]]] = [{"managementToken": []}]
@@ -199,6 +200,16 @@ def _max_concurrent(default_setting: str) -> dict[str, Any]:
     }
 
 
+def _cache_ttl() -> dict[str, Any]:
+    return {
+        **_integer(nullable=True, minimum=0),
+        "maximum": MAX_CACHE_TTL_SECONDS,
+        "description": "With RESPONSE_CACHE=on: seconds the project's answers may be"
+        " cached (capped by RESPONSE_CACHE_TTL_MAX), POST calls included; 0: never"
+        " cached; null: only what clients ask for (Cache-Control: max-age).",
+    }
+
+
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -216,6 +227,7 @@ def _schemas() -> dict[str, Any]:
         "openai_api_key": _string(),
         "is_active": {"type": "boolean"},
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+        "cache_ttl_seconds": _cache_ttl(),
     }
     return {
         "Project": _object(
@@ -227,6 +239,7 @@ def _schemas() -> dict[str, Any]:
                 "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
                 "is_active": {"type": "boolean"},
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                "cache_ttl_seconds": _cache_ttl(),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
             },
@@ -239,6 +252,7 @@ def _schemas() -> dict[str, Any]:
                 "metadata": {"type": ["object", "null"]},
                 "openai_api_key": _string(),
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                "cache_ttl_seconds": _cache_ttl(),
             },
             ["name", "openai_api_key"],
         ),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
 from ..auth.crypto import (
@@ -25,6 +25,8 @@ from ..auth.crypto import (
     token_hint,
 )
 from ..auth.tokens import TokenStore
+from ..clock import utc_now
+from ..domain_errors import DomainError, ErrorKind, ProxyError
 from ..storage import (
     DuplicateNameError,
     Project,
@@ -38,6 +40,7 @@ from ..storage import (
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200
 MAX_DESCRIPTION_CHARS: Final = 2000
+MAX_CACHE_TTL_SECONDS: Final = 31_536_000  # a year; RESPONSE_CACHE_TTL_MAX caps it too
 KEY_CHECK_META: Final = "encryption_key_check"
 
 Now = Callable[[], datetime]
@@ -46,45 +49,32 @@ ChangeHook = Callable[[str, str], Awaitable[None]]
 T = TypeVar("T")
 
 
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC, to the microsecond."""
-    return datetime.now(UTC)
-
-
-class ServiceError(Exception):
-    """A rule refused the operation; `status` and `code` say how to answer."""
-
-    status = 400
-    code = "invalid_request"
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+class ServiceError(DomainError):
+    """A rule refused the operation; by default, its input breaks the rule."""
 
 
 class NotFound(ServiceError):
     """The project or token does not exist."""
 
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     code = "not_found"
 
 
 class Conflict(ServiceError):
     """The name is already taken."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
     code = "conflict"
 
 
 class Forbidden(ServiceError):
     """The project is inactive."""
 
-    status = 403
+    kind = ErrorKind.FORBIDDEN
     code = "project_inactive"
 
 
-class KeyMismatchError(Exception):
+class KeyMismatchError(ProxyError):
     """ENCRYPTION_KEY is not the key this database was written with."""
 
 
@@ -161,9 +151,11 @@ class ManagementService:
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
         max_concurrent: int | None = None,
+        cache_ttl_seconds: int | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted."""
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         now = self._now()
         project = Project(
             id=str(uuid.uuid4()),
@@ -176,6 +168,7 @@ class ManagementService:
             created_at=now,
             updated_at=now,
             max_concurrent=max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
         )
         try:
             await self._repository.create_project(project)
@@ -217,12 +210,16 @@ class ManagementService:
         is_active: bool | None = None,
         max_concurrent: int | None = None,
         clear_max_concurrent: bool = False,
+        cache_ttl_seconds: int | None = None,
+        clear_cache_ttl_seconds: bool = False,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
-        `clear_max_concurrent` removes the project's own cap (the default applies).
+        `clear_max_concurrent` removes the project's own cap (the default applies),
+        `clear_cache_ttl_seconds` its cache setting.
         """
         _check_max_concurrent(max_concurrent)
+        _check_cache_ttl(cache_ttl_seconds)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
             description=None
@@ -236,6 +233,8 @@ class ManagementService:
             is_active=is_active,
             max_concurrent=max_concurrent,
             clear_max_concurrent=clear_max_concurrent,
+            cache_ttl_seconds=cache_ttl_seconds,
+            clear_cache_ttl_seconds=clear_cache_ttl_seconds,
         )
         try:
             project = await self._repository.update_project(
@@ -343,7 +342,7 @@ class ManagementService:
         await self._changed("token", token_id)
 
     async def revoke_token_value(self, value: str) -> None:
-        """Revoke by the token's value (the seed API's DELETE body); idempotent."""
+        """Revoke by the token's value (a DELETE /manage/tokens body); idempotent."""
         token = await self.find_token_by_value(value)
         await self.revoke_token(token.id)
 
@@ -358,6 +357,11 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
 def _check_max_concurrent(value: int | None) -> None:
     if value is not None:
         _check_range("max_concurrent", value, 1, 2**31 - 1)
+
+
+def _check_cache_ttl(value: int | None) -> None:
+    if value is not None:
+        _check_range("cache_ttl_seconds", value, 0, MAX_CACHE_TTL_SECONDS)
 
 
 def _has_nul(value: Any) -> bool:

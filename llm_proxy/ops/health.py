@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
+from ..clock import utc_iso, utc_now
 from ..keys import READY_CHECKS_KEY, REPOSITORY_KEY, SETTINGS_KEY
 from ..management.api import json_response
 
@@ -18,7 +18,7 @@ READY_CHECK_TIMEOUT_S = 2.0
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_iso(utc_now())
 
 
 async def health_handler(request: web.Request) -> web.Response:

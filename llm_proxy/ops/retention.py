@@ -22,10 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from ..accounting.metrics import Metrics
+from ..clock import Clock, utc_iso, utc_now
 from ..config import RetentionSettings
 from ..storage import PurgeCounts, Repository
 
@@ -83,11 +84,6 @@ def cutoffs_at(settings: RetentionSettings, now: datetime) -> Cutoffs:
     return Cutoffs(before(settings.token_days), before(settings.usage_days))
 
 
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
 class _BatchPurge(Protocol):
     async def __call__(self, *, before: datetime, limit: int) -> int: ...
 
@@ -105,7 +101,7 @@ class Purger:
         token_batch_rows: int = TOKEN_BATCH_ROWS,
         usage_batch_rows: int = USAGE_BATCH_ROWS,
         clock: Callable[[], datetime] = utc_now,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Clock = time.monotonic,
     ) -> None:
         self._repository = repository
         self._settings = settings
@@ -212,7 +208,7 @@ def format_cutoff(moment: datetime | None) -> str:
     """A cut-off as `2025-01-31T12:00:00Z`, or `never` for a kind kept forever."""
     if moment is None:
         return "never"
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_iso(moment)
 
 
 class RetentionJob:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ..domain_errors import ProxyError
 from .allowlist import (
     DEFAULT_API,
     KNOWN_METHODS,
@@ -35,7 +36,7 @@ _GO_ONLY_KEYS: Final = {
 _STR_TAG: Final = "tag:yaml.org,2002:str"
 
 
-class AllowlistConfigError(ValueError):
+class AllowlistConfigError(ProxyError, ValueError):
     """An allowlist file that cannot be used; the message names file, line and key."""
 
     def __init__(self, source: str, line: int | None, detail: str) -> None:

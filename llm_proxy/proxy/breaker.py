@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-Clock = Callable[[], float]
+from ..clock import Clock
 
 
 class BreakerState(StrEnum):

@@ -1,12 +1,12 @@
-"""HTTP adapters for cross-cutting concerns: the root middleware and the /v1 chain.
+"""The /v1 chain: the stages a proxied call passes before the relay, and after it.
 
-Root: the `json_errors` middleware (every error we generate is OpenAI-shaped JSON).
-The `/v1` chain (`proxy_chain`), outermost first: instrumentation (request id, the
-call's record, one event per call, whatever the outcome), allowlist (cheapest, needs
-no secret), token auth (a dict lookup), rate limit (needs the principal), concurrency
-(calls in flight per token and project), circuit breaker (innermost, so it counts only
-real upstream attempts). Each link is a `Stage` of plain calls; the maths lives in
-`allowlist.py`, `auth/tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`.
+`proxy_chain`, outermost first: instrumentation (request id, the call's record, one
+event per call, whatever the outcome), allowlist (cheapest, needs no secret), token
+auth (a dict lookup), rate limit (needs the principal), concurrency (calls in flight
+per token and project), circuit breaker (innermost, so it counts only real upstream
+attempts). Each link is a `Stage` of plain calls; the maths lives in `allowlist.py`,
+`auth/tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`, the answers to
+refusals in `errors.py`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
-from ..auth.tokens import AuthFailure, TokenStore
+from ..auth.bearer import bearer_token
+from ..auth.errors import AuthError
+from ..auth.tokens import TokenStore
 from ..errors import (
     ApiError,
     CircuitOpenError,
-    InvalidTokenError,
     NotAllowedError,
     RateLimitedError,
     UpstreamError,
+    api_error,
+    as_api_error,
+    internal_error,
 )
 from ..keys import EXCHANGE_KEY, PRINCIPAL_KEY
 from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
@@ -39,51 +43,6 @@ from .headers import request_id_of
 from .ratelimit import Limiter
 
 log = logging.getLogger(__name__)
-
-_MESSAGES = {
-    404: ("Unknown path.", "not_found"),
-    405: ("Method not allowed for this path.", "method_not_allowed"),
-    413: ("The request body is too large.", "request_too_large"),
-}
-
-
-def json_errors_middleware() -> Middleware:
-    """aiohttp's plain-text errors and unexpected exceptions become OpenAI JSON."""
-
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError:
-            raise
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            raise _as_api_error(exc) from None
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path)
-            raise internal_error() from None
-
-    return json_errors
-
-
-def internal_error() -> ApiError:
-    """The 500 answer to an exception nobody handled (it is logged, not shown)."""
-    return ApiError(
-        500, "Internal error in llm-proxy.", type="api_error", code="internal_error"
-    )
-
-
-def _as_api_error(exc: web.HTTPException) -> ApiError:
-    message, code = _MESSAGES.get(exc.status, (exc.reason, "http_error"))
-    headers = {}
-    if "Allow" in exc.headers:
-        headers["Allow"] = exc.headers["Allow"]
-    return ApiError(exc.status, message, code=code, headers=headers)
-
-
-# -- the /v1 chain: instrumentation, allowlist, token auth, rate limit, concurrency,
-# circuit breaker --
 
 
 class Stage(Protocol):
@@ -199,7 +158,7 @@ def _record_outcome(record: Exchange, exc: BaseException) -> None:
         _count_body(record, exc)
     elif isinstance(exc, web.HTTPException):
         _record_failure(record, exc.status, None, type(exc).__name__)
-        _count_body(record, _as_api_error(exc))
+        _count_body(record, as_api_error(exc))
     elif isinstance(exc, asyncio.CancelledError):
         _record_failure(record, 499, "client_disconnected", "CancelledError")
     elif isinstance(exc, Exception):
@@ -259,15 +218,6 @@ class AllowlistStage:
         """Nothing to undo."""
 
 
-def bearer_token(value: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme any case)."""
-    if not value:
-        return None
-    scheme, _, token = value.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 class TokenAuthStage:
     """Refuse unknown, expired, revoked or spent tokens; give back unused quota."""
 
@@ -278,15 +228,10 @@ class TokenAuthStage:
 
     def enter(self, request: web.Request, exchange: Exchange) -> None:
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
-        if token is None:
-            raise InvalidTokenError(
-                "Missing proxy token: send 'Authorization: Bearer <token>'.",
-                code="missing_api_key",
-            )
         try:
             request[PRINCIPAL_KEY] = self.store.authenticate(token)
-        except AuthFailure as failure:
-            raise _auth_error(failure) from None
+        except AuthError as refused:
+            raise api_error(refused) from None
 
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None
@@ -294,18 +239,6 @@ class TokenAuthStage:
         """A call that never reached upstream does not count against the quota."""
         if not exchange.reached_upstream:
             self.store.refund(request[PRINCIPAL_KEY])
-
-
-def _auth_error(failure: AuthFailure) -> ApiError:
-    if failure.status == 401:
-        return InvalidTokenError(failure.message, code=failure.code)
-    if failure.status == 429:
-        # A spent lifetime quota never comes back: no Retry-After to promise one, and
-        # OpenAI's type for a spent quota, which clients treat as not worth a retry.
-        return ApiError(
-            429, failure.message, type="insufficient_quota", code=failure.code
-        )
-    return NotAllowedError(failure.status, failure.message, code=failure.code)
 
 
 def acquire_locally(limiter: Limiter, token_id: str, limit: int) -> dict[str, str]:

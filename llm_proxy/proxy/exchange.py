@@ -8,9 +8,13 @@ counts and bounded captures here for the instrumentation that runs after it. Tim
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .allowlist import ModelPatterns
 from .capture import ResponseCapture
+
+if TYPE_CHECKING:
+    from .cache_stage import CachePlan
 
 
 class Exchange:
@@ -44,6 +48,8 @@ class Exchange:
         "capture",
         "response_kind",
         "content_encoding",
+        "cache_plan",
+        "cache",
     )
 
     def __init__(self, request_id: str, started: float, method: str = "GET") -> None:
@@ -76,3 +82,7 @@ class Exchange:
         self.endpoint: str | None = None
         self.models: ModelPatterns | None = None
         self.path = ""
+        # With RESPONSE_CACHE: the call's lookup and keep, and their outcome for the
+        # event ("hit" | "miss" | "bypass"); None while the cache takes no part.
+        self.cache_plan: CachePlan | None = None
+        self.cache: str | None = None

@@ -15,8 +15,9 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
+from ..auth.errors import quota_spent
 from ..auth.tokens import Principal
-from ..errors import ApiError, RateLimitedError
+from ..errors import ApiError, RateLimitedError, api_error
 from ..keys import PRINCIPAL_KEY
 from .chain import acquire_locally
 from .exchange import Exchange
@@ -26,8 +27,6 @@ from .ratelimit import Limiter
 
 # Set on a call the in-process fallback admitted, so `leave` refunds the right limiter.
 FALLBACK_KEY = web.RequestKey("fleet_fallback", bool)
-
-QUOTA_MESSAGE = "This token has used all of its requests."
 
 
 class FleetLimitStage:
@@ -103,10 +102,7 @@ class FleetLimitStage:
 
     def _refused(self, refusal: Refusal, limit: int, lease: Lease) -> ApiError:
         if refusal.limit == "quota":
-            # as token auth answers a spent lifetime quota: no Retry-After to promise
-            return ApiError(
-                429, QUOTA_MESSAGE, type="insufficient_quota", code="quota_exceeded"
-            )
+            return api_error(quota_spent())  # as token auth answers it
         return RateLimitedError(
             f"Rate limit of {limit} requests per hour reached for this token.",
             retry_after_s=refusal.retry_after_s(self.fleet.now()),

@@ -7,11 +7,10 @@ knows nothing about aiohttp, tokens or how keys are chosen.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-Clock = Callable[[], float]
+from ..clock import Clock
 
 WINDOW_S: Final = 3600.0
 # Float slack for comparisons: sums of T = 3600/limit drift by a few ulps, which must

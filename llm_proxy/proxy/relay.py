@@ -201,6 +201,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         exchange.models, exchange.model
     ):
         raise refuse_model(exchange.model)
+    # None unless RESPONSE_CACHE is on and the call may be answered from it or kept.
+    plan = exchange.cache_plan
+    if plan is not None:
+        cached = await plan.lookup(request, exchange, body)
+        if cached is not None:
+            return cached
     headers = upstream_headers(
         request.headers,
         request[PRINCIPAL_KEY].upstream_authorization,
@@ -238,6 +244,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             exchange.reached_upstream = False  # nothing was sent
         raise
     async with upstream:
+        if plan is not None:
+            plan.answered(upstream, exchange)
         return await relay(request, upstream, exchange)
 
 

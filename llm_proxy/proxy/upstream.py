@@ -9,7 +9,7 @@ our 502/503/504 errors.
 from __future__ import annotations
 
 import asyncio
-import random
+import math
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..backoff import RetryPolicy
 from ..config import Settings
 from ..errors import (
     UpstreamPoolExhaustedError,
@@ -37,6 +38,10 @@ _NO_AUTO_HEADERS: Final = CIMultiDict[None](
     (name, None)
     for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
 )
+
+# Between connection retries: 50 ms doubling, times 0.5-1.5; UPSTREAM_RETRIES (the
+# count) bounds the wait, so there is no cap.
+CONNECT_RETRY: Final = RetryPolicy(base_s=0.05, max_s=math.inf, jitter=(0.5, 1.5))
 
 
 class TransparentRequest(aiohttp.ClientRequest):
@@ -132,7 +137,7 @@ async def send_upstream(
         except aiohttp.ClientConnectorError as exc:
             if attempt == retries:
                 raise UpstreamUnavailableError() from exc
-            await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+            await asyncio.sleep(CONNECT_RETRY.delay_s(attempt))
         except TimeoutError as exc:
             raise UpstreamTimeoutError() from exc
         except aiohttp.ClientError as exc:

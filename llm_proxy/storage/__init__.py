@@ -6,67 +6,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .base import (
-    ChangeCursor,
-    ChangePage,
-    Deletion,
-    DuplicateNameError,
-    MigrationError,
-    Project,
-    ProjectChanges,
-    PurgeCounts,
-    RejectedRowsError,
-    Repository,
-    RepositoryError,
-    RevokeCounts,
-    Token,
-    TokenFilter,
-    TokenUsage,
-    UsageEvent,
-    UsageRow,
-    UsageTotals,
-)
+from ..dsn import DatabaseKind, parse_database_url
+from . import base
+from .base import *  # noqa: F403 (the records, errors and protocol: base.__all__)
+from .base import Repository
 from .sqlite import SqliteRepository
 
 if TYPE_CHECKING:
     from .postgres import PostgresRepository
 
 __all__ = [
-    "ChangeCursor",
-    "ChangePage",
-    "Deletion",
-    "DuplicateNameError",
-    "MigrationError",
+    *base.__all__,
     "PostgresRepository",
-    "Project",
-    "ProjectChanges",
-    "PurgeCounts",
-    "RejectedRowsError",
-    "Repository",
-    "RepositoryError",
-    "RevokeCounts",
     "SqliteRepository",
-    "Token",
-    "TokenFilter",
-    "TokenUsage",
-    "UsageEvent",
-    "UsageRow",
-    "UsageTotals",
     "create_repository",
 ]
-
-SQLITE_PREFIX: Final = "sqlite:///"
 
 Factory = Callable[[str, Path | None, int, int], Repository]
 
 
 def _sqlite(dsn: str, sql_dir: Path | None, min_size: int, max_size: int) -> Repository:
-    if not dsn.startswith(SQLITE_PREFIX) or dsn == SQLITE_PREFIX:
-        raise ValueError(
-            "DATABASE_URL: a SQLite URL looks like sqlite:///relative/path.db"
-            " or sqlite:////absolute/path.db"
-        )
-    return SqliteRepository(Path(dsn.removeprefix(SQLITE_PREFIX)), sql_dir=sql_dir)
+    path = parse_database_url(dsn).sqlite_path
+    assert path is not None  # create_repository chose this backend by the URL's kind
+    return SqliteRepository(path, sql_dir=sql_dir)
 
 
 def _postgres(
@@ -79,10 +41,9 @@ def _postgres(
     )
 
 
-BACKENDS: Final[dict[str, Factory]] = {
+BACKENDS: Final[dict[DatabaseKind, Factory]] = {
     "sqlite": _sqlite,
     "postgres": _postgres,
-    "postgresql": _postgres,
 }
 
 
@@ -93,16 +54,11 @@ def create_repository(
     pool_min_size: int = 1,
     pool_max_size: int = 10,
 ) -> Repository:
-    """The repository for a DSN, chosen by its scheme; no I/O until `connect()`."""
-    scheme, separator, _ = database_url.partition("://")
-    scheme = scheme.lower() if separator else ""
-    factory = BACKENDS.get(scheme)
-    if factory is None:
-        # Only the scheme is echoed: the rest of the URL may hold a password.
-        raise ValueError(
-            f"DATABASE_URL: unsupported scheme {scheme!r};"
-            f" expected one of {', '.join(sorted(BACKENDS))}"
-        )
+    """The repository for a DSN, chosen by its scheme; no I/O until `connect()`.
+
+    A URL of another form is a ValueError naming DATABASE_URL (without credentials).
+    """
+    factory = BACKENDS[parse_database_url(database_url).kind]
     return factory(database_url, sql_dir, pool_min_size, pool_max_size)
 
 

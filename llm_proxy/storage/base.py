@@ -12,13 +12,36 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..domain_errors import ProxyError
+
+__all__ = [  # what `llm_proxy.storage` re-exports
+    "ChangeCursor",
+    "ChangePage",
+    "Deletion",
+    "DuplicateNameError",
+    "MigrationError",
+    "Project",
+    "ProjectChanges",
+    "PurgeCounts",
+    "RejectedRowsError",
+    "Repository",
+    "RepositoryError",
+    "RevokeCounts",
+    "Token",
+    "TokenFilter",
+    "TokenUsage",
+    "UsageEvent",
+    "UsageRow",
+    "UsageTotals",
+]
+
 T = TypeVar("T")
 
 # Where a page of changes ended: (change marker, id) of its last row.
 ChangeCursor = tuple[int, str]
 
 
-class RepositoryError(Exception):
+class RepositoryError(ProxyError):
     """Base of every error a repository raises on purpose."""
 
 
@@ -52,13 +75,17 @@ class Project:
     created_at: datetime
     updated_at: datetime
     max_concurrent: int | None = None  # None: the PROJECT_MAX_CONCURRENT default
+    # Response cache: seconds its answers may be kept; None: only what clients ask
+    # for, 0: never cached (see docs/caching.md).
+    cache_ttl_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectChanges:
     """Fields of a project to change; None leaves a field as it is.
 
-    `max_concurrent` is nullable in storage: `clear_max_concurrent` sets it to NULL.
+    `max_concurrent` and `cache_ttl_seconds` are nullable in storage: their `clear_*`
+    flag sets them to NULL.
     """
 
     name: str | None = None
@@ -69,6 +96,8 @@ class ProjectChanges:
     is_active: bool | None = None
     max_concurrent: int | None = None
     clear_max_concurrent: bool = False
+    cache_ttl_seconds: int | None = None
+    clear_cache_ttl_seconds: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +256,7 @@ class Repository(Protocol):
         """Delete a project and (by cascade) its tokens; False when unknown."""
 
     async def create_token(self, token: Token) -> None:
-        """Insert a token record."""
+        """Insert a token record; `RepositoryError` when its project is unknown."""
 
     async def get_token(self, token_id: str) -> Token | None:
         """One token by its public id."""
@@ -305,7 +334,11 @@ class Repository(Protocol):
         in one short transaction; return how many."""
 
     async def insert_usage_events(self, events: Sequence[UsageEvent]) -> int:
-        """Insert events, skipping event ids already stored; return rows inserted."""
+        """Insert events, skipping event ids already stored; return rows inserted.
+
+        Text is stored cleaned (`storable_usage_event`); rows the database cannot
+        take raise `RejectedRowsError`, and then the call inserts none of them.
+        """
 
     async def usage_totals(
         self,

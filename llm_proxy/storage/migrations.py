@@ -67,3 +67,10 @@ def _check_unique(migrations: Sequence[Migration]) -> None:
                 f"two migrations share version {migration.version:03d}"
             )
         seen.add(migration.version)
+
+
+def migration_failed(migration: Migration, exc: Exception) -> MigrationError:
+    """The error to raise when the database refused `migration`."""
+    return MigrationError(
+        f"migration {migration.version:03d}_{migration.name} failed: {exc}"
+    )

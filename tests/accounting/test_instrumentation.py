@@ -30,7 +30,8 @@ from llm_proxy.accounting.usage import Usage
 from llm_proxy.config import EventSettings
 from llm_proxy.devtools.fake_upstream import FakeUpstreamState, load_fixture
 from llm_proxy.events.lifecycle import EVENT_BUS_KEY
-from llm_proxy.events.model import InMemoryEventBus, RequestCompleted, Subscription
+from llm_proxy.events.memory_bus import InMemoryEventBus
+from llm_proxy.events.model import RequestCompleted, Subscription
 from llm_proxy.proxy.capture import ResponseCapture
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.server import process_alive

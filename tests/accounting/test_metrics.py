@@ -61,6 +61,25 @@ async def test_metrics_count_requests_latency_tokens_and_events(proxy: Client) -
     assert token not in text
 
 
+async def test_the_whole_scrape_parses_as_prometheus_text(proxy: Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, token = await proxy_token(proxy)
+    await proxy.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    await settle(proxy, 1)
+    families = {f.name: f for f in text_string_to_metric_families(await scrape(proxy))}
+    assert families["llm_proxy_requests"].type == "counter"
+    duration = families["llm_proxy_request_duration_seconds"]
+    assert duration.type == "histogram"
+    assert {s.name for s in duration.samples} == {
+        "llm_proxy_request_duration_seconds_bucket",
+        "llm_proxy_request_duration_seconds_count",
+        "llm_proxy_request_duration_seconds_sum",
+    }
+    dropped = families["llm_proxy_events_dropped"].samples
+    assert {s.labels["stage"] for s in dropped} >= {"accounting", "bus_buffer"}
+
+
 async def test_each_app_has_its_own_registry(start_proxy: Callable[..., Any]) -> None:
     first: Client = await start_proxy()
     second: Client = await start_proxy()
@@ -81,6 +100,18 @@ async def test_metrics_token_protects_the_endpoint(
     assert "llm_proxy_in_flight_requests" in await scrape(
         client, bearer("metrics-secret-123")
     )
+
+
+async def test_metrics_token_scheme_is_matched_in_any_case(
+    start_proxy: Callable[..., Any],
+) -> None:
+    """RFC 7235: the scheme is case-insensitive, as on /v1 and /manage."""
+    client: Client = await start_proxy(METRICS_TOKEN="metrics-secret-123")
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} metrics-secret-123"}
+        assert "llm_proxy_in_flight_requests" in await scrape(client, headers)
+    wrong = await client.get("/metrics", headers={"Authorization": "bearer nope"})
+    assert wrong.status == 401
 
 
 def test_fast_histogram_matches_prometheus_bucket_semantics() -> None:
@@ -125,3 +156,24 @@ def test_bounded_label_keeps_named_values_outside_its_limit() -> None:
     assert label("named", ("named",)) == "named"  # named: no slot needed
     assert label("c", ("named",)) == OTHER
     assert label("named") == OTHER  # without its name in the config it is junk
+
+
+def test_labelled_counters_of_the_scrape_time_collectors() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llm_proxy.accounting.fleet_metrics import FleetLimitsCollector
+    from llm_proxy.accounting.metrics import counter_by
+    from llm_proxy.proxy.fleet_limits import FleetStats
+
+    registry = CollectorRegistry()
+    stats = FleetStats(lease_calls=3, releases=2, lease_failures=1)
+    registry.register(FleetLimitsCollector(lambda: stats))
+    text = generate_latest(registry).decode()
+    assert 'llm_proxy_fleet_lease_calls_total{outcome="granted"} 3.0' in text
+    assert 'llm_proxy_fleet_lease_calls_total{outcome="released"} 2.0' in text
+    assert 'llm_proxy_fleet_lease_calls_total{outcome="failed"} 1.0' in text
+    family = counter_by("demo", "Demo.", "kind", [("a", 1), ("b", 2.5)])
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("demo_total", {"kind": "a"}, 1.0),
+        ("demo_total", {"kind": "b"}, 2.5),
+    ]

@@ -34,6 +34,7 @@ from ..support import (
     ADMIN_PASSWORD,
     ADMIN_USER,
     UPSTREAM_KEY,
+    FakeClock,
     bearer,
     with_admin,
 )
@@ -612,10 +613,8 @@ async def test_admin_token_value_is_only_for_its_own_get_page(admin: Client) -> 
 
 
 def test_admin_one_time_slots_are_single_use_bounded_and_short_lived() -> None:
-    clock = [100.0]
-    slots: OneTimeSlots[str] = OneTimeSlots(
-        capacity=2, lifetime_s=10.0, clock=lambda: clock[0]
-    )
+    clock = FakeClock(100.0)
+    slots: OneTimeSlots[str] = OneTimeSlots(capacity=2, lifetime_s=10.0, clock=clock)
     first = slots.put("a")
     assert len(first) >= 22 and slots.take(first) == "a"
     assert slots.take(first) is None
@@ -623,7 +622,7 @@ def test_admin_one_time_slots_are_single_use_bounded_and_short_lived() -> None:
     assert len(slots) == 2 and len({oldest, kept, newest}) == 3
     assert slots.take(oldest) is None  # evicted to stay within capacity
     assert slots.take(kept) == "c"
-    clock[0] += 10.0
+    clock.advance(10.0)
     assert slots.take(newest) is None  # expired
     slots.put("e")
     assert len(slots) == 1  # expired slots are dropped on the next put

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 
 from llm_proxy.auth.crypto import KeyCipher, TokenHasher
 from llm_proxy.auth.invalidation import TokenInvalidation
-from llm_proxy.auth.tokens import TokenStore, TokenSync
+from llm_proxy.auth.sync import TokenSync
+from llm_proxy.auth.tokens import TokenStore
 from llm_proxy.server import free_port
 from llm_proxy.storage import SqliteRepository
 

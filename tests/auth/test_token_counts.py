@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from llm_proxy.auth.crypto import KeyCipher, TokenHasher
-from llm_proxy.auth.tokens import AuthFailure, TokenStore
+from llm_proxy.auth.errors import AuthError
+from llm_proxy.auth.tokens import TokenStore
 from llm_proxy.storage.base import Project, Token, TokenUsage
 
 KEY = bytes(range(32))
@@ -60,7 +61,7 @@ def test_each_authentication_reserves_one_request_until_the_quota() -> None:
     store = _store(max_requests=2)
     store.authenticate(VALUE)
     store.authenticate(VALUE)
-    with pytest.raises(AuthFailure) as refused:
+    with pytest.raises(AuthError) as refused:
         store.authenticate(VALUE)
     assert refused.value.code == "quota_exceeded"
     assert _requests(store.take_usage()) == {"t1": 2}
@@ -93,7 +94,7 @@ def test_taken_counts_still_count_against_the_quota_until_stored() -> None:
     assert _requests(store.take_usage()) == {"t1": 1}
     assert store.take_usage() == []  # handed over once
     store.authenticate(VALUE)
-    with pytest.raises(AuthFailure):
+    with pytest.raises(AuthError):
         store.authenticate(VALUE)
 
 
@@ -104,11 +105,11 @@ def test_a_reload_during_a_flush_does_not_lose_the_flushing_counts() -> None:
     batch = store.take_usage()
     store.put_token(_token(max_requests=3, request_count=0))  # read before the write
     store.authenticate(VALUE)
-    with pytest.raises(AuthFailure):
+    with pytest.raises(AuthError):
         store.authenticate(VALUE)
     store.usage_stored(batch)
     store.put_token(_token(max_requests=3, request_count=2))  # read after the write
-    with pytest.raises(AuthFailure):
+    with pytest.raises(AuthError):
         store.authenticate(VALUE)
 
 
@@ -125,7 +126,7 @@ def test_counts_of_a_revoked_token_are_kept_for_the_flush() -> None:
     store = _store()
     store.authenticate(VALUE)
     store.remove_token("t1")
-    with pytest.raises(AuthFailure):
+    with pytest.raises(AuthError):
         store.authenticate(VALUE)
     assert _requests(store.take_usage()) == {"t1": 1}
     assert store.take_usage() == []

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from llm_proxy.app import create_app
-from llm_proxy.auth.tokens import TokenSync
+from llm_proxy.auth.sync import TokenSync
 from llm_proxy.config import Settings
 from llm_proxy.keys import TOKEN_STORE_KEY, TOKEN_SYNC_KEY
 from llm_proxy.storage import SqliteRepository

@@ -75,6 +75,9 @@ SETTING_NAMES = (
     "OPENAI_API_KEY",
     "MANAGE_API_BASE_URL",
     "LLM_PROXY_TOKEN",
+    "MANAGEMENT_TOKEN_FILE",
+    "ENCRYPTION_KEY_FILE",
+    "DATABASE_URL_FILE",
 )
 
 
@@ -247,6 +250,22 @@ def test_serve_without_management_token_fails_with_one_line() -> None:
     assert result.stderr.strip() == (
         "error: MANAGEMENT_TOKEN is required (at least 16 characters)"
     )
+
+
+def test_serve_with_a_missing_secret_file_fails_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "secrets" / "management_token"
+    result = invoke(["serve"], {"MANAGEMENT_TOKEN_FILE": str(missing)})
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: MANAGEMENT_TOKEN_FILE: '{missing}'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_db_commands_read_the_database_url_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "database_url"
+    secret.write_text(f"sqlite:///{tmp_path / 'from-file.db'}\n")
+    env = {"DATABASE_URL_FILE": str(secret), "MANAGEMENT_TOKEN_FILE": "/nowhere"}
+    assert invoke(["db", "migrate"], env).exit_code == 0
+    assert (tmp_path / "from-file.db").is_file()
 
 
 def test_serve_refuses_more_than_one_worker() -> None:
@@ -693,6 +712,13 @@ def test_manage_reads_the_token_from_dotenv_and_flags_win(live: LiveProxy) -> No
         ["manage", "--manage-api-base-url", live.url, "project", "list", "--json"]
     )
     assert json_out(result) == []
+
+
+def test_manage_reads_the_token_from_a_file(live: LiveProxy, tmp_path: Path) -> None:
+    secret = tmp_path / "management_token"
+    secret.write_text(f"{MANAGEMENT_TOKEN}\n")
+    env = {"MANAGE_API_BASE_URL": live.url, "MANAGEMENT_TOKEN_FILE": str(secret)}
+    assert json_out(invoke(["manage", "project", "list", "--json"], env)) == []
 
 
 def test_manage_without_a_token_is_a_usage_error() -> None:

@@ -36,7 +36,8 @@ from llm_proxy.dispatchers import (
 from llm_proxy.dispatchers.base import DeliveryError, SendResult
 from llm_proxy.dispatchers.helicone import as_uuid, helicone_log
 from llm_proxy.dispatchers.lunary import lunary_runs
-from llm_proxy.events.model import Event, InMemoryEventBus, RequestCompleted
+from llm_proxy.events.memory_bus import InMemoryEventBus
+from llm_proxy.events.model import Event, RequestCompleted
 from llm_proxy.events.redis_bus import RedisEventBus
 from llm_proxy.keys import REPOSITORY_KEY
 

@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,20 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from llm_proxy.events.memory_bus import InMemoryEventBus
 from llm_proxy.events.model import (
     BusStats,
     Event,
     EventBus,
-    InMemoryEventBus,
     RateLimitedLog,
     RequestCompleted,
     Subscription,
     decode_event,
     encode_event,
-    iso_epoch_s,
-    utc_iso_at,
 )
 from llm_proxy.events.redis_bus import DATA_FIELD, RedisEventBus
 
-from ..support import REDIS_URL, require_redis
+from ..support import REDIS_URL, FakeClock, require_redis
 
 TIMEOUT_S = 5.0
 
@@ -216,12 +214,12 @@ def test_bus_stats_total_adds_every_stage() -> None:
 def test_rate_limited_log_warns_once_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [100.0]
-    limited = RateLimitedLog(logging.getLogger("test"), 10.0, clock=lambda: now[0])
+    clock = FakeClock(100.0)
+    limited = RateLimitedLog(logging.getLogger("test"), 10.0, clock=clock)
     with caplog.at_level(logging.WARNING):
         for _ in range(50):
             limited.warning("dropped %s", "x")
-        now[0] += 10.0
+        clock.advance(10.0)
         limited.warning("dropped %s", "y")
     assert [r.getMessage() for r in caplog.records] == [
         "dropped x (0 similar suppressed)",
@@ -659,41 +657,6 @@ async def test_redis_subscription_recreates_its_group_when_the_stream_is_deleted
     bus.publish(after := _event(2))
     assert [e.event_id for e in await _next(sub)] == [after.event_id]
     await sub.close()
-
-
-@pytest.mark.parametrize(
-    "now",
-    [1_764_500_138.0, 1_764_500_138.9996, 1_764_500_139.5, 946_684_799.001],
-)
-def test_utc_iso_at_matches_datetime_isoformat(now: float) -> None:
-    expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-    assert utc_iso_at(now) == expected.replace("+00:00", "Z")
-
-
-def test_utc_iso_at_stays_right_across_seconds_and_back_in_time() -> None:
-    for now in (100.25, 101.5, 100.75, 86_400.0):
-        expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-        assert utc_iso_at(now) == expected.replace("+00:00", "Z")
-
-
-@pytest.mark.parametrize(
-    "stamp",
-    [
-        "2026-11-27T10:49:19.123Z",
-        "2026-11-27T10:49:19Z",
-        "2026-11-27T10:49:19.123456+00:00",
-        "2026-11-27T12:49:19.5+02:00",
-    ],
-)
-def test_iso_epoch_s_reads_every_iso_form(stamp: str) -> None:
-    assert iso_epoch_s(stamp) == pytest.approx(
-        datetime.fromisoformat(stamp).timestamp(), abs=1e-6
-    )
-
-
-def test_iso_epoch_s_refuses_what_is_not_a_time() -> None:
-    with pytest.raises(ValueError):
-        iso_epoch_s("yesterday")
 
 
 def test_to_json_dict_copies_mappings_and_keeps_malformed_values() -> None:

@@ -24,7 +24,8 @@ from llm_proxy.dispatchers import (
     RetryPolicy,
     UsageRecorder,
 )
-from llm_proxy.events.model import InMemoryEventBus, RequestCompleted
+from llm_proxy.events.memory_bus import InMemoryEventBus
+from llm_proxy.events.model import RequestCompleted
 from llm_proxy.events.redis_bus import RedisEventBus
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.storage import (

@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.auth import sync as sync_module
 from llm_proxy.auth import tokens as tokens_module
 from llm_proxy.auth.crypto import KeyCipher, TokenHasher
-from llm_proxy.auth.tokens import PAGE_ROWS, TokenStore, TokenSync
+from llm_proxy.auth.sync import PAGE_ROWS, TokenSync
+from llm_proxy.auth.tokens import TokenStore
 from llm_proxy.server import tune_switch_interval
 from llm_proxy.storage import (
     PostgresRepository,
@@ -195,7 +197,7 @@ async def test_the_slice_bound_check_catches_a_reload_in_one_slice(
     table: Table, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check above fails when pages are unbounded (as a one-shot reload is)."""
-    monkeypatch.setattr(tokens_module, "PAGE_ROWS", 10**9)
+    monkeypatch.setattr(sync_module, "PAGE_ROWS", 10**9)
     await table.fill(PAGE_ROWS + 1)
     store, sync = _sync(table.repository)
     with LoopTicks() as ticks:
@@ -385,6 +387,6 @@ async def test_the_stall_bound_catches_a_reload_in_one_slice(
     table: Table, monkeypatch: pytest.MonkeyPatch, like_a_server: None
 ) -> None:
     """The slice bound above fails when pages are unbounded (a one-shot reload)."""
-    monkeypatch.setattr(tokens_module, "PAGE_ROWS", 10**9)
+    monkeypatch.setattr(sync_module, "PAGE_ROWS", 10**9)
     stalls = await _measure_reloads(table, 20000)
     assert stalls["reload, every row changed"].cpu_max > STALL_BOUND_MS

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from llm_proxy import __version__
 from llm_proxy.keys import REPOSITORY_KEY
 
-from ..support import REDIS_URL, require_redis
+from ..support import REDIS_URL, FakeClock, require_redis
 
 Client = TestClient[Any, Any]
 
@@ -69,14 +69,14 @@ async def test_breaker_check_reads_ok_degraded_open_and_half_open() -> None:
     from llm_proxy.ops.readiness import breaker_check
     from llm_proxy.proxy.breaker import CircuitBreaker
 
-    now = [100.0]
-    breaker = CircuitBreaker(1, 30.0, clock=lambda: now[0])
+    clock = FakeClock(100.0)
+    breaker = CircuitBreaker(1, 30.0, clock=clock)
     check = breaker_check(breaker)
     assert await check() == "ok"
     breaker.record_failure()
     opened = await check()
     assert opened.startswith("degraded: upstream circuit breaker open")
     assert "for about 30 s more" in opened
-    now[0] += 31.0
+    clock.advance(31.0)
     assert breaker.allow()  # the cooldown is over: one probe goes through
     assert (await check()).startswith("degraded: upstream circuit breaker half-open")

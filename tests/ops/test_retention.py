@@ -184,7 +184,6 @@ async def test_the_migration_dates_tokens_revoked_before_it(
     before = new_repository(older)
     await before.connect()
     await before.migrate()
-    assert await before.schema_version() == SCHEMA_VERSION - 1
     project = await add_project(before)
     token = await add_token(before, project, expires_at=now() + DAY)
     await before.revoke_token(token.id)

@@ -144,6 +144,14 @@ def test_postgres_requires_encryption_key() -> None:
     assert Settings.from_env({**env, "ENCRYPTION_KEY": KEY}).is_postgres
 
 
+def test_settings_and_storage_read_database_urls_alike() -> None:
+    env = {"MANAGEMENT_TOKEN": TOKEN, "ENCRYPTION_KEY": KEY}
+    upper = Settings.from_env({**env, "DATABASE_URL": "PostgreSQL://u@h/db"})
+    assert upper.is_postgres and upper.database.sqlite_path is None
+    sqlite = Settings.from_env({**env, "DATABASE_URL": "sqlite:////srv/proxy.db"})
+    assert sqlite.database.sqlite_path == Path("/srv/proxy.db")
+
+
 def test_database_url_error_hides_password() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(
@@ -196,11 +204,35 @@ def test_dotenv_missing_file_is_fine(tmp_path: Path) -> None:
     assert environ_with_dotenv({"A": "1"}, tmp_path / "absent") == {"A": "1"}
 
 
-def test_dotenv_bad_line_names_file_and_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("GOOD=1\nthis is not an assignment\n", 2),
+        ("GOOD=1\n\n# a comment\n\nBARE_NAME\n", 5),
+        ("\n\nA='unclosed\n", 3),
+    ],
+)
+def test_dotenv_bad_line_names_file_and_line(
+    tmp_path: Path, text: str, line: int
+) -> None:
     dotenv = tmp_path / ".env"
-    dotenv.write_text("GOOD=1\nthis is not an assignment\n")
-    with pytest.raises(ConfigError, match=r"\.env:2"):
+    dotenv.write_text(text)
+    with pytest.raises(ConfigError, match=rf"\.env:{line}: expected KEY=VALUE"):
         read_dotenv(dotenv)
+
+
+def test_dotenv_values_are_taken_literally_and_double_quotes_escape(
+    tmp_path: Path,
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "ADMIN_PASSWORD=pa$$word-${HOME}\nA='single ${HOME} \\n'\nB=\"two\\nlines\"\n"
+    )
+    assert read_dotenv(dotenv) == {
+        "ADMIN_PASSWORD": "pa$$word-${HOME}",
+        "A": "single ${HOME} \\n",
+        "B": "two\nlines",
+    }
 
 
 def test_event_and_dispatcher_settings_have_safe_defaults() -> None:

@@ -1,0 +1,314 @@
+"""What the metric classes cost per proxied call, in instructions (callgrind), not time.
+
+Wall-clock numbers on a shared machine move by a quarter from run to run; instruction
+counts do not. This script compares the hand-written one-thread `FastCounter` and
+`FastHistogram` (llm_proxy/accounting/metrics.py) with prometheus-client's `Counter`
+and `Histogram` under the same names and label sets, in the same run:
+
+- proxy: the whole proxy (`llm-proxy serve`, events on with a JSONL log, as in
+  benchmarks/run.py) under `valgrind --tool=callgrind`, in front of the fake
+  upstream; after a warm-up the counters are zeroed, `--calls` chat completions are
+  sent one after the other on one keep-alive connection, and the main thread's
+  instructions are dumped: instructions per proxied call, for each kind, alternating
+  kinds for `--rounds` rounds;
+- micro: one process per kind under callgrind runs each metric operation of a call
+  (`requests.labels(..).inc()`, a labelled and an unlabelled `observe`, a token
+  `inc`, and the instrumentation's whole `observe()` of one call) `--ops` times
+  between a zero and a dump: instructions per operation.
+
+The throughput estimate assumes a CPU-bound proxy: calls per second scale with
+1 / instructions per call, so the extra instructions' share of the per-call total
+is the throughput lost.
+
+    python benchmarks/callgrind_metrics.py [--calls 400] [--rounds 2] [--ops 20000]
+
+`serve KIND` and `micro KIND OPS` are the child processes this script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import (
+    CHAT_BODY,
+    MANAGEMENT_TOKEN,
+    Stack,
+    _create_token,
+    free_port,
+    wait_port,
+)
+
+KINDS = ("hand-written", "prometheus-client")
+WARMUP_CALLS = 100
+START_TIMEOUT_S = 600.0  # importing everything under callgrind takes a while
+
+
+def use_kind(kind: str) -> None:
+    """Make `Metrics()` build its per-call counters and histograms of `kind`."""
+    if kind == "prometheus-client":
+        from prometheus_client import Counter, Histogram
+
+        from llm_proxy.accounting import metrics
+
+        metrics.FastCounter = Counter  # type: ignore[assignment,misc]
+        metrics.FastHistogram = Histogram  # type: ignore[assignment,misc]
+
+
+def serve(kind: str) -> None:
+    """`llm-proxy serve` with the metric classes of `kind`."""
+    use_kind(kind)
+    from llm_proxy.cli import main
+
+    sys.argv[1:] = ["serve"]
+    main()
+
+
+def micro(kind: str, ops: int) -> None:
+    """Run each operation `ops` times when told to on stdin (the driver counts)."""
+    use_kind(kind)
+    operations = _operations()
+    print("ready", flush=True)
+    for name, operation in operations.items():
+        sys.stdin.readline()
+        for _ in range(ops):
+            operation()
+        print(name, flush=True)
+
+
+def _operations() -> dict[str, Callable[[], None]]:
+    from llm_proxy.accounting.instrumentation import observe
+    from llm_proxy.accounting.metrics import Metrics
+    from llm_proxy.accounting.usage import Usage
+    from llm_proxy.proxy.exchange import Exchange
+
+    metrics = Metrics()
+    exchange = Exchange("req", 100.0, "POST")
+    exchange.endpoint = "/v1/chat/completions"
+    exchange.status, exchange.model, exchange.project_id = 200, "gpt-4o-mini", "p1"
+    exchange.reached_upstream, exchange.ttfb_s = True, 0.004
+    exchange.upstream_started, exchange.upstream_finished = 100.0003, 100.004
+    exchange.finished = 100.0042
+    usage = Usage(11, 138, 149, 0, 128)
+    endpoint = exchange.endpoint
+    return {
+        "requests.labels(endpoint, method, status).inc()": lambda: (
+            metrics.requests.labels(endpoint, "POST", "200").inc()
+        ),
+        "duration.labels(endpoint).observe(s)": lambda: metrics.duration.labels(
+            endpoint
+        ).observe(0.0042),
+        "pre_upstream.observe(s)": lambda: metrics.pre_upstream.observe(0.0003),
+        "tokens.labels(project, model, kind, source).inc(n)": lambda: (
+            metrics.tokens.labels("p1", "gpt-4o-mini", "prompt", "upstream").inc(11)
+        ),
+        "observe(metrics, exchange, usage): one call": lambda: observe(
+            metrics, exchange, usage
+        ),
+    }
+
+
+class Callgrind:
+    """A child process under callgrind, zeroed and dumped on demand."""
+
+    def __init__(
+        self, out: Path, command: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        self.out = out
+        self.process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
+            + [f"--callgrind-out-file={out}.%p", *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=out.with_suffix(".log").open("wb"),
+            env={**os.environ, **(env or {})},
+            text=True,
+        )
+        self.dumps = 0
+
+    def zero(self) -> None:
+        self._control("--zero")
+
+    def dump(self) -> int:
+        """Main-thread instructions since the last zero."""
+        self._control("--dump")
+        self.dumps += 1
+        part = Path(f"{self.out}.{self.process.pid}.{self.dumps}-01")
+        for line in part.read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no summary in {part}")
+
+    def _control(self, what: str) -> None:
+        pid = str(self.process.pid)
+        subprocess.run(
+            ["callgrind_control", what, pid], check=True, capture_output=True
+        )
+
+
+def proxy_instructions(
+    stack: Stack, kind: str, upstream: int, calls: int, round_: int
+) -> float:
+    """Main-thread instructions per proxied call of the proxy with `kind` metrics."""
+    port = free_port()
+    name = f"{kind}-{round_}"
+    events = stack.workdir / f"{name}.jsonl"
+    env = {
+        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
+        "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
+        "FILE_EVENT_LOG": str(events),
+        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
+        "LOG_LEVEL": "warning",
+    }
+    command = [sys.executable, __file__, "serve", kind]
+    proxy = Callgrind(stack.workdir / name, command, env)
+    try:
+        wait_port(port, START_TIMEOUT_S)
+        token = asyncio.run(_create_token(port))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        _chat(connection, token, WARMUP_CALLS)
+        _wait_lines(events, WARMUP_CALLS)
+        proxy.zero()
+        _chat(connection, token, calls)
+        _wait_lines(events, WARMUP_CALLS + calls)
+        return proxy.dump() / calls
+    finally:
+        proxy.process.kill()  # the numbers are in: no need for its final dump
+        proxy.process.wait()
+
+
+def _chat(connection: http.client.HTTPConnection, token: str, calls: int) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    for _ in range(calls):
+        connection.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"proxy answered {response.status}: {body[:200]!r}")
+
+
+def _wait_lines(path: Path, count: int, timeout_s: float = 120.0) -> None:
+    """Until the JSONL log holds `count` events: the consumer has observed them all."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= count:
+            time.sleep(1.2)  # one more flush interval: the last calls' usage rows too
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{path.name} never reached {count} events")
+
+
+def micro_instructions(workdir: Path, kind: str, ops: int) -> dict[str, float]:
+    """Instructions per operation of each metric operation of a call."""
+    command = [sys.executable, __file__, "micro", kind, str(ops)]
+    child = Callgrind(workdir / f"micro-{kind}", command)
+    process = child.process
+    assert process.stdin is not None and process.stdout is not None
+    counts: dict[str, float] = {}
+    try:
+        process.stdout.readline()  # set up: everything imported, the metrics built
+        for _ in range(5):
+            child.zero()
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            name = process.stdout.readline().strip()
+            counts[name] = child.dump() / ops
+    finally:
+        process.kill()
+        process.wait()
+    return counts
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        return serve(sys.argv[2])
+    if sys.argv[1:2] == ["micro"]:
+        return micro(sys.argv[2], int(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ops", type=int, default=20000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = measure(args.calls, args.rounds, args.ops)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+
+
+def measure(calls: int, rounds: int, ops: int) -> dict[str, object]:
+    """Every number of the report, both kinds measured in the same run."""
+    stack = Stack(Path(tempfile.mkdtemp(prefix="llm-proxy-callgrind-")))
+    try:
+        upstream = free_port()
+        stack.start(
+            [
+                sys.executable,
+                "-m",
+                "llm_proxy",
+                "fake-upstream",
+                "--port",
+                str(upstream),
+            ],
+            cpu=1,
+        )
+        wait_port(upstream)
+        micro_counts = {
+            kind: micro_instructions(stack.workdir, kind, ops) for kind in KINDS
+        }
+        per_call: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        for round_ in range(rounds):
+            for kind in KINDS:
+                per_call[kind].append(
+                    proxy_instructions(stack, kind, upstream, calls, round_)
+                )
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.workdir, ignore_errors=True)
+    fast, prom = (statistics.median(per_call[kind]) for kind in KINDS)
+    return {
+        "calls": calls,
+        "proxy_instructions_per_call": per_call,
+        "ratio": prom / fast,
+        "extra_instructions_per_call": prom - fast,
+        "throughput_cost": 1 - fast / prom,
+        "micro_instructions_per_op": micro_counts,
+    }
+
+
+def render(report: dict[str, object]) -> str:
+    per_call = report["proxy_instructions_per_call"]
+    micro_counts = report["micro_instructions_per_op"]
+    assert isinstance(per_call, dict) and isinstance(micro_counts, dict)
+    lines = [f"proxy, main thread, one connection, {report['calls']} calls per round:"]
+    for kind, values in per_call.items():
+        shown = ", ".join(f"{value:,.0f}" for value in values)
+        lines.append(f"  {kind:>18}: {shown} instructions per call")
+    lines += [
+        f"  ratio prometheus-client / hand-written: {report['ratio']:.4f}"
+        f" ({report['extra_instructions_per_call']:+,.0f} instructions per call)",
+        f"  throughput estimate (CPU-bound): {report['throughput_cost']:.2%} lower"
+        " with prometheus-client",
+        "micro, instructions per operation (hand-written -> prometheus-client):",
+    ]
+    fast, prom = (micro_counts[kind] for kind in KINDS)
+    for name in fast:
+        lines.append(f"  {name}: {fast[name]:,.0f} -> {prom[name]:,.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
