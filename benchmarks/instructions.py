@@ -3,15 +3,15 @@
 CPU seconds on a shared, loaded machine swing by tens of percent from run to run; the
 instruction counts of valgrind's callgrind repeat to a per cent or two (kernel time,
 such as the loopback sends, is not in them). Starts nginx as the upstream and a Redis
-of its own (CPU 1), then the proxy under `valgrind --tool=callgrind` (CPU 0), once
+of its own (CPU 1), then the proxy under callgrind (`callgrind.Callgrind`), once
 without and once with REDIS_URL. For each concurrency it warms the proxy up, zeroes
-the counters (`callgrind_control -z`), sends `--calls` chat completions from an
-aiohttp client with at most that many in flight, dumps the counters (`callgrind_control
--d`) and divides by the calls. The counts include the process's background work in
-that window (usage flush, lease housekeeping). With Redis it also reports the lease
-script runs per call (Redis INFO commandstats) and the calls that waited for one
-(`llm_proxy_fleet_lease_waits_total`): 0 at steady state. A window in which Redis
-counted as down (the fallback decided) is an error.
+the counters, sends `--calls` chat completions from an aiohttp client with at most
+that many in flight, dumps the main thread's counters (where the event loop, and so
+all of the fleet-limit code, runs) and divides by the calls. The counts include the
+loop's background work in that window (usage flush, lease housekeeping). With Redis
+it also reports the lease script runs per call (Redis INFO commandstats) and the
+calls that waited for one (`llm_proxy_fleet_lease_waits_total`): 0 at steady state.
+A window in which Redis counted as down (the fallback decided) is an error.
 
     python benchmarks/instructions.py [--calls 1000] [--concurrency 1 64] [--json]
 
@@ -25,24 +25,26 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import redis
+from callgrind import Callgrind
 from stack import (
     CHAT_BODY,
+    REDIS_VARIANT,
     Stack,
+    create_token,
     fleet_counters,
-    start_proxy,
+    free_port,
+    proxy_env,
     start_redis,
     start_upstream,
+    wait_port,
 )
 
 WARM_UP_CALLS = 300
@@ -83,30 +85,6 @@ async def send_calls(base: str, token: str, calls: int, concurrency: int) -> Non
         await asyncio.gather(*(one() for _ in range(calls)))
 
 
-def callgrind(command: str, pid: int) -> None:
-    """`callgrind_control -z` (zero) or `-d` (dump) on the valgrind process `pid`."""
-    subprocess.run(
-        ["callgrind_control", command, str(pid)], check=True, capture_output=True
-    )
-
-
-def dumped_instructions(workdir: Path, pid: int) -> int:
-    """The instruction total of the last counter dump of `pid`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        dumps = sorted(
-            workdir.glob(f"callgrind.{pid}.*"), key=lambda p: int(p.suffix[1:])
-        )
-        if dumps:
-            found = re.search(
-                r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M
-            )
-            if found:
-                return int(found.group(1))
-        time.sleep(0.2)
-    raise RuntimeError(f"no callgrind dump of process {pid} in {workdir}")
-
-
 def lease_runs(redis_url: str) -> int:
     """EVALSHA calls the run's Redis has answered so far."""
     client = redis.Redis.from_url(redis_url)
@@ -125,46 +103,56 @@ def measure_server(
     concurrencies: list[int],
 ) -> list[Count]:
     """Start one proxy under callgrind and count each concurrency's window."""
-    out = stack.workdir / "callgrind.%p"
-    prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    port, token, process = start_proxy(
-        stack,
-        upstream_port,
-        redis_url=redis_url,
-        prefix=prefix,
-        start_timeout_s=START_TIMEOUT_S,
-    )
-    base = f"http://127.0.0.1:{port}"
-    name = "proxy-redis-limits" if redis_url else "proxy"
-    counts = []
-    for concurrency in concurrencies:
-        asyncio.run(send_calls(base, token, WARM_UP_CALLS, concurrency))
-        runs = lease_runs(redis_url) if redis_url else 0
-        before = fleet_counters(base)
-        callgrind("-z", process.pid)
-        asyncio.run(send_calls(base, token, calls, concurrency))
-        callgrind("-d", process.pid)
-        count = Count(
-            name, concurrency, calls, dumped_instructions(stack.workdir, process.pid)
-        )
-        if redis_url:
-            after = fleet_counters(base)
-            if (
-                after["fallback"] > before["fallback"]
-                or after["failed"] > before["failed"]
-            ):
-                raise RuntimeError(f"Redis counted as down in the window: {after}")
-            count.lease_runs = lease_runs(redis_url) - runs
-            count.waits = after["waits"] - before["waits"]
-        counts.append(count)
-    return counts
+    name = REDIS_VARIANT if redis_url else "proxy"
+    port = free_port()
+    env = proxy_env(stack, name, port, upstream_port)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    command = [sys.executable, "-m", "llm_proxy", "serve"]
+    proxy = Callgrind(stack.workdir / name, command, env)
+    try:
+        wait_port(port, START_TIMEOUT_S)
+        token = asyncio.run(create_token(port))
+        base = f"http://127.0.0.1:{port}"
+        return [
+            count_window(proxy, base, token, redis_url, calls, concurrency)
+            for concurrency in concurrencies
+        ]
+    finally:
+        proxy.process.kill()  # the numbers are in: no need for its final dump
+        proxy.process.wait()
+
+
+def count_window(
+    proxy: Callgrind,
+    base: str,
+    token: str,
+    redis_url: str | None,
+    calls: int,
+    concurrency: int,
+) -> Count:
+    """Warm up, then the main thread's instructions of `calls` calls."""
+    asyncio.run(send_calls(base, token, WARM_UP_CALLS, concurrency))
+    runs = lease_runs(redis_url) if redis_url else 0
+    before = fleet_counters(base)
+    proxy.zero()
+    asyncio.run(send_calls(base, token, calls, concurrency))
+    name = REDIS_VARIANT if redis_url else "proxy"
+    count = Count(name, concurrency, calls, proxy.dump())
+    if redis_url:
+        after = fleet_counters(base)
+        if after["fallback"] > before["fallback"] or after["failed"] > before["failed"]:
+            raise RuntimeError(f"Redis counted as down in the window: {after}")
+        count.lease_runs = lease_runs(redis_url) - runs
+        count.waits = after["waits"] - before["waits"]
+    return count
 
 
 def run(calls: int, concurrencies: list[int]) -> list[Count]:
     """Both proxies, one after the other, on one upstream and one Redis."""
     os.sched_setaffinity(0, {1})
     os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
-    # valgrind runs the proxy ~50 times slower: so must the deadline of a lease call
+    # callgrind runs the proxy ~50 times slower: so must the deadline of a lease call
     # be, or Redis counts as down and the in-process fallback decides instead
     os.environ["REDIS_LIMITS_TIMEOUT"] = "10"
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-instructions-"))
@@ -191,7 +179,7 @@ def report(counts: list[Count]) -> dict[str, object]:
     for concurrency in sorted({c.concurrency for c in counts}):
         plain, limited = (
             next(c for c in counts if c.concurrency == concurrency and c.server == name)
-            for name in ("proxy", "proxy-redis-limits")
+            for name in ("proxy", REDIS_VARIANT)
         )
         rows[f"c{concurrency}"] = {
             "calls": plain.calls,
