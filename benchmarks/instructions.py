@@ -27,9 +27,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import redis
@@ -42,6 +40,7 @@ from stack import (
     fleet_counters,
     free_port,
     proxy_env,
+    running_stack,
     start_redis,
     start_upstream,
     wait_port,
@@ -155,22 +154,13 @@ def run(calls: int, concurrencies: list[int]) -> list[Count]:
     # callgrind runs the proxy ~50 times slower: so must the deadline of a lease call
     # be, or Redis counts as down and the in-process fallback decides instead
     os.environ["REDIS_LIMITS_TIMEOUT"] = "10"
-    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-instructions-"))
-    stack = Stack(workdir)
-    try:
+    with running_stack("llm-proxy-instructions-") as stack:
         upstream_port = start_upstream(stack)
         redis_url = start_redis(stack)
         counts = []
         for url in (None, redis_url):
             counts += measure_server(stack, upstream_port, url, calls, concurrencies)
         return counts
-    except Exception:
-        for log in sorted(workdir.glob("proc-*.log")):
-            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def report(counts: list[Count]) -> dict[str, object]:

@@ -40,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,13 +51,13 @@ from stack import (
     REDIS_VARIANT,
     ROOT,
     UPSTREAM_KEY,
-    Stack,
     children_peak_rss_mib,
     cpu_seconds,
     fleet_counters,
     free_port,
     peak_rss_mib,
     run_wrk,
+    running_stack,
     start_proxy,
     start_redis,
     start_upstream,
@@ -172,9 +171,7 @@ def run(
 ) -> dict[str, object]:
     """Start everything, measure both servers in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
-    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
-    stack = Stack(workdir)
-    try:
+    with running_stack("llm-proxy-bench-") as stack:
         upstream_port = start_upstream(stack)
         baseline_port = free_port()
         baseline = stack.start(
@@ -208,7 +205,7 @@ def run(
         for server in servers:  # warm-up: connection pools and caches
             run_wrk(
                 f"{server.base}/v1/chat/completions",
-                wrk_lua(workdir / "w.lua", server.token, CHAT_BODY),
+                wrk_lua(stack.workdir / "w.lua", server.token, CHAT_BODY),
                 64,
                 2,
             )
@@ -221,14 +218,14 @@ def run(
                     server.process.pid,
                     server.base,
                     server.token,
-                    workdir,
+                    stack.workdir,
                     duration_s,
                     stream_n,
                 )
         for server in servers:
             server.result.peak_rss_mib = peak_rss_mib(server.process.pid)
             server.result.children_rss_mib = children_peak_rss_mib(server.process.pid)
-        events = workdir / "proxy-events.jsonl"
+        events = stack.workdir / "proxy-events.jsonl"
         event_lines = sum(1 for _ in events.open()) if events.exists() else 0
         report = summarise(servers[0].result, servers[1].result, event_lines)
         report["variants"] = {
@@ -249,13 +246,6 @@ def run(
                 servers[1].result, servers[-1].result
             )
         return report
-    except Exception:
-        for log in sorted(workdir.glob("proc-*.log")):
-            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def med(values: list[float]) -> float:

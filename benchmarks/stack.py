@@ -10,13 +10,15 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -132,6 +134,22 @@ class Stack:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str) -> Iterator[Stack]:
+    """A `Stack` in a fresh work folder: its processes' logs on stderr if the run
+    fails; afterwards everything stopped and the folder removed."""
+    stack = Stack(Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield stack
+    except Exception:
+        for log in sorted(stack.workdir.glob("proc-*.log")):
+            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.workdir, ignore_errors=True)
 
 
 def peak_rss_mib(pid: int) -> float:

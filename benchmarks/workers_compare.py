@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from stack import (
     free_port,
     proxy_env,
     run_wrk,
+    running_stack,
     start_redis,
     start_upstream,
     tree_cpu_seconds,
@@ -124,9 +123,7 @@ def summary(fleet: Fleet) -> dict[str, float]:
 def compare_workers(duration_s: float, rounds: int) -> dict[str, object]:
     """Start both fleets, measure them in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
-    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-workers-"))
-    stack = Stack(workdir)
-    try:
+    with running_stack("llm-proxy-workers-") as stack:
         upstream_port = start_upstream(stack)
         upstream = [process.pid for process in stack.processes]  # SSE, nginx
         redis_url = start_redis(stack).rsplit("/", 1)[0]
@@ -136,7 +133,7 @@ def compare_workers(duration_s: float, rounds: int) -> dict[str, object]:
             start_fleet(stack, n, upstream_port, f"{redis_url}/{n}") for n in (1, 2)
         ]
         scripts = {
-            f.workers: wrk_lua(workdir / f"w{f.workers}.lua", f.token, CHAT_BODY)
+            f.workers: wrk_lua(stack.workdir / f"w{f.workers}.lua", f.token, CHAT_BODY)
             for f in fleets
         }
         for fleet in fleets:
@@ -155,13 +152,6 @@ def compare_workers(duration_s: float, rounds: int) -> dict[str, object]:
             ),
             "cpus": os.cpu_count(),
         }
-    except Exception:
-        for log in sorted(workdir.glob("proc-*.log")):
-            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def print_workers(report: dict[str, object]) -> None:

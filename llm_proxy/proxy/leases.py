@@ -13,11 +13,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final, Literal
 
-# Largest lease one process holds of a token (FLEET_LEASE_MAX): what a SIGKILL can
-# strand per token at most. Room for four refill flights of 64 calls at once.
+# Most units of a token one process holds (FLEET_LEASE_MAX): what a SIGKILL can
+# strand per token at most. 256: four times the 64 calls that 64 busy connections
+# bring in one loop turn (`LEASE_HEADROOM`).
 DEFAULT_LEASE_MAX: Final = 256
-# Smallest lease asked for away from the limits: at most one Redis call (~260,000
-# instructions measured here, a quarter of a proxied call) per this many requests.
+# Smallest lease asked for away from the limits: at most one Redis call (about
+# 500,000 instructions with redis-py, half a proxied call) per this many requests.
 LEASE_FLOOR: Final = 20
 # A lease is sized to this many times the requests spent while its last refill was
 # in flight, so a refill asked for at half the lease lands before the rest is spent.
@@ -179,12 +180,11 @@ class Lease:
 
     def claim(self, now: float) -> bool:
         """A waiting request takes the unit its refill set aside, if there is one."""
-        if self.reserved:
-            self.reserved -= 1
-            self.taken += 1
-            self.last_used = now
-            return True
-        return False
+        if not self.reserved:
+            return False
+        self.reserved -= 1
+        self.units += 1
+        return self.take(now)
 
     def stop_waiting(self) -> None:
         """A request stops waiting; units set aside for nobody return to the lease."""
