@@ -36,8 +36,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,6 +53,7 @@ from stack import (
 )
 
 KINDS = ("hand-written", "prometheus-client")
+T = TypeVar("T")
 WARMUP_CALLS = 100
 START_TIMEOUT_S = 600.0  # importing everything under callgrind takes a while
 
@@ -79,7 +81,11 @@ def serve(kind: str) -> None:
 def micro(kind: str, ops: int) -> None:
     """Run each operation `ops` times when told to on stdin (the driver counts)."""
     use_kind(kind)
-    operations = _operations()
+    run_operations(_operations(), ops)
+
+
+def run_operations(operations: Mapping[str, Callable[[], object]], ops: int) -> None:
+    """The child's side of `operation_instructions`."""
     print("ready", flush=True)
     for name, operation in operations.items():
         sys.stdin.readline()
@@ -126,26 +132,41 @@ def proxy_instructions(
     """Main-thread instructions per proxied call of the proxy with `kind` metrics."""
     port = free_port()
     name = f"{kind}-{round_}"
-    events = stack.workdir / f"{name}.jsonl"
-    env = {
+    env = proxy_env(stack, name, port, upstream)
+    command = [sys.executable, __file__, "serve", kind]
+    proxy = Callgrind(stack.workdir / name, command, env)
+    return instructions_per_call(proxy, port, env, calls, chat)
+
+
+def proxy_env(stack: Stack, name: str, port: int, upstream: int) -> dict[str, str]:
+    """The settings of a measured proxy: events on (a JSONL log), no rate limit."""
+    return {
         "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
         "LISTEN_ADDR": f"127.0.0.1:{port}",
         "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
         "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
-        "FILE_EVENT_LOG": str(events),
+        "FILE_EVENT_LOG": str(stack.workdir / f"{name}.jsonl"),
         "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
         "LOG_LEVEL": "warning",
     }
-    command = [sys.executable, __file__, "serve", kind]
-    proxy = Callgrind(stack.workdir / name, command, env)
+
+
+Chat = Callable[[http.client.HTTPConnection, str, int], None]
+
+
+def instructions_per_call(
+    proxy: Callgrind, port: int, env: dict[str, str], calls: int, chat: Chat
+) -> float:
+    """Warm up, zero, make `calls` calls with `chat`, dump; the proxy is then killed."""
+    events = Path(env["FILE_EVENT_LOG"])
     try:
         wait_port(port, START_TIMEOUT_S)
         token = asyncio.run(create_token(port))
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        _chat(connection, token, WARMUP_CALLS)
+        chat(connection, token, WARMUP_CALLS)
         _wait_lines(events, WARMUP_CALLS)
         proxy.zero()
-        _chat(connection, token, calls)
+        chat(connection, token, calls)
         _wait_lines(events, WARMUP_CALLS + calls)
         return proxy.dump() / calls
     finally:
@@ -153,8 +174,15 @@ def proxy_instructions(
         proxy.process.wait()
 
 
-def _chat(connection: http.client.HTTPConnection, token: str, calls: int) -> None:
+def chat(
+    connection: http.client.HTTPConnection,
+    token: str,
+    calls: int,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """`calls` chat completions, one after the other; each must answer 200."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    headers.update(extra or {})
     for _ in range(calls):
         connection.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
         response = connection.getresponse()
@@ -177,13 +205,25 @@ def _wait_lines(path: Path, count: int, timeout_s: float = 120.0) -> None:
 def micro_instructions(workdir: Path, kind: str, ops: int) -> dict[str, float]:
     """Instructions per operation of each metric operation of a call."""
     command = [sys.executable, __file__, "micro", kind, str(ops)]
-    child = Callgrind(workdir / f"micro-{kind}", command)
+    return operation_instructions(workdir / f"micro-{kind}", command, ops, 5)
+
+
+def operation_instructions(
+    out: Path,
+    command: list[str],
+    ops: int,
+    operations: int,
+    env: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Instructions per operation of a `micro` child that runs `operations` of them
+    `ops` times each, one after the other as told on stdin (see `micro`)."""
+    child = Callgrind(out, command, env)
     process = child.process
     assert process.stdin is not None and process.stdout is not None
     counts: dict[str, float] = {}
     try:
-        process.stdout.readline()  # set up: everything imported, the metrics built
-        for _ in range(5):
+        process.stdout.readline()  # set up: everything imported, the objects built
+        for _ in range(operations):
             child.zero()
             process.stdin.write("go\n")
             process.stdin.flush()
@@ -212,33 +252,21 @@ def main() -> None:
 
 def measure(calls: int, rounds: int, ops: int) -> dict[str, object]:
     """Every number of the report, both kinds measured in the same run."""
-    stack = Stack(Path(tempfile.mkdtemp(prefix="llm-proxy-callgrind-")))
-    try:
-        upstream = free_port()
-        stack.start(
-            [
-                sys.executable,
-                "-m",
-                "llm_proxy",
-                "fake-upstream",
-                "--port",
-                str(upstream),
-            ],
-            cpu=1,
-        )
-        wait_port(upstream)
+
+    def work(stack: Stack, upstream: int) -> tuple[dict[str, Any], dict[str, Any]]:
         micro_counts = {
             kind: micro_instructions(stack.workdir, kind, ops) for kind in KINDS
         }
-        per_call: dict[str, list[float]] = {kind: [] for kind in KINDS}
-        for round_ in range(rounds):
-            for kind in KINDS:
-                per_call[kind].append(
-                    proxy_instructions(stack, kind, upstream, calls, round_)
-                )
-    finally:
-        stack.stop()
-        shutil.rmtree(stack.workdir, ignore_errors=True)
+        per_call = alternate(
+            KINDS,
+            rounds,
+            lambda kind, round_: proxy_instructions(
+                stack, kind, upstream, calls, round_
+            ),
+        )
+        return micro_counts, per_call
+
+    micro_counts, per_call = with_fake_upstream(work)
     fast, prom = (statistics.median(per_call[kind]) for kind in KINDS)
     return {
         "calls": calls,
@@ -250,14 +278,46 @@ def measure(calls: int, rounds: int, ops: int) -> dict[str, object]:
     }
 
 
-def render(report: dict[str, object]) -> str:
-    per_call = report["proxy_instructions_per_call"]
-    micro_counts = report["micro_instructions_per_op"]
-    assert isinstance(per_call, dict) and isinstance(micro_counts, dict)
+def with_fake_upstream(work: Callable[[Stack, int], T]) -> T:
+    """`work(stack, upstream port)` with the fake upstream running; all stopped after."""
+    stack = Stack(Path(tempfile.mkdtemp(prefix="llm-proxy-callgrind-")))
+    try:
+        upstream = free_port()
+        fake = [sys.executable, "-m", "llm_proxy", "fake-upstream"]
+        stack.start([*fake, "--port", str(upstream)], cpu=1)
+        wait_port(upstream)
+        return work(stack, upstream)
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+def alternate(
+    kinds: Sequence[str], rounds: int, one: Callable[[str, int], float]
+) -> dict[str, list[float]]:
+    """`one(kind, round)` for each kind in turn, `rounds` times: the values per kind."""
+    per_kind: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for round_ in range(rounds):
+        for kind in kinds:
+            per_kind[kind].append(one(kind, round_))
+    return per_kind
+
+
+def per_kind_lines(report: dict[str, object], key: str, width: int) -> list[str]:
+    """The report's head: instructions per call of each kind, each round."""
+    per_call = report[key]
+    assert isinstance(per_call, dict)
     lines = [f"proxy, main thread, one connection, {report['calls']} calls per round:"]
     for kind, values in per_call.items():
         shown = ", ".join(f"{value:,.0f}" for value in values)
-        lines.append(f"  {kind:>18}: {shown} instructions per call")
+        lines.append(f"  {kind:>{width}}: {shown} instructions per call")
+    return lines
+
+
+def render(report: dict[str, object]) -> str:
+    micro_counts = report["micro_instructions_per_op"]
+    assert isinstance(micro_counts, dict)
+    lines = per_kind_lines(report, "proxy_instructions_per_call", 18)
     lines += [
         f"  ratio prometheus-client / hand-written: {report['ratio']:.4f}"
         f" ({report['extra_instructions_per_call']:+,.0f} instructions per call)",

@@ -19,6 +19,7 @@ from .accounting.instrumentation import (
     instrumentation_ctx,
 )
 from .accounting.metrics import METRICS_KEY, Metrics, metrics_handler_for
+from .audit.lifecycle import audit_ctx, install_audit
 from .auth.crypto import KeyCipher, TokenHasher, load_or_create_key_file
 from .auth.invalidation import TokenInvalidation
 from .auth.sync import TokenSync
@@ -57,6 +58,7 @@ from .proxy.chain import (
     proxy_chain,
 )
 from .proxy.concurrency import InFlight
+from .proxy.cors import CorsPolicy, preflight_handler
 from .proxy.ratelimit import GcraLimiter
 from .proxy.relay import proxy_handler
 from .proxy.upstream import upstream_session_ctx
@@ -113,6 +115,7 @@ def create_app(settings: Settings) -> web.Application:
     app[READY_CHECKS_KEY] = {"upstream_breaker": breaker_check(breaker)}
     metrics = app[METRICS_KEY] = Metrics()
     metrics.live.breaker = breaker
+    install_audit(app, settings, metrics)
     fleet = None
     if settings.redis_url:
         fleet = app[FLEET_LIMITER_KEY] = new_fleet_limiter(settings, store)
@@ -138,10 +141,11 @@ def create_app(settings: Settings) -> web.Application:
     app[INSTRUMENTATION_KEY] = instrumentation
     # Teardown runs in reverse: the upstream session closes, the instrumentation
     # drains into the bus, the bus closes (its subscribers drain), the dispatchers
-    # finish, then the repository closes.
+    # finish, the audit bus closes and its writers drain, then the repository closes.
     app.cleanup_ctx.extend(
         [
             repository_ctx,
+            audit_ctx,
             token_sync_ctx,
             retention_ctx,
             token_invalidation_ctx,
@@ -158,11 +162,18 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/live", live_handler)
     app.router.add_get("/ready", ready_handler)
     app.add_subapp("/manage", create_management_app(settings.management_token))
-    app.router.add_route(
-        "*",
-        "/v1/{tail:.*}",
-        create_proxy_handler(settings, store, breaker, instrumentation, fleet, cache),
+    proxy = create_proxy_handler(
+        settings, store, breaker, instrumentation, fleet, cache
     )
+    preflight = preflight_handler(
+        CorsPolicy(settings.cors, store.origin_index),
+        load_endpoint_allowlist(settings),
+        proxy,
+    )
+    # Preflights carry no token: answered before the chain (other methods never
+    # look at this route: the router picks a route by one dict lookup on the method).
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy)
     mount_admin(app, settings)
     return app
 
@@ -213,9 +224,10 @@ def create_proxy_handler(
         from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
 
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
+    cors = CorsPolicy(settings.cors, store.origin_index)
     stages: list[Stage] = [
         AllowlistStage(load_endpoint_allowlist(settings)),
-        TokenAuthStage(store),
+        TokenAuthStage(store, cors),
         rate_stage,
         ConcurrencyStage(
             InFlight(),
@@ -228,7 +240,7 @@ def create_proxy_handler(
         from .proxy.cache_stage import ResponseCacheStage  # redis only when configured
 
         stages.append(ResponseCacheStage(cache))
-    return proxy_chain(instrumentation, stages, proxy_handler)
+    return proxy_chain(instrumentation, stages, proxy_handler, cors)
 
 
 def new_fleet_limiter(settings: Settings, store: TokenStore) -> FleetLimiter:

@@ -97,9 +97,11 @@ async def require_redis(url: str = REDIS_URL) -> None:
         await client.aclose()
 
 
-async def read_events(path: Path, count: int) -> list[dict[str, Any]]:
+async def read_events(
+    path: Path, count: int, timeout_s: float = 5
+) -> list[dict[str, Any]]:
     """The lines of a JSONL event log, once there are at least `count`."""
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(timeout_s):
         while True:
             lines = path.read_bytes().splitlines() if path.exists() else []
             if len(lines) >= count:
@@ -176,12 +178,17 @@ class PrivateRedis:
     """A redis-server of the test's own on a free port, which a test may stop and
     start again (on the same port); never the shared server other tests use."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         from llm_proxy.server import free_port
 
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._workdir = workdir
+        # persistent: an append-only file synced on every write, as a production
+        # Redis keeps the event stream; otherwise a restart comes back empty
+        self._persistence = ["--appendonly", "yes", "--appendfsync", "always"]
+        if not persistent:
+            self._persistence = ["--appendonly", "no"]
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -193,7 +200,7 @@ class PrivateRedis:
             pytest.skip("redis-server is not installed")
         self._process = await asyncio.create_subprocess_exec(
             *[binary, "--port", str(self.port), "--bind", "127.0.0.1"],
-            *["--save", "", "--appendonly", "no", "--dir", str(self._workdir)],
+            *["--save", "", *self._persistence, "--dir", str(self._workdir)],
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )

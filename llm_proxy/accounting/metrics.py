@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ..audit.trail import auth_failed, bearer_refusal
 from ..auth.bearer import bearer_matches
 from ..auth.errors import AuthError
 from ..auth.invalidation import InvalidationStats
@@ -400,7 +401,8 @@ class Metrics:
         )
         self.purged_rows = Counter(
             "llm_proxy_retention_purged_rows",
-            "Rows deleted by retention purges, by table (tokens, usage_events).",
+            "Rows deleted by retention purges, by table (tokens, usage_events, "
+            "audit_events).",
             ["table"],
             registry=registry,
         )
@@ -421,6 +423,12 @@ def metrics_handler_for(token: str | None) -> Handler:
         if expected is not None:
             given = request.headers.get(hdrs.AUTHORIZATION)
             if not bearer_matches(given, expected):
+                auth_failed(
+                    request,
+                    surface="metrics",
+                    actor="metrics",
+                    reason=bearer_refusal(given),
+                )
                 raise api_error(
                     AuthError(
                         "Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.",

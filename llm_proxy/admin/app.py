@@ -1,7 +1,8 @@
 """`create_admin_app(settings)`: the admin sub-app, its middleware chain and routes.
 
 Chain, outermost first: security headers (on everything, errors included), HTML error
-pages, basic auth, CSRF/Origin checks for every POST. Mounted at `/admin`.
+pages, basic auth, the audit of changes (a refused CSRF check is audited too),
+CSRF/Origin checks for every POST. Mounted at `/admin`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..audit.actions import audit_middleware
 from ..clock import utc_now
 from ..config import Settings
 from ..domain_errors import DomainError
 from ..errors import http_status
-from . import pages, projects, tokens
+from . import audit, pages, projects, tokens
 from .render import ADMIN_STATE_KEY, AdminState, Now, render, static_urls
 from .security import (
     ConstantTimeBasicAuth,
@@ -46,6 +48,7 @@ def create_admin_app(settings: Settings, *, now: Now = utc_now) -> web.Applicati
             security_headers_middleware(STATIC_PREFIX),
             html_errors_middleware(),
             ConstantTimeBasicAuth(user, password),
+            audit_middleware(audit.AUDITED, user),
             csrf_middleware(token),
         ]
     )
@@ -63,6 +66,7 @@ def create_admin_app(settings: Settings, *, now: Now = utc_now) -> web.Applicati
     pages.add_routes(app)
     projects.add_routes(app)
     tokens.add_routes(app)
+    audit.add_routes(app)
     app.router.add_static("/static", static_dir, append_version=False)
     return app
 

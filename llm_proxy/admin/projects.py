@@ -1,15 +1,17 @@
-"""Project pages: list and search, create, detail, edit, key rotation, activation,
-bulk token revocation and deletion. Writes go through `ManagementService`.
+"""Project pages: list and search, create, detail, edit, key rotation, browser origins,
+activation, bulk token revocation and deletion. Writes go through `ManagementService`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
 from aiohttp import web
 
+from ..audit import trail as audit
 from ..domain_errors import ErrorKind
 from ..errors import http_status
 from ..management.service import ServiceError
@@ -45,16 +47,24 @@ async def new_project_page(request: web.Request) -> web.Response:
 async def create_project_action(request: web.Request) -> web.Response:
     """Create a project from the form; the form again with the error if refused."""
     form = await request.post()
-    fields = {"name": text(form, "name"), "description": text(form, "description")}
+    fields = {
+        "name": text(form, "name"),
+        "description": text(form, "description"),
+        "allowed_origins": text(form, "allowed_origins"),
+        "require_origin": text(form, "require_origin"),
+    }
     try:
         project = await service(request).create_project(
             name=fields["name"],
             description=fields["description"],
             api_key=text(form, "openai_api_key"),
+            **_origin_changes(form),
         )
     except ServiceError as exc:
+        audit.note(request, reason=exc.message)
         context = {"form": fields, "error": exc}
         return render(request, "project_new.html", context, status=http_status(exc))
+    audit.note(request, project_id=project.id)
     raise see_other(
         request, project_url(project.id), f"Project “{project.name}” created."
     )
@@ -94,11 +104,13 @@ async def _update(
     """Apply changes; back to the detail page with `done(project)` as its notice,
     or showing the error if refused."""
     project_id = request.match_info["project_id"]
+    audit.note(request, project_id=project_id, fields=sorted(changes))
     try:
         project = await service(request).update_project(project_id, **changes)
     except ServiceError as exc:
         if exc.kind is ErrorKind.NOT_FOUND:
             raise
+        audit.note(request, reason=exc.message)
         project = await service(request).get_project(project_id)
         context = await _detail_context(request, project, exc)
         return render(request, "project.html", context, status=http_status(exc))
@@ -129,12 +141,34 @@ def _rotated(project: Project) -> str:
     )
 
 
+async def origins_action(request: web.Request) -> web.Response:
+    """Replace the browser origins and the Origin requirement (next request)."""
+    form = await request.post()
+    return await _update(
+        request,
+        lambda project: f"Browser access of “{project.name}” saved.",
+        **_origin_changes(form),
+    )
+
+
+def _origin_changes(form: Mapping[str, Any]) -> dict[str, Any]:
+    """The origins field (one per line, or separated by blanks or commas) and the
+    require-origin checkbox."""
+    origins = [
+        part for part in re.split(r"[\s,]+", text(form, "allowed_origins")) if part
+    ]
+    return {
+        "allowed_origins": origins,
+        "require_origin": text(form, "require_origin") == "1",
+    }
+
+
 async def activation_action(request: web.Request) -> web.Response:
     """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
     form = await request.post()
-    return await _update(
-        request, _activation_notice, is_active=text(form, "is_active") == "1"
-    )
+    active = text(form, "is_active") == "1"
+    audit.note(request, actions=audit.project_actions({"is_active": active}))
+    return await _update(request, _activation_notice, is_active=active)
 
 
 def _activation_notice(project: Project) -> str:
@@ -161,6 +195,7 @@ async def confirm_delete_page(request: web.Request) -> web.Response:
 
 async def delete_project_action(request: web.Request) -> web.Response:
     """Delete the project, then back to the list."""
+    audit.note(request, project_id=request.match_info["project_id"])
     project = await service(request).get_project(request.match_info["project_id"])
     await service(request).delete_project(project.id)
     notice = f"Project “{project.name}” deleted, with its tokens."
@@ -182,8 +217,10 @@ async def confirm_revoke_all_page(request: web.Request) -> web.Response:
 
 async def revoke_all_action(request: web.Request) -> web.Response:
     """Revoke every token of the project, then back to it."""
+    audit.note(request, project_id=request.match_info["project_id"])
     project = await service(request).get_project(request.match_info["project_id"])
     counts = await service(request).revoke_project_tokens(project.id)
+    audit.note(request, revoked_count=counts.revoked_count)
     raise see_other(request, project_url(project.id), _revoked_notice(project, counts))
 
 
@@ -206,6 +243,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/projects/{project_id}", project_page)
     router.add_post("/projects/{project_id}", edit_project_action)
     router.add_post("/projects/{project_id}/key", rotate_key_action)
+    router.add_post("/projects/{project_id}/origins", origins_action)
     router.add_post("/projects/{project_id}/active", activation_action)
     router.add_get("/projects/{project_id}/delete", confirm_delete_page)
     router.add_post("/projects/{project_id}/delete", delete_project_action)

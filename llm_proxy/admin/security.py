@@ -14,6 +14,8 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp_basicauth import BasicAuthMiddleware
 from yarl import URL
 
+from ..audit.trail import UNKNOWN_ACTOR, auth_failed
+
 REALM: Final = "llm-proxy admin"
 CSRF_FIELD: Final = "csrf_token"
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -66,13 +68,32 @@ class ConstantTimeBasicAuth(BasicAuthMiddleware):  # type: ignore[misc]
             headers={hdrs.WWW_AUTHENTICATE: f'Basic realm="{REALM}"'},
         )
 
-    async def check_credentials(
-        self, username: str, password: str, request: web.Request
-    ) -> bool:
-        """True when both match; both comparisons always run."""
+    async def authenticate(self, request: web.Request) -> bool:
+        """Whether the request carries the admin credentials; a refusal of credentials
+        that were sent is audited (a request without any is the browser asking)."""
+        auth = self.parse_auth_header(request)
+        if auth is None:
+            if request.headers.get(hdrs.AUTHORIZATION):
+                self._refused(request, UNKNOWN_ACTOR, "malformed credentials")
+            return False
+        user_ok, password_ok = self._matches(auth.login, auth.password)
+        if user_ok and password_ok:
+            return True
+        if user_ok:
+            self._refused(request, auth.login, "wrong password")
+        else:
+            self._refused(request, UNKNOWN_ACTOR, "unknown user")
+        return False
+
+    def _matches(self, username: str, password: str) -> tuple[bool, bool]:
+        """Whether the user and the password match; both comparisons always run."""
         user_ok = hmac.compare_digest(username.encode(), self._user)
         password_ok = hmac.compare_digest(password.encode(), self._password)
-        return user_ok & password_ok
+        return user_ok, password_ok
+
+    @staticmethod
+    def _refused(request: web.Request, actor: str, reason: str) -> None:
+        auth_failed(request, surface="admin", actor=actor, reason=reason)
 
 
 def csrf_token(secret: bytes, username: str, password: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Final
 from aiohttp import web
 from yarl import URL
 
+from ..audit import trail as audit
 from ..auth.crypto import TOKEN_PREFIX
 from ..errors import http_status
 from ..management.service import Forbidden, NewToken, NotFound, ServiceError
@@ -144,13 +145,16 @@ async def create_token_action(request: web.Request) -> web.Response:
             "max_concurrent",
         )
     }
+    audit.note(request, project_id=fields["project_id"] or None)
     try:
         created = await _create(request, form, fields["project_id"])
     except ServiceError as exc:
+        audit.note(request, reason=exc.message)
         if isinstance(exc, Forbidden):
             exc = await _unusable_project(request, fields["project_id"]) or exc
         context = await _form_context(request, fields, exc)
         return render(request, "token_new.html", context, status=http_status(exc))
+    audit.note(request, token_id=created.token.id)
     key = state(request).minted.put(MintedValue(created.token.id, created.value))
     location = URL(created_url(created.token.id)).with_query({SHOW_PARAM: key})
     raise web.HTTPSeeOther(location)
@@ -217,7 +221,9 @@ async def confirm_revoke_page(request: web.Request) -> web.Response:
 
 async def revoke_token_action(request: web.Request) -> web.Response:
     """Revoke the token, then back to its page."""
+    audit.note(request, token_id=request.match_info["token_id"])
     token = await service(request).get_token(request.match_info["token_id"])
+    audit.note(request, project_id=token.project_id)
     await service(request).revoke_token(token.id)
     notice = f"Token {TOKEN_PREFIX}…{token.token_hint} revoked."
     raise see_other(request, token_url(token.id), notice)

@@ -24,9 +24,11 @@ from typing import Final
 
 from ..clock import Clock
 from ..domain_errors import ErrorKind
+from ..origins import OriginRule
 from ..storage.base import Deletion, Project, Token, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
 from .errors import AuthError, quota_spent
+from .origin_index import OriginIndex
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Principal:
     # response cache keys on it, so a rotated key never reads the old answers.
     project_generation: str = ""
     project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
+    origins: OriginRule | None = None  # its project's browser origins, if it has any
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class _ProjectEntry:
     authorization: str = field(repr=False)
     seen: int = 0  # the resync generation that last saw this project
     max_concurrent: int | None = None
+    origins: OriginRule | None = None
     generation: str = ""  # see Principal.project_generation
     cache_ttl_s: int | None = None
 
@@ -112,6 +116,8 @@ class TokenStore:
         self._used: dict[str, _TokenEntry] = {}
         self._generation = 0
         self._unseen = 0  # entries with seen < _generation (not seen by this resync)
+        # The origins of every active project, for preflights (proxy/cors.py).
+        self.origin_index = OriginIndex()
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -189,12 +195,17 @@ class TokenStore:
     def put_project(self, project: Project) -> None:
         """Add or refresh a project; the key is decrypted only when it changed.
 
-        A change the principals carry (the key, max_concurrent) makes a new entry:
-        each token's principal is rebuilt on its next use, without a walk over the
-        project's tokens here.
+        A change the principals carry (the key, max_concurrent, origins) makes a new
+        entry: each token's principal is rebuilt on its next use, without a walk over
+        the project's tokens here.
         """
         known = self._projects.get(project.id)
         generation = project_generation(project)
+        origins = OriginRule.of(
+            project.allowed_origins, require_origin=project.require_origin
+        )
+        listed = project.allowed_origins if project.is_active else ()
+        self.origin_index.set(project.id, listed)
         if known is not None and known.envelope == project.encrypted_api_key:
             known.is_active = project.is_active
             known.seen = self._generation
@@ -202,6 +213,7 @@ class TokenStore:
                 known.max_concurrent != project.max_concurrent
                 or known.generation != generation
                 or known.cache_ttl_s != project.cache_ttl_seconds
+                or known.origins != origins
             ):
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
@@ -211,6 +223,7 @@ class TokenStore:
                     max_concurrent=project.max_concurrent,
                     generation=generation,
                     cache_ttl_s=project.cache_ttl_seconds,
+                    origins=origins,
                 )
             return
         try:
@@ -218,6 +231,7 @@ class TokenStore:
         except DecryptionError:
             log.error("cannot decrypt the upstream key of project %s", project.id)
             self._projects.pop(project.id, None)
+            self.origin_index.discard(project.id)
             return
         self._projects[project.id] = _ProjectEntry(
             project.is_active,
@@ -227,11 +241,13 @@ class TokenStore:
             max_concurrent=project.max_concurrent,
             generation=generation,
             cache_ttl_s=project.cache_ttl_seconds,
+            origins=origins,
         )
 
     def remove_project(self, project_id: str) -> None:
         """Forget a deleted project and every token of it."""
         self._projects.pop(project_id, None)
+        self.origin_index.discard(project_id)
         self.remove_tokens_of(project_id)
 
     def remove_tokens_of(self, project_id: str) -> None:
@@ -359,6 +375,7 @@ class TokenStore:
                 project.max_concurrent,
                 project.generation,
                 project.cache_ttl_s,
+                project.origins,
             )
             entry.principal_of = project
         return principal

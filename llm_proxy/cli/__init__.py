@@ -20,7 +20,7 @@ stderr; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
-from . import manage, serving, setup_command, tools  # noqa: F401  (registers commands)
+from . import audit, manage, serving, setup_command, tools  # noqa: F401  (registers commands)
 from .base import _as_cli_error, main
 from .base import local_url as _local_url
 from .daemon import daemon_argv

@@ -93,6 +93,44 @@ def json_option(function: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
 
 
+def origin_options(function: F) -> F:
+    """`--allowed-origin URL` (repeatable) and `--require-origin/--no-require-origin`."""
+    options = [
+        click.option(
+            "--allowed-origin",
+            "allowed_origins",
+            multiple=True,
+            metavar="URL",
+            help="An origin whose pages may use the project's tokens "
+            "(https://app.example.com, https://*.example.com); repeatable.",
+        ),
+        click.option(
+            "--require-origin/--no-require-origin",
+            default=None,
+            help="Refuse the project's tokens without an Origin header.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _origin_fields(
+    origins: tuple[str, ...], clear: bool, require_origin: bool | None
+) -> dict[str, Any]:
+    """The body fields the origin options give."""
+    if clear and origins:
+        raise click.UsageError(
+            "--clear-allowed-origins and --allowed-origin exclude each other"
+        )
+    fields: dict[str, Any] = {}
+    if origins or clear:
+        fields["allowed_origins"] = list(origins)
+    if require_origin is not None:
+        fields["require_origin"] = require_origin
+    return fields
+
+
 @main.group()
 @target_options
 def manage() -> None:
@@ -185,6 +223,7 @@ def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
 @click.option("--name", required=True)
 @click.option("--description")
 @click.option("--metadata", help="A JSON object.")
+@origin_options
 @json_option
 @click.pass_context
 def project_create(
@@ -192,15 +231,22 @@ def project_create(
     name: str,
     description: str | None,
     metadata: str | None,
+    allowed_origins: tuple[str, ...],
+    require_origin: bool | None,
     as_json: bool,
 ) -> None:
     """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt."""
     meta = _json_object(metadata, "--metadata")
     api_key = upstream_key(non_interactive=False)
+    origins = _origin_fields(allowed_origins, False, require_origin)
     item = call_api(
         ctx,
         lambda api: api.create_project(
-            name=name, api_key=api_key, description=description, metadata=meta
+            name=name,
+            api_key=api_key,
+            description=description,
+            metadata=meta,
+            **origins,
         ),
     )
     echo_json(item) if as_json else echo_fields(item)
@@ -218,6 +264,12 @@ def project_create(
     is_flag=True,
     help="Replace the upstream key (from OPENAI_API_KEY or a hidden prompt).",
 )
+@origin_options
+@click.option(
+    "--clear-allowed-origins",
+    is_flag=True,
+    help="Remove the project's own origins (CORS_ALLOWED_ORIGINS apply).",
+)
 @json_option
 @click.pass_context
 def project_update(
@@ -228,10 +280,13 @@ def project_update(
     metadata: str | None,
     active: bool | None,
     rotate_key: bool,
+    allowed_origins: tuple[str, ...],
+    require_origin: bool | None,
+    clear_allowed_origins: bool,
     as_json: bool,
 ) -> None:
-    """Change a project's fields."""
-    changes: dict[str, Any] = {}
+    """Change a project's fields (--allowed-origin replaces the whole list)."""
+    changes = _origin_fields(allowed_origins, clear_allowed_origins, require_origin)
     if name is not None:
         changes["name"] = name
     if description is not None:

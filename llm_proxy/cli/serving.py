@@ -295,10 +295,11 @@ CLI_PURGE_MAX_RUN_S = 3600.0
     "--dry-run", is_flag=True, help="Only show what would be deleted; change nothing."
 )
 def db_purge(database_url: str | None, dry_run: bool) -> None:
-    """Delete tokens and usage events past TOKEN_/USAGE_RETENTION_DAYS now.
+    """Delete tokens, usage and audit events past their *_RETENTION_DAYS now.
 
     Tokens go when they expired, or were revoked, before the token cut-off; usage
-    events when they are older than the usage cut-off. Projects are never deleted.
+    and audit events when they are older than their cut-off. Projects are never
+    deleted.
     """
     settings = load_settings(
         {"database_url": database_url}, needs_management_token=False
@@ -334,8 +335,15 @@ def db_purge(database_url: str | None, dry_run: bool) -> None:
         "older than",
         f"USAGE_RETENTION_DAYS={retention.usage_days or 'off'}",
     )
+    audit_line = _kind_line(
+        counts.audit_events,
+        cutoffs.audit_before,
+        "older than",
+        f"AUDIT_RETENTION_DAYS={retention.audit_days or 'off'}",
+    )
     click.echo(f"tokens:       {token_line}")
     click.echo(f"usage events: {usage_line}")
+    click.echo(f"audit events: {audit_line}")
     if dry_run:
         click.echo("dry run: nothing deleted")
     elif outcome == "locked":
@@ -343,8 +351,8 @@ def db_purge(database_url: str | None, dry_run: bool) -> None:
     elif isinstance(outcome, PurgeReport):
         deleted = outcome.deleted
         click.echo(
-            f"deleted {deleted.tokens} tokens and {deleted.usage_events} usage events"
-            f" in {outcome.seconds:.1f} s"
+            f"deleted {deleted.tokens} tokens, {deleted.usage_events} usage events"
+            f" and {deleted.audit_events} audit events in {outcome.seconds:.1f} s"
         )
         if not outcome.complete:
             click.echo(f"stopped after {CLI_PURGE_MAX_RUN_S:g} s: run it again")

@@ -73,11 +73,13 @@ class TenantLimits:
 
 @dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """How long dead tokens and usage events are kept; how often the purge runs."""
+    """How long dead tokens, usage events and audit records are kept; how often the
+    purge runs."""
 
     token_days: int | None = 30  # None: tokens are never purged
     usage_days: int | None = 90  # None: usage events are never purged
     purge_interval_s: float | None = 3600.0  # None: no scheduled purge in `serve`
+    audit_days: int | None = 365  # None: audit records are never purged
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,17 @@ class DispatcherSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsSettings:
+    """Browsers on /v1: the origins allowed server-wide, how long a preflight is cached.
+
+    A project's own list replaces `allowed_origins` for its tokens (see proxy/cors.py).
+    """
+
+    allowed_origins: tuple[str, ...] = ()  # canonical entries (llm_proxy.origins)
+    max_age_s: int = 600
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseCacheSettings:
     """The opt-in response cache (RESPONSE_CACHE=on): its Redis, entry life, size."""
 
@@ -172,10 +185,13 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     # The JSONL event log; None: none.
     file_event_log: Path | None = Path(DATA_DIR, "events.jsonl")
+    # A JSONL copy of the audit trail (the database always has it); None: none.
+    audit_log_file: Path | None = None
     db_pool_max_size: int = 10
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     events: EventSettings = field(default_factory=EventSettings)
     dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
     # Processes of `serve` (WORKERS, --workers; `auto` = the CPU count).
     workers: int = 1
     # Which worker of a fleet this process is, set by the supervisor (workers.py);

@@ -7,11 +7,13 @@ from dataclasses import replace
 from typing import Final
 
 from ..dsn import parse_redis_url
+from ..origins import OriginError, parse_origins
 from . import values
 from .checks import check_cross_field
 from .model import (
     BreakerSettings,
     ConfigError,
+    CorsSettings,
     DispatcherSettings,
     EventSettings,
     FleetLimitSettings,
@@ -76,12 +78,14 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
         fleet_limits=_fleet_limits(env),
         metrics_token=env.text("METRICS_TOKEN"),
         file_event_log=env.optional_path("FILE_EVENT_LOG", DEFAULT.file_event_log),
+        audit_log_file=env.optional_path("AUDIT_LOG_FILE", DEFAULT.audit_log_file),
         db_pool_max_size=env.integer(
             "DATABASE_POOL_SIZE", DEFAULT.db_pool_max_size, minimum=1
         ),
         retention=_retention(env),
         events=_events(env),
         dispatcher=_dispatcher(env),
+        cors=_cors(env),
         workers=values.workers(env.text("WORKERS"), DEFAULT.workers),
         response_cache=_response_cache(env),
     )
@@ -212,6 +216,7 @@ def _retention(env: Env) -> RetentionSettings:
     return RetentionSettings(
         token_days=_retention_days(env, "TOKEN_RETENTION_DAYS", default.token_days),
         usage_days=_retention_days(env, "USAGE_RETENTION_DAYS", default.usage_days),
+        audit_days=_retention_days(env, "AUDIT_RETENTION_DAYS", default.audit_days),
         purge_interval_s=None
         if env.is_off("PURGE_INTERVAL")
         else env.maybe_seconds("PURGE_INTERVAL") or default.purge_interval_s,
@@ -261,6 +266,25 @@ def _dispatcher(env: Env) -> DispatcherSettings:
             f"{settings.retry_max_s} < {settings.retry_base_s}"
         )
     return settings
+
+
+MAX_CORS_MAX_AGE_S: Final = 86_400  # the longest any browser keeps a preflight
+
+
+def _cors(env: Env) -> CorsSettings:
+    """CORS_ALLOWED_ORIGINS (comma-separated origins) and CORS_MAX_AGE (seconds)."""
+    default = DEFAULT.cors
+    raw = env.text("CORS_ALLOWED_ORIGINS") or ""
+    try:
+        origins = parse_origins(item for item in raw.split(",") if item.strip())
+    except OriginError as exc:
+        raise ConfigError(f"CORS_ALLOWED_ORIGINS: {exc}") from None
+    max_age = env.integer("CORS_MAX_AGE", default.max_age_s)
+    if max_age > MAX_CORS_MAX_AGE_S:
+        raise ConfigError(
+            f"CORS_MAX_AGE must be at most {MAX_CORS_MAX_AGE_S} seconds, got {max_age}"
+        )
+    return CorsSettings(allowed_origins=origins, max_age_s=max_age)
 
 
 def _fleet_event_bus(settings: Settings, env: Env) -> Settings:

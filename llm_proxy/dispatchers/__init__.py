@@ -22,7 +22,7 @@ from ..accounting.metrics import METRICS_KEY, Metrics
 from ..config import ConfigError, Settings
 from ..events.lifecycle import EVENT_BUS_KEY
 from ..events.memory_bus import InMemoryEventBus
-from ..events.model import EventBus
+from ..events.model import EventBus, EventT
 from ..keys import REPOSITORY_KEY, SETTINGS_KEY
 from .base import (
     Backend,
@@ -64,6 +64,7 @@ __all__ = [
     "dispatchers_ctx",
     "event_record",
     "run_dispatcher",
+    "stop_tasks",
 ]
 
 
@@ -148,13 +149,13 @@ def _default_endpoint(service: str) -> str:
 
 
 def new_dispatcher(
-    backend: Backend,
-    bus: EventBus,
+    backend: Backend[EventT],
+    bus: EventBus[EventT],
     settings: Settings,
     *,
     group: str,
     metrics: Metrics | None = None,
-) -> Dispatcher:
+) -> Dispatcher[EventT]:
     """A dispatcher of `backend` on consumer group `group` of `bus`."""
     dispatcher = settings.dispatcher
     return Dispatcher(
@@ -201,7 +202,7 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(d.run(), name=f"dispatcher-{d.name}") for d in dispatchers
     ]
     yield
-    await _stop(tasks, settings.dispatcher.drain_timeout_s)
+    await stop_tasks(tasks, settings.dispatcher.drain_timeout_s)
 
 
 def _remind_of_fleet_dispatchers(settings: Settings) -> None:
@@ -224,7 +225,7 @@ def _remind_of_fleet_dispatchers(settings: Settings) -> None:
             )
 
 
-async def _stop(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
     """Wait up to `timeout_s` for the dispatchers to drain, then cancel them."""
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
@@ -291,7 +292,7 @@ async def run_dispatcher(
             finally:
                 waiter.cancel()
                 await bus.close()
-                await _stop([task], settings.dispatcher.drain_timeout_s)
+                await stop_tasks([task], settings.dispatcher.drain_timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
 import orjson
 
@@ -25,7 +25,7 @@ from ..accounting.metrics import Metrics
 from ..backoff import RetryPolicy as RetryPolicy  # also importable from here
 from ..clock import Clock, utc_now_iso
 from ..domain_errors import ProxyError
-from ..events.model import Event, Subscription
+from ..events.model import BaseEvent, EventT, Subscription
 from ..private_files import open_private_append
 from .records import event_time_s
 
@@ -42,22 +42,22 @@ class DeliveryError(ProxyError):
 
 
 @dataclass(slots=True)
-class SendResult:
+class SendResult(Generic[EventT]):
     """Per-event outcome of a batch: events to retry, and events refused for good."""
 
-    retry: list[Event] = field(default_factory=list)
+    retry: list[EventT] = field(default_factory=list)
     retry_reason: str = ""
-    rejected: list[tuple[Event, str]] = field(default_factory=list)
+    rejected: list[tuple[EventT, str]] = field(default_factory=list)
 
 
-class Backend(Protocol):
+class Backend(Protocol[EventT]):
     """Where a dispatcher delivers events."""
 
     name: str
 
     async def start(self) -> None: ...
 
-    async def send(self, batch: Sequence[Event]) -> SendResult:
+    async def send(self, batch: Sequence[EventT]) -> SendResult[EventT]:
         """Deliver `batch`; raise `DeliveryError` when the whole batch failed."""
         ...
 
@@ -78,7 +78,9 @@ class DeadLetterFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    async def append(self, service: str, failed: Sequence[tuple[Event, str]]) -> None:
+    async def append(
+        self, service: str, failed: Sequence[tuple[BaseEvent, str]]
+    ) -> None:
         """Write one line per failed event, off the event loop."""
         now = utc_now_iso()
         lines = b"".join(
@@ -110,19 +112,19 @@ class DeadLetterFile:
             return [orjson.loads(line) for line in file if line.strip()]
 
 
-def event_age_s(event: Event, now: float) -> float:
+def event_age_s(event: BaseEvent, now: float) -> float:
     """Seconds between an event's timestamp and `now` (epoch seconds)."""
     stamp = event_time_s(event)
     return max(0.0, now - stamp) if stamp else 0.0
 
 
-class Dispatcher:
+class Dispatcher(Generic[EventT]):
     """Consumes one subscription and delivers its batches to one backend."""
 
     def __init__(
         self,
-        backend: Backend,
-        subscription: Subscription,
+        backend: Backend[EventT],
+        subscription: Subscription[EventT],
         dead_letter: DeadLetterFile,
         *,
         retry: RetryPolicy | None = None,
@@ -165,7 +167,7 @@ class Dispatcher:
                 self.dead_lettered,
             )
 
-    async def _handle(self, batch: list[Event]) -> None:
+    async def _handle(self, batch: list[EventT]) -> None:
         self._unwritten = False
         try:
             await self.deliver(batch)
@@ -181,7 +183,7 @@ class Dispatcher:
         if not self._unwritten:  # else left to the bus: Redis delivers it again
             await self.subscription.ack(batch)
 
-    async def deliver(self, batch: Sequence[Event]) -> None:
+    async def deliver(self, batch: Sequence[EventT]) -> None:
         """Send with retries; dead-letter what cannot be delivered."""
         pending = list(batch)
         reason = ""
@@ -210,7 +212,9 @@ class Dispatcher:
             pending, f"gave up after {self.retry.max_retries} retries: {reason}"
         )
 
-    def _delivered(self, sent: Sequence[Event], count: int, result: SendResult) -> None:
+    def _delivered(
+        self, sent: Sequence[EventT], count: int, result: SendResult[EventT]
+    ) -> None:
         if count <= 0:
             return
         self.delivered += count
@@ -240,7 +244,7 @@ class Dispatcher:
 
     async def _give_up(
         self,
-        events: Sequence[Event] | Sequence[tuple[Event, str]],
+        events: Sequence[EventT] | Sequence[tuple[EventT, str]],
         reason: str | None,
     ) -> None:
         failed = [

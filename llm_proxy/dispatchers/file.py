@@ -39,12 +39,13 @@ class FileBackend:
             orjson.dumps(event_record(event), default=dict) + b"\n" for event in batch
         )
         try:
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(self.append, data)
         except OSError as exc:
             raise DeliveryError(f"cannot write {self.path}: {exc}") from exc
         return SendResult()
 
-    def _write(self, data: bytes) -> None:
+    def append(self, data: bytes) -> None:
+        """Append lines (rotating first if they would overflow); blocking."""
         if self.max_bytes and self._size() + len(data) > self.max_bytes:
             self._rotate()
         with open_private_append(self.path) as file:

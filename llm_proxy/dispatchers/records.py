@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..clock import iso_epoch_s
-from ..events.model import Event
+from ..events.model import BaseEvent, Event
 
 
 def event_record(event: Event) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def event_record(event: Event) -> dict[str, Any]:
     return data
 
 
-def event_time_s(event: Event) -> float:
+def event_time_s(event: BaseEvent) -> float:
     """The event's timestamp (when the call ended) in epoch seconds, 0 if unreadable.
 
     Unreadable includes a foreign producer's number or null where ISO text belongs.

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Generic
 
 from ..clock import Clock
 from .model import (
@@ -19,7 +20,7 @@ from .model import (
     DEFAULT_DROP_LOG_INTERVAL_S,
     DEFAULT_FLUSH_INTERVAL_S,
     BusStats,
-    Event,
+    EventT,
     RateLimitedLog,
     check_bus_sizes,
 )
@@ -27,7 +28,7 @@ from .model import (
 log = logging.getLogger(__name__)
 
 
-class _MemoryGroup:
+class _MemoryGroup(Generic[EventT]):
     """One bounded queue shared by the consumers of one subscriber name."""
 
     __slots__ = ("closing", "consumers", "maxlen", "name", "queue", "wakeup")
@@ -35,18 +36,20 @@ class _MemoryGroup:
     def __init__(self, name: str, maxlen: int) -> None:
         self.name = name
         self.maxlen = maxlen
-        self.queue: deque[Event] = deque()
+        self.queue: deque[EventT] = deque()
         self.wakeup = asyncio.Event()
         self.closing = False
         self.consumers = 0
 
 
-class _MemorySubscription:
+class _MemorySubscription(Generic[EventT]):
     """A consumer of an in-memory group: batches by size or by interval."""
 
     __slots__ = ("_batch_size", "_bus", "_flush_interval_s", "_group", "_stopped")
 
-    def __init__(self, bus: InMemoryEventBus, group: _MemoryGroup) -> None:
+    def __init__(
+        self, bus: InMemoryEventBus[EventT], group: _MemoryGroup[EventT]
+    ) -> None:
         self._bus = bus
         self._group = group
         self._batch_size = bus.batch_size
@@ -57,10 +60,10 @@ class _MemorySubscription:
     def name(self) -> str:
         return self._group.name
 
-    def __aiter__(self) -> _MemorySubscription:
+    def __aiter__(self) -> _MemorySubscription[EventT]:
         return self
 
-    async def __anext__(self) -> list[Event]:
+    async def __anext__(self) -> list[EventT]:
         group = self._group
         loop = asyncio.get_running_loop()
         deadline: float | None = None
@@ -80,13 +83,13 @@ class _MemorySubscription:
                 return self._take()
         raise StopAsyncIteration
 
-    def _take(self) -> list[Event]:
+    def _take(self) -> list[EventT]:
         queue = self._group.queue
         batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
         self._bus.delivered += len(batch)
         return batch
 
-    async def ack(self, batch: Sequence[Event]) -> None:
+    async def ack(self, batch: Sequence[EventT]) -> None:
         """Nothing to confirm in memory: a batch is gone once it was yielded."""
 
     async def close(self) -> None:
@@ -97,7 +100,7 @@ class _MemorySubscription:
         self._bus.leave(self._group)
 
 
-class InMemoryEventBus:
+class InMemoryEventBus(Generic[EventT]):
     """The default bus: fan-out to one bounded queue per subscriber name.
 
     A full queue drops the new event for that subscriber only, counts it in
@@ -120,7 +123,7 @@ class InMemoryEventBus:
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
-        self._groups: dict[str, _MemoryGroup] = {}
+        self._groups: dict[str, _MemoryGroup[EventT]] = {}
         self._dropped: dict[str, int] = {}
         self._closed = False
         self._drop_log = RateLimitedLog(log, drop_log_interval_s, clock)
@@ -128,7 +131,7 @@ class InMemoryEventBus:
         self.delivered = 0
         self._buffer_dropped = 0
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: EventT) -> None:
         if self._closed:
             self._buffer_dropped += 1
             self._drop_log.warning("event bus is closed; dropped %s", event.event_id)
@@ -150,7 +153,7 @@ class InMemoryEventBus:
 
     def subscribe(
         self, name: str, *, max_queue: int | None = None
-    ) -> _MemorySubscription:
+    ) -> _MemorySubscription[EventT]:
         if self._closed:
             raise RuntimeError("subscribe() after close(): the event bus is closed")
         group = self._groups.get(name)
@@ -160,7 +163,7 @@ class InMemoryEventBus:
         group.consumers += 1
         return _MemorySubscription(self, group)
 
-    def leave(self, group: _MemoryGroup) -> None:
+    def leave(self, group: _MemoryGroup[EventT]) -> None:
         """Forget a group once its last consumer has closed."""
         group.consumers -= 1
         if group.consumers <= 0 and self._groups.get(group.name) is group:

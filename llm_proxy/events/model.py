@@ -3,7 +3,9 @@ its stats, its size checks and its rate-limited warnings.
 
 This module owns what an event is; it knows nothing about who produces events or what
 consumers do with them. The buses implement the protocol: `memory_bus.py` (in one
-process) and `redis_bus.py` (Redis Streams).
+process) and `redis_bus.py` (Redis Streams). A bus carries one event type (`EventT`):
+the per-call `RequestCompleted` by default, the audit trail's records on a bus of their
+own (`audit.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol, Self, TypeAlias
 
 import orjson
+from typing_extensions import TypeVar  # PEP 696 defaults; `typing` has them from 3.13
 
 from ..clock import Clock, utc_now_iso
 from ..ids import id_sequence
@@ -119,6 +122,8 @@ Event: TypeAlias = RequestCompleted
 _EVENT_TYPES: Final[Mapping[str, type[Event]]] = {
     cls.type_tag: cls for cls in (RequestCompleted,)
 }
+# What one bus carries; a bus named without it carries `RequestCompleted`.
+EventT = TypeVar("EventT", bound=BaseEvent, default=RequestCompleted)
 
 
 def _json_default(value: object) -> object:
@@ -127,20 +132,33 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def encode_event(event: Event) -> bytes:
+def encode_event(event: BaseEvent) -> bytes:
     """Serialise an event to compact JSON bytes (one JSONL line without newline)."""
     return orjson.dumps(event.to_json_dict(), default=_json_default)
 
 
 def decode_event(data: bytes | str) -> Event:
     """Parse `encode_event()` output; raise `ValueError` for anything else."""
-    obj = orjson.loads(data)
-    if not isinstance(obj, dict):
-        raise ValueError("event JSON must be an object")
+    obj = _json_object(data)
     cls = _EVENT_TYPES.get(obj.get("type", ""))
     if cls is None:
         raise ValueError(f"unknown event type: {obj.get('type')!r}")
     return cls.from_json_dict(obj)
+
+
+def decode_event_as(data: bytes | str, cls: type[EventT]) -> EventT:
+    """Parse `encode_event()` output of an event of type `cls`; else `ValueError`."""
+    obj = _json_object(data)
+    if obj.get("type") != cls.type_tag:
+        raise ValueError(f"not a {cls.type_tag} event: {obj.get('type')!r}")
+    return cls.from_json_dict(obj)
+
+
+def _json_object(data: bytes | str) -> dict[str, Any]:
+    obj = orjson.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError("event JSON must be an object")
+    return obj
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,17 +184,17 @@ class BusStats:
         return self.buffer_dropped + sum(self.dropped.values())
 
 
-class Subscription(Protocol):
+class Subscription(Protocol[EventT]):
     """An async iterator of event batches for one named subscriber (consumer group)."""
 
     @property
     def name(self) -> str: ...
 
-    def __aiter__(self) -> Subscription: ...
+    def __aiter__(self) -> Subscription[EventT]: ...
 
-    async def __anext__(self) -> list[Event]: ...
+    async def __anext__(self) -> list[EventT]: ...
 
-    async def ack(self, batch: Sequence[Event]) -> None:
+    async def ack(self, batch: Sequence[EventT]) -> None:
         """Confirm that `batch` was handled; call it after the backend accepted it."""
         ...
 
@@ -185,14 +203,16 @@ class Subscription(Protocol):
         ...
 
 
-class EventBus(Protocol):
+class EventBus(Protocol[EventT]):
     """Carries events from the request path to subscribers without slowing it."""
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: EventT) -> None:
         """Hand over an event; never blocks, never raises (drops are counted)."""
         ...
 
-    def subscribe(self, name: str, *, max_queue: int | None = None) -> Subscription:
+    def subscribe(
+        self, name: str, *, max_queue: int | None = None
+    ) -> Subscription[EventT]:
         """Return a consumer of group `name`; each group sees every event."""
         ...
 

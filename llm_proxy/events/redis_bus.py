@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Generic
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -33,8 +33,9 @@ from .model import (
     DEFAULT_DROP_LOG_INTERVAL_S,
     DEFAULT_FLUSH_INTERVAL_S,
     BusStats,
-    Event,
+    EventT,
     RateLimitedLog,
+    RequestCompleted,
     check_bus_sizes,
     encode_event,
 )
@@ -46,13 +47,14 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_KEY: Final = "llm-proxy:events"
 
 
-class RedisEventBus:
+class RedisEventBus(Generic[EventT]):
     """Event bus on a Redis stream; see the module docstring for the guarantees.
 
     `maxlen=None` (the default) never trims the stream, so no undelivered event is
     trimmed away; trim with XTRIM MINID from operations, or set `maxlen` to a large
     approximate cap knowing that a group lagging further behind loses events.
-    `max_queue` in `subscribe()` is ignored: the stream is the queue.
+    `max_queue` in `subscribe()` is ignored: the stream is the queue. The stream
+    carries events of `event_type` only; an entry of another type is acked unread.
     """
 
     def __init__(
@@ -73,8 +75,11 @@ class RedisEventBus:
         drain_timeout_s: float = 5.0,
         drop_log_interval_s: float = DEFAULT_DROP_LOG_INTERVAL_S,
         clock: Clock = time.monotonic,
+        # mypy cannot check a default against a TypeVar's default (both RequestCompleted)
+        event_type: type[EventT] = RequestCompleted,  # type: ignore[assignment]
     ) -> None:
         check_bus_sizes(buffer_size, batch_size, flush_interval_s)
+        self.event_type = event_type
         self.stream_key = stream_key
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -95,10 +100,10 @@ class RedisEventBus:
             retry=Retry(NoBackoff(), 1),
         )
         self._spool = Spool(spool_path)
-        self._buffer: deque[Event] = deque()
+        self._buffer: deque[EventT] = deque()
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._subs: set[RedisSubscription] = set()
+        self._subs: set[RedisSubscription[EventT]] = set()
         self._consumers: dict[str, int] = {}
         self._closed = False
         self._down = False
@@ -113,7 +118,7 @@ class RedisEventBus:
 
     # -- producer side -------------------------------------------------------------
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: EventT) -> None:
         if self._closed:
             self._buffer_dropped += 1
             self.drop_log.warning("event bus is closed; dropped %s", event.event_id)
@@ -168,11 +173,11 @@ class RedisEventBus:
         except TimeoutError:
             pass
 
-    def _take(self) -> list[Event]:
+    def _take(self) -> list[EventT]:
         count = min(self.batch_size, len(self._buffer))
         return [self._buffer.popleft() for _ in range(count)]
 
-    def _encode(self, batch: list[Event]) -> list[bytes]:
+    def _encode(self, batch: list[EventT]) -> list[bytes]:
         payloads: list[bytes] = []
         for event in batch:
             try:
@@ -182,7 +187,7 @@ class RedisEventBus:
                 log.exception("cannot serialise event %s; dropped", event.event_id)
         return payloads
 
-    async def _write(self, batch: list[Event]) -> None:
+    async def _write(self, batch: list[EventT]) -> None:
         """XADD a batch; while Redis is down (or a spool is pending) spool it."""
         payloads = self._encode(batch)
         if not self._spooled and self._clock() >= self._retry_at:
@@ -253,7 +258,7 @@ class RedisEventBus:
 
     def subscribe(
         self, name: str, *, max_queue: int | None = None
-    ) -> RedisSubscription:
+    ) -> RedisSubscription[EventT]:
         if self._closed:
             raise RuntimeError("subscribe() after close(): the event bus is closed")
         # A second consumer of one group in this process needs its own name, or it
@@ -264,7 +269,7 @@ class RedisEventBus:
         self._subs.add(sub)
         return sub
 
-    def forget(self, sub: RedisSubscription) -> None:
+    def forget(self, sub: RedisSubscription[EventT]) -> None:
         """Drop a closed subscription from the set `close()` waits for."""
         self._subs.discard(sub)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic
 
 from redis.exceptions import RedisError, ResponseError
 
-from .model import Event, decode_event
+from .model import EventT, decode_event_as
 
 if TYPE_CHECKING:
     from .redis_bus import RedisEventBus
@@ -27,10 +27,10 @@ REDIS_DOWN: Final = (RedisError, OSError)
 _Entries = list[tuple[bytes, dict[bytes, bytes] | None]]
 
 
-class RedisSubscription:
+class RedisSubscription(Generic[EventT]):
     """One consumer of consumer group `name`: yields batches, XACKs on `ack()`."""
 
-    def __init__(self, bus: RedisEventBus, name: str, consumer: str) -> None:
+    def __init__(self, bus: RedisEventBus[EventT], name: str, consumer: str) -> None:
         self._bus = bus
         self._name = name
         self.consumer = consumer
@@ -48,10 +48,10 @@ class RedisSubscription:
     def name(self) -> str:
         return self._name
 
-    def __aiter__(self) -> RedisSubscription:
+    def __aiter__(self) -> RedisSubscription[EventT]:
         return self
 
-    async def __anext__(self) -> list[Event]:
+    async def __anext__(self) -> list[EventT]:
         self.started = True
         batch = await self._next_batch() if not self._stop.is_set() else []
         if batch:
@@ -60,11 +60,11 @@ class RedisSubscription:
         self.finished.set()
         raise StopAsyncIteration
 
-    async def _next_batch(self) -> list[Event]:
+    async def _next_batch(self) -> list[EventT]:
         """Collect up to batch_size events; [] means iteration is over."""
         bus = self._bus
         loop = asyncio.get_running_loop()
-        batch: list[Event] = []
+        batch: list[EventT] = []
         deadline: float | None = None
         while not self._stop.is_set():
             if deadline is not None and loop.time() >= deadline:
@@ -113,7 +113,7 @@ class RedisSubscription:
                 raise
         self._group_ready = True
 
-    async def _recover(self) -> list[Event]:
+    async def _recover(self) -> list[EventT]:
         """Deliver our own pending entries (a restart), then idle ones of others."""
         bus = self._bus
         if self._own_cursor is not None:
@@ -152,15 +152,16 @@ class RedisSubscription:
         entries: _Entries = reply[0][1]
         return entries
 
-    async def _accept(self, entries: _Entries) -> list[Event]:
+    async def _accept(self, entries: _Entries) -> list[EventT]:
         """Decode entries, remember their ids for `ack()`; XACK undecodable ones."""
-        events: list[Event] = []
+        events: list[EventT] = []
         poison: list[bytes] = []
         for entry_id, fields in entries:
             if entry_id in self._in_flight:
                 continue  # re-claimed from ourselves while still being handled
             try:
-                event = decode_event((fields or {}).get(DATA_FIELD, b""))
+                data = (fields or {}).get(DATA_FIELD, b"")
+                event = decode_event_as(data, self._bus.event_type)
             except ValueError:
                 log.warning("acking undecodable entry %s in %s", entry_id, self._name)
                 poison.append(entry_id)
@@ -172,7 +173,7 @@ class RedisSubscription:
             await self._xack(poison)
         return events
 
-    async def ack(self, batch: Sequence[Event]) -> None:
+    async def ack(self, batch: Sequence[EventT]) -> None:
         """XACK the entries behind `batch`; if Redis is down they are redelivered."""
         ids = [i for e in batch for i in self._unacked.pop(e.event_id, ())]
         if ids:

@@ -17,11 +17,14 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..audit import trail as audit
+from ..audit.actions import audit_middleware
 from ..auth.bearer import bearer_matches
 from ..auth.errors import AuthError
 from ..clock import utc_iso
 from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
+from .audit_api import get_audit_handler, list_audit_handler
 from .openapi import openapi_document
 from .service import ManagementService, Page, ServiceError
 from .validation import (
@@ -41,6 +44,8 @@ PROJECT_CREATE = {
     "metadata": Field(dict, nullable=True),
     "openai_api_key": Field(str, required=True),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
 }
 PROJECT_UPDATE = {
@@ -50,6 +55,8 @@ PROJECT_UPDATE = {
     "openai_api_key": Field(str),
     "is_active": Field(bool),
     "max_concurrent": Field(int, nullable=True),
+    "allowed_origins": Field(list, nullable=True),
+    "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
 }
 TOKEN_CREATE = {
@@ -81,6 +88,8 @@ def project_json(project: Project) -> dict[str, Any]:
         "api_key_hint": project.api_key_hint,
         "is_active": project.is_active,
         "max_concurrent": project.max_concurrent,
+        "allowed_origins": list(project.allowed_origins),
+        "require_origin": project.require_origin,
         "cache_ttl_seconds": project.cache_ttl_seconds,
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
@@ -145,7 +154,14 @@ def management_auth_middleware(management_token: str) -> Middleware:
     ) -> web.StreamResponse:
         if request.path == "/manage/openapi.json":
             return await handler(request)
-        if not bearer_matches(request.headers.get(hdrs.AUTHORIZATION), expected):
+        given = request.headers.get(hdrs.AUTHORIZATION)
+        if not bearer_matches(given, expected):
+            audit.auth_failed(
+                request,
+                surface="management",
+                actor=audit.MANAGEMENT_ACTOR,
+                reason=audit.bearer_refusal(given),
+            )
             raise AuthError(
                 "Missing or invalid management token.", code="invalid_management_token"
             )
@@ -167,8 +183,11 @@ async def create_project_handler(request: web.Request) -> web.Response:
         description=data.get("description") or "",
         metadata=data.get("metadata") or {},
         max_concurrent=data.get("max_concurrent"),
+        allowed_origins=data.get("allowed_origins") or (),
+        require_origin=data.get("require_origin", False),
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
     )
+    audit.note(request, project_id=project.id)
     return json_response(project_json(project), status=201)
 
 
@@ -196,8 +215,15 @@ async def update_project_handler(request: web.Request) -> web.Response:
         project_id = data.pop("project_id")
     else:
         check_fields(data, PROJECT_UPDATE)
+    audit.note(
+        request,
+        project_id=project_id,
+        actions=audit.project_actions(data),
+        fields=sorted(data),
+    )
     description = data.get("description", None)
     metadata = data.get("metadata", None)
+    origins = data.get("allowed_origins", None)
     project = await service_of(request).update_project(
         project_id,
         name=data.get("name"),
@@ -210,6 +236,10 @@ async def update_project_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
         clear_max_concurrent="max_concurrent" in data
         and data["max_concurrent"] is None,
+        allowed_origins=()
+        if "allowed_origins" in data and origins is None
+        else origins,
+        require_origin=data.get("require_origin"),
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
         clear_cache_ttl_seconds="cache_ttl_seconds" in data
         and data["cache_ttl_seconds"] is None,
@@ -224,15 +254,17 @@ async def delete_project_handler(request: web.Request) -> web.Response:
         data = await read_json_object(request)
         check_fields(data, PROJECT_DELETE)
         project_id = data["project_id"]
+    audit.note(request, project_id=project_id)
     await service_of(request).delete_project(project_id)
     return web.Response(status=204)
 
 
 async def revoke_project_tokens_handler(request: web.Request) -> web.Response:
     """POST /manage/projects/{project_id}/tokens/revoke: bulk revocation."""
-    counts = await service_of(request).revoke_project_tokens(
-        request.match_info["project_id"]
-    )
+    project_id = request.match_info["project_id"]
+    audit.note(request, project_id=project_id)
+    counts = await service_of(request).revoke_project_tokens(project_id)
+    audit.note(request, revoked_count=counts.revoked_count)
     return json_response(
         {
             "revoked_count": counts.revoked_count,
@@ -249,6 +281,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
     """POST /manage/tokens: the only answer that ever carries a token's value."""
     data = await read_json_object(request)
     check_fields(data, TOKEN_CREATE)
+    audit.note(request, project_id=data["project_id"])
     created = await service_of(request).create_token(
         project_id=data["project_id"],
         duration_minutes=data["duration_minutes"],
@@ -257,6 +290,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         max_concurrent=data.get("max_concurrent"),
     )
     token = created.token
+    audit.note(request, token_id=token.id, expires_at=iso(token.expires_at))
     body = {
         "token": created.value,
         "token_id": token.id,
@@ -300,17 +334,19 @@ async def delete_token_handler(request: web.Request) -> web.Response:
     """DELETE /manage/tokens/{token_id} or DELETE /manage/tokens {token|token_id}."""
     service = service_of(request)
     token_id = request.match_info.get("token_id")
-    if token_id is not None:
-        await service.revoke_token(token_id)
-        return web.Response(status=204)
-    data = await read_json_object(request)
-    check_fields(data, TOKEN_DELETE)
-    if ("token" in data) == ("token_id" in data):
-        raise ServiceError("Send exactly one of 'token' or 'token_id'.", param="token")
-    if "token" in data:
-        await service.revoke_token_value(data["token"])
-    else:
-        await service.revoke_token(data["token_id"])
+    if token_id is None:
+        data = await read_json_object(request)
+        check_fields(data, TOKEN_DELETE)
+        if ("token" in data) == ("token_id" in data):
+            raise ServiceError(
+                "Send exactly one of 'token' or 'token_id'.", param="token"
+            )
+        if "token" in data:  # by its value: audited by its id, never the value
+            token_id = (await service.find_token_by_value(data["token"])).id
+        else:
+            token_id = data["token_id"]
+    audit.note(request, token_id=token_id)
+    await service.revoke_token(token_id)
     return web.Response(status=204)
 
 
@@ -334,13 +370,29 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/tokens/lookup", lookup_token_handler),
     ("GET", "/tokens/{token_id}", get_token_handler),
     ("DELETE", "/tokens/{token_id}", delete_token_handler),
+    ("GET", "/audit", list_audit_handler),
+    ("GET", "/audit/{event_id}", get_audit_handler),
     ("GET", "/openapi.json", openapi_handler),
 )
+# The handlers that change something, and the action each one is audited as.
+AUDITED: dict[Handler, str] = {
+    create_project_handler: audit.PROJECT_CREATE,
+    update_project_handler: audit.PROJECT_UPDATE,
+    delete_project_handler: audit.PROJECT_DELETE,
+    revoke_project_tokens_handler: audit.PROJECT_REVOKE_TOKENS,
+    create_token_handler: audit.TOKEN_CREATE,
+    delete_token_handler: audit.TOKEN_REVOKE,
+}
 
 
 def create_management_app(management_token: str) -> web.Application:
     """The `/manage` sub-app; the service is read from the root app's state."""
-    app = web.Application(middlewares=[management_auth_middleware(management_token)])
+    app = web.Application(
+        middlewares=[
+            management_auth_middleware(management_token),
+            audit_middleware(AUDITED, audit.MANAGEMENT_ACTOR),
+        ]
+    )
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

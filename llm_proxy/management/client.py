@@ -129,9 +129,13 @@ class ManageClient:
         api_key: str,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        **fields: Any,
     ) -> JsonObject:
-        """Create a project; the upstream key travels only in the request body."""
-        body: JsonObject = {"name": name, "openai_api_key": api_key}
+        """Create a project; the upstream key travels only in the request body.
+
+        `fields` are further fields of the body (`allowed_origins`, ...).
+        """
+        body: JsonObject = {"name": name, "openai_api_key": api_key, **fields}
         if description is not None:
             body["description"] = description
         if metadata is not None:
@@ -203,6 +207,22 @@ class ManageClient:
             await self.call("DELETE", "tokens", body={"token": token})
         else:
             await self.call("DELETE", f"tokens/{token}")
+
+    # -- audit -------------------------------------------------------------------
+
+    async def list_audit(
+        self, *, page: int = 1, page_size: int = 20, **filters: str | None
+    ) -> JsonObject:
+        """A page of audit events: `{"events": [...], "pagination": {...}}`."""
+        params = {name: value for name, value in filters.items() if value}
+        params |= {"page": str(page), "page_size": str(page_size)}
+        found, _ = await self.call("GET", "audit", params=params)
+        return dict(found)
+
+    async def get_audit(self, event_id: str) -> JsonObject:
+        """One audit event."""
+        found, _ = await self.call("GET", f"audit/{event_id}")
+        return dict(found)
 
 
 def is_token_value(text: str) -> bool:

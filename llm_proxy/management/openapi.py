@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 from .. import __version__
+from ..origins import MAX_ORIGINS
 from .service import MAX_CACHE_TTL_SECONDS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -73,6 +74,17 @@ _PAGING = [
     _query("offset", "integer", "Items to skip (default 0)."),
 ]
 _NO_CONTENT = {"204": {"description": "Done."}}
+_AUDIT_FILTERS = [
+    _query("action", "string", "e.g. project.create, token.revoke, auth.failed."),
+    _query("actor", "string", "management_api, or the admin user name."),
+    _query("project_id", "string", "Only events naming this project."),
+    _query("token_id", "string", "Only events naming this token."),
+    _query("outcome", "string", "success, failure, denied or error."),
+    _query("start_time", "string", "From this time on (ISO 8601; no zone: UTC)."),
+    _query("end_time", "string", "Before this time (ISO 8601; no zone: UTC)."),
+    _query("page", "integer", "Page number from 1 (default 1)."),
+    _query("page_size", "integer", "Events per page, 1-100 (default 20)."),
+]
 _PROJECT = _json(_ref("Project"))
 _NOT_FOUND = {"404": _ERROR}
 
@@ -170,6 +182,20 @@ def _paths() -> dict[str, Any]:
                 params=token_id,
             ),
         },
+        "/manage/audit": {
+            "get": _op(
+                "List audit events, newest first (actions and refused sign-ins)",
+                {"200": _json(_ref("AuditPage"))},
+                params=_AUDIT_FILTERS,
+            ),
+        },
+        "/manage/audit/{event_id}": {
+            "get": _op(
+                "Get an audit event",
+                {"200": _json(_ref("AuditEvent")), **_NOT_FOUND},
+                params=[_path_param("event_id")],
+            ),
+        },
         "/manage/openapi.json": {
             "get": {
                 "summary": "This document (no authentication)",
@@ -200,6 +226,22 @@ def _max_concurrent(default_setting: str) -> dict[str, Any]:
     }
 
 
+_ORIGIN_FIELDS: dict[str, Any] = {
+    "allowed_origins": {
+        "type": ["array", "null"],
+        "items": {"type": "string"},
+        "maxItems": MAX_ORIGINS,
+        "description": "Origins whose pages may use the project's tokens:"
+        " scheme://host[:port] (http or https, no path) or https://*.example.com"
+        " (subdomains only). Empty or null: CORS_ALLOWED_ORIGINS apply.",
+    },
+    "require_origin": {
+        "type": "boolean",
+        "description": "Refuse the project's tokens without an Origin header.",
+    },
+}
+
+
 def _cache_ttl() -> dict[str, Any]:
     return {
         **_integer(nullable=True, minimum=0),
@@ -227,6 +269,7 @@ def _schemas() -> dict[str, Any]:
         "openai_api_key": _string(),
         "is_active": {"type": "boolean"},
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+        **_ORIGIN_FIELDS,
         "cache_ttl_seconds": _cache_ttl(),
     }
     return {
@@ -239,6 +282,7 @@ def _schemas() -> dict[str, Any]:
                 "api_key_hint": {"type": "string", "description": "e.g. sk-...abcd"},
                 "is_active": {"type": "boolean"},
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
@@ -252,6 +296,7 @@ def _schemas() -> dict[str, Any]:
                 "metadata": {"type": ["object", "null"]},
                 "openai_api_key": _string(),
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
+                **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
             },
             ["name", "openai_api_key"],
@@ -324,6 +369,46 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": False,
             "description": "Exactly one of token (the value) or token_id.",
         },
+        "AuditEvent": _object(
+            {
+                "id": _string(),
+                "timestamp": _string("date-time"),
+                "action": _string(),
+                "actor": _string(),
+                "outcome": {"enum": ["success", "failure", "denied", "error"]},
+                "client_ip": _string(nullable=True),
+                "request_id": _string(nullable=True),
+                "project_id": _string(nullable=True),
+                "token_id": _string(nullable=True),
+                "reason": _string(nullable=True),
+                "metadata": {"type": "object", "description": "Never a secret."},
+            },
+            ["id", "timestamp", "action", "actor", "outcome", "metadata"],
+        ),
+        "AuditPage": _object(
+            {
+                "events": {"type": "array", "items": _ref("AuditEvent")},
+                "pagination": _object(
+                    {
+                        "page": _integer(),
+                        "page_size": _integer(),
+                        "total_count": _integer(minimum=0),
+                        "total_pages": _integer(minimum=0),
+                        "has_next": {"type": "boolean"},
+                        "has_prev": {"type": "boolean"},
+                    },
+                    [
+                        "page",
+                        "page_size",
+                        "total_count",
+                        "total_pages",
+                        "has_next",
+                        "has_prev",
+                    ],
+                ),
+            },
+            ["events", "pagination"],
+        ),
         "Error": _object(
             {
                 "error": _object(

@@ -10,7 +10,7 @@ processes reload it at once instead of at their next periodic reload.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
@@ -27,6 +27,7 @@ from ..auth.crypto import (
 from ..auth.tokens import TokenStore
 from ..clock import utc_now
 from ..domain_errors import DomainError, ErrorKind, ProxyError
+from ..origins import OriginError, parse_origins
 from ..storage import (
     DuplicateNameError,
     Project,
@@ -151,11 +152,14 @@ class ManagementService:
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
         max_concurrent: int | None = None,
+        allowed_origins: Sequence[object] = (),
+        require_origin: bool = False,
         cache_ttl_seconds: int | None = None,
     ) -> Project:
         """Create an active project; its upstream key is stored encrypted."""
         _check_max_concurrent(max_concurrent)
         _check_cache_ttl(cache_ttl_seconds)
+        origins = _valid_origins(allowed_origins)
         now = self._now()
         project = Project(
             id=str(uuid.uuid4()),
@@ -168,6 +172,8 @@ class ManagementService:
             created_at=now,
             updated_at=now,
             max_concurrent=max_concurrent,
+            allowed_origins=origins,
+            require_origin=require_origin,
             cache_ttl_seconds=cache_ttl_seconds,
         )
         try:
@@ -210,16 +216,20 @@ class ManagementService:
         is_active: bool | None = None,
         max_concurrent: int | None = None,
         clear_max_concurrent: bool = False,
+        allowed_origins: Sequence[object] | None = None,
+        require_origin: bool | None = None,
         cache_ttl_seconds: int | None = None,
         clear_cache_ttl_seconds: bool = False,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
         `clear_max_concurrent` removes the project's own cap (the default applies),
-        `clear_cache_ttl_seconds` its cache setting.
+        `clear_cache_ttl_seconds` its cache setting; an empty `allowed_origins` its
+        own origins (CORS_ALLOWED_ORIGINS apply).
         """
         _check_max_concurrent(max_concurrent)
         _check_cache_ttl(cache_ttl_seconds)
+        origins = None if allowed_origins is None else _valid_origins(allowed_origins)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
             description=None
@@ -233,6 +243,8 @@ class ManagementService:
             is_active=is_active,
             max_concurrent=max_concurrent,
             clear_max_concurrent=clear_max_concurrent,
+            allowed_origins=origins,
+            require_origin=require_origin,
             cache_ttl_seconds=cache_ttl_seconds,
             clear_cache_ttl_seconds=clear_cache_ttl_seconds,
         )
@@ -341,11 +353,6 @@ class ManagementService:
             raise NotFound(f"No token with id {token_id!r}.", param="token_id")
         await self._changed("token", token_id)
 
-    async def revoke_token_value(self, value: str) -> None:
-        """Revoke by the token's value (a DELETE /manage/tokens body); idempotent."""
-        token = await self.find_token_by_value(value)
-        await self.revoke_token(token.id)
-
 
 def _check_range(param: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
@@ -405,6 +412,20 @@ def _valid_description(description: str) -> str:
             param="description",
         )
     return description
+
+
+def _valid_origins(origins: Sequence[object]) -> tuple[str, ...]:
+    """Browser origins in their canonical form (see llm_proxy.origins)."""
+    if isinstance(origins, str) or not all(isinstance(o, str) for o in origins):
+        raise ServiceError(
+            "allowed_origins must be an array of strings.", param="allowed_origins"
+        )
+    try:
+        return parse_origins(str(origin) for origin in origins)
+    except OriginError as exc:
+        raise ServiceError(
+            f"allowed_origins: {exc}.", param="allowed_origins"
+        ) from None
 
 
 def _valid_api_key(api_key: str) -> str:

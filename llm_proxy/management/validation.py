@@ -28,7 +28,13 @@ class Field:
     nullable: bool = False
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Retention: dead tokens and old usage events are deleted in short batches.
+"""Retention: dead tokens, old usage events and old audit records go in short batches.
 
 What goes: tokens that expired, or were revoked (migration 005 dates revocations), more
-than `TOKEN_RETENTION_DAYS` ago, and usage events older than `USAGE_RETENTION_DAYS`.
+than `TOKEN_RETENTION_DAYS` ago, usage events older than `USAGE_RETENTION_DAYS` and
+audit records older than `AUDIT_RETENTION_DAYS`.
 Deleting a token leaves a tombstone (migration 004), so every process's token table
 drops it at its next reload. Projects are never deleted here (only by the management
 API), and neither are their active tokens: an inactive project's tokens work again when
@@ -21,7 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final, Protocol
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # that (its tombstone, six indexes), so a batch holds that lock roughly 0.1 s.
 TOKEN_BATCH_ROWS: Final = 1000
 USAGE_BATCH_ROWS: Final = 2000
+AUDIT_BATCH_ROWS: Final = 2000  # six indexes like a token's, but far fewer rows
 # Between two batches the other writers (usage inserts, count flushes) get the table.
 BATCH_PAUSE_S: Final = 0.05
 # A scheduled run stops after this long; the lock's lease outlasts it by the margin.
@@ -58,11 +60,13 @@ class Cutoffs:
 
     tokens_before: datetime | None
     usage_before: datetime | None
+    audit_before: datetime | None = None
 
     @property
     def any(self) -> bool:
         """Whether anything is purged at all."""
-        return self.tokens_before is not None or self.usage_before is not None
+        kinds = (self.tokens_before, self.usage_before, self.audit_before)
+        return any(before is not None for before in kinds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,11 @@ def cutoffs_at(settings: RetentionSettings, now: datetime) -> Cutoffs:
     def before(days: int | None) -> datetime | None:
         return None if days is None else now - timedelta(days=days)
 
-    return Cutoffs(before(settings.token_days), before(settings.usage_days))
+    return Cutoffs(
+        before(settings.token_days),
+        before(settings.usage_days),
+        before(settings.audit_days),
+    )
 
 
 class _BatchPurge(Protocol):
@@ -123,6 +131,11 @@ class Purger:
         counts = await self._repository.count_purgeable(
             tokens_before=cutoffs.tokens_before, usage_before=cutoffs.usage_before
         )
+        if cutoffs.audit_before is not None:
+            audit = await self._repository.count_old_audit_events(
+                before=cutoffs.audit_before
+            )
+            counts = replace(counts, audit_events=audit)
         return cutoffs, counts
 
     async def run(self) -> PurgeReport | None:
@@ -163,8 +176,16 @@ class Purger:
                 self._usage_batch_rows,
                 deadline,
             )
+        audit_events = 0
+        if cutoffs.audit_before is not None and complete:
+            audit_events, complete = await self._drain(
+                repository.purge_audit_events,
+                cutoffs.audit_before,
+                AUDIT_BATCH_ROWS,
+                deadline,
+            )
         elapsed = self._monotonic() - started
-        deleted = PurgeCounts(tokens=tokens, usage_events=usage_events)
+        deleted = PurgeCounts(tokens, usage_events, audit_events)
         return PurgeReport(cutoffs, deleted, elapsed, complete)
 
     async def _drain(
@@ -191,12 +212,14 @@ class Purger:
 def _log_report(report: PurgeReport) -> None:
     cutoffs, deleted = report.cutoffs, report.deleted
     log.info(
-        "retention purge deleted %d tokens (dead before %s) and %d usage events "
-        "(before %s) in %.2f s%s",
+        "retention purge deleted %d tokens (dead before %s), %d usage events "
+        "(before %s) and %d audit events (before %s) in %.2f s%s",
         deleted.tokens,
         format_cutoff(cutoffs.tokens_before),
         deleted.usage_events,
         format_cutoff(cutoffs.usage_before),
+        deleted.audit_events,
+        format_cutoff(cutoffs.audit_before),
         report.seconds,
         ""
         if report.complete
@@ -292,6 +315,7 @@ class RetentionJob:
         if deleted is not None:
             self._metrics.purged_rows.labels("tokens").inc(deleted.tokens)
             self._metrics.purged_rows.labels("usage_events").inc(deleted.usage_events)
+            self._metrics.purged_rows.labels("audit_events").inc(deleted.audit_events)
 
 
 async def _finishes(task: Awaitable[None], timeout_s: float) -> bool:

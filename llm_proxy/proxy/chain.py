@@ -1,12 +1,13 @@
 """The /v1 chain: the stages a proxied call passes before the relay, and after it.
 
 `proxy_chain`, outermost first: instrumentation (request id, the call's record, one
-event per call, whatever the outcome), allowlist (cheapest, needs no secret), token
-auth (a dict lookup), rate limit (needs the principal), concurrency (calls in flight
-per token and project), circuit breaker (innermost, so it counts only real upstream
-attempts). Each link is a `Stage` of plain calls; the maths lives in `allowlist.py`,
-`auth/tokens.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`, the answers to
-refusals in `errors.py`.
+event per call, whatever the outcome) with the `Origin` gate (CORS), allowlist
+(cheapest, needs no secret), token auth (a dict lookup; the token's project's origin
+rule), rate limit (needs the principal), concurrency (calls in flight per token and
+project), circuit breaker (innermost, so it counts only real upstream attempts). Each
+link is a `Stage` of plain calls; the maths lives in `allowlist.py`, `auth/tokens.py`,
+`cors.py`, `ratelimit.py`, `concurrency.py` and `breaker.py`, the answers to refusals
+in `errors.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp.typedefs import Handler
 
 from ..auth.bearer import bearer_token
 from ..auth.errors import AuthError
-from ..auth.tokens import TokenStore
+from ..auth.tokens import Principal, TokenStore
 from ..errors import (
     ApiError,
     CircuitOpenError,
@@ -35,7 +36,7 @@ from ..errors import (
     internal_error,
 )
 from ..keys import EXCHANGE_KEY, PRINCIPAL_KEY
-from .allowlist import NOT_FOUND, Allowlist, MatchKind, normalise_path
+from .allowlist import NOT_FOUND, Allowlist, Match, MatchKind, normalise_path
 from .breaker import CircuitBreaker
 from .concurrency import InFlight, Scope
 from .exchange import Exchange
@@ -78,8 +79,28 @@ class CallSink(Protocol):
     def submit(self, exchange: Exchange) -> None: ...
 
 
+class OriginGate(Protocol):
+    """What the chain asks about a call's `Origin` header (CORS: `cors.CorsPolicy`).
+
+    `admit` runs before the stages for a call with an `Origin` (it keeps the origin on
+    the `Exchange`); `check` in token auth, for a call with an `Origin` or a principal
+    with an origin rule (it may refuse); `decorate` gives the proxy's own error
+    answer to an allowed origin its CORS headers. A call without `Origin` costs one
+    header lookup and, in token auth, two attribute tests.
+    """
+
+    def admit(self, request: web.Request, exchange: Exchange, origin: str) -> None: ...
+
+    def check(self, principal: Principal, exchange: Exchange) -> None: ...
+
+    def decorate(self, error: ApiError, exchange: Exchange) -> None: ...
+
+
 def proxy_chain(
-    instrumentation: CallSink, stages: Sequence[Stage], handler: Handler
+    instrumentation: CallSink,
+    stages: Sequence[Stage],
+    handler: Handler,
+    origins: OriginGate | None = None,
 ) -> Handler:
     """The /v1 handler: the stages around `handler`, instrumented, in one coroutine.
 
@@ -87,7 +108,8 @@ def proxy_chain(
     ends, whatever the outcome (our own refusals included); the hand-over is a
     synchronous append: no await, no parsing. Running the stages as plain calls
     instead of nested middleware coroutines keeps every resume of the relay loop
-    from passing through five more frames.
+    from passing through five more frames. `origins` sees each call's `Origin` first
+    (not a stage: a call without one must cost no more than the header lookup).
     """
     chain = tuple(stages)
 
@@ -100,6 +122,10 @@ def proxy_chain(
         entered = 0
         error: BaseException | None = None
         try:
+            if origins is not None:
+                origin = request.headers.get(hdrs.ORIGIN)
+                if origin is not None:
+                    origins.admit(request, record, origin)
             for stage in chain:
                 pending = stage.enter(request, record)
                 if pending is not None:
@@ -109,6 +135,8 @@ def proxy_chain(
         except BaseException as exc:
             error = exc
             _record_outcome(record, exc)
+            if origins is not None and isinstance(exc, ApiError):
+                origins.decorate(exc, record)  # for an allowed origin: its headers
             raise
         finally:
             if entered:
@@ -199,16 +227,9 @@ class AllowlistStage:
             else NOT_FOUND
         )
         if verdict.kind is MatchKind.NOT_FOUND:
-            raise NotAllowedError(
-                404, "Unknown or forbidden path.", code="unknown_endpoint"
-            )
+            raise unknown_endpoint()
         if verdict.kind is MatchKind.METHOD_NOT_ALLOWED:
-            raise NotAllowedError(
-                405,
-                f"Method {request.method} is not allowed for this path.",
-                code="method_not_allowed",
-                headers={"Allow": verdict.allow_header},
-            )
+            raise method_not_allowed(request.method, verdict)
         exchange.endpoint = verdict.endpoint
         exchange.models = verdict.models
 
@@ -218,20 +239,50 @@ class AllowlistStage:
         """Nothing to undo."""
 
 
+def unknown_endpoint() -> NotAllowedError:
+    """404 for a path outside the allowlist (or a path trick)."""
+    return NotAllowedError(404, "Unknown or forbidden path.", code="unknown_endpoint")
+
+
+def method_not_allowed(method: str, verdict: Match) -> NotAllowedError:
+    """405 for a method the allowlist does not allow on this path, with `Allow`."""
+    return NotAllowedError(
+        405,
+        f"Method {method} is not allowed for this path.",
+        code="method_not_allowed",
+        headers={"Allow": verdict.allow_header},
+    )
+
+
 class TokenAuthStage:
-    """Refuse unknown, expired, revoked or spent tokens; give back unused quota."""
+    """Refuse unknown, expired, revoked or spent tokens, and calls from origins the
+    token's project does not allow (`origins`); give back unused quota."""
 
-    __slots__ = ("store",)
+    __slots__ = ("origins", "store")
 
-    def __init__(self, store: TokenStore) -> None:
+    def __init__(self, store: TokenStore, origins: OriginGate | None = None) -> None:
         self.store = store
+        self.origins = origins
 
     def enter(self, request: web.Request, exchange: Exchange) -> None:
         token = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
         try:
-            request[PRINCIPAL_KEY] = self.store.authenticate(token)
+            principal = self.store.authenticate(token)
         except AuthError as refused:
             raise api_error(refused) from None
+        request[PRINCIPAL_KEY] = principal
+        if principal.origins is not None or exchange.origin is not None:
+            self._check_origin(principal, exchange)
+
+    def _check_origin(self, principal: Principal, exchange: Exchange) -> None:
+        """The project's origin rule; a refusal gives the reserved request back."""
+        if self.origins is None:
+            return
+        try:
+            self.origins.check(principal, exchange)
+        except ApiError:
+            self.store.refund(principal)
+            raise
 
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None

@@ -48,6 +48,8 @@ class Exchange:
         "capture",
         "response_kind",
         "content_encoding",
+        "origin",
+        "cors",
         "cache_plan",
         "cache",
     )
@@ -82,6 +84,8 @@ class Exchange:
         self.endpoint: str | None = None
         self.models: ModelPatterns | None = None
         self.path = ""
+        self.origin: str | None = None  # the request's Origin header (cors.py)
+        self.cors: str | None = None  # the Origin, while its answer gets CORS headers
         # With RESPONSE_CACHE: the call's lookup and keep, and their outcome for the
         # event ("hit" | "miss" | "bypass"); None while the cache takes no part.
         self.cache_plan: CachePlan | None = None

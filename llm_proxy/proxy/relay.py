@@ -38,6 +38,7 @@ from .capture import (
     UsageChunkStripper,
     inject_include_usage,
 )
+from .cors import add_cors_headers
 from .exchange import Exchange
 from .headers import (
     _forwarded_client,
@@ -206,6 +207,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if plan is not None:
         cached = await plan.lookup(request, exchange, body)
         if cached is not None:
+            if exchange.cors is not None:
+                add_cors_headers(cached.headers, exchange.cors)
             return cached
     headers = upstream_headers(
         request.headers,
@@ -260,6 +263,8 @@ async def relay(
     is_sse = content_type == "text/event-stream"
     exchange.content_encoding = upstream.headers.get(hdrs.CONTENT_ENCODING)
     headers = downstream_headers(upstream.headers, exchange, is_sse)
+    if exchange.cors is not None:
+        add_cors_headers(headers, exchange.cors)
     stripper = _usage_stripper(upstream.status, exchange, is_sse)
     if stripper is not None:
         headers.popall(hdrs.CONTENT_LENGTH, None)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..dsn import DatabaseKind, parse_database_url
 from . import base
+from .audit import AuditEvent, AuditFilter
 from .base import *  # noqa: F403 (the records, errors and protocol: base.__all__)
 from .base import Repository
 from .sqlite import SqliteRepository
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     *base.__all__,
+    "AuditEvent",
+    "AuditFilter",
     "PostgresRepository",
     "SqliteRepository",
     "create_repository",

@@ -55,6 +55,19 @@ def load_metadata(text: str) -> dict[str, Any]:
     return value
 
 
+def dump_origins(origins: tuple[str, ...]) -> str:
+    """A project's allowed origins as a JSON array."""
+    return json.dumps(list(origins), separators=(",", ":"))
+
+
+def load_origins(text: str) -> tuple[str, ...]:
+    """A project's allowed origins from their stored JSON array."""
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("stored allowed origins are not a JSON array")
+    return tuple(str(origin) for origin in value)
+
+
 def check_page(limit: int, offset: int) -> None:
     """Reject negative paging values, which the two databases treat differently."""
     if limit < 0 or offset < 0:

@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ._common import check_page, dump_metadata, like_pattern, storable_usage_event
+from ._common import (
+    check_page,
+    dump_metadata,
+    dump_origins,
+    like_pattern,
+    storable_usage_event,
+)
 from .base import (
     ChangePage,
     Deletion,
@@ -369,6 +375,8 @@ class SqlBackend(ABC):
             self._time(project.updated_at),
             project.max_concurrent,
             project.cache_ttl_seconds,
+            dump_origins(project.allowed_origins),
+            project.require_origin,
         )
 
     def _token_params(self, token: Token) -> Params:
@@ -414,8 +422,8 @@ class SqlBackend(ABC):
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    """Parameters $2 to $11 of update_project."""
-    metadata = changes.metadata
+    """Parameters $2 to $13 of update_project."""
+    metadata, origins = changes.metadata, changes.allowed_origins
     return (
         changes.name,
         changes.description,
@@ -427,6 +435,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.max_concurrent,
         changes.clear_cache_ttl_seconds,
         changes.cache_ttl_seconds,
+        None if origins is None else dump_origins(origins),
+        changes.require_origin,
     )
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..domain_errors import ProxyError
+from .audit import AuditStore
 
 __all__ = [  # what `llm_proxy.storage` re-exports
     "ChangeCursor",
@@ -78,6 +79,9 @@ class Project:
     # Response cache: seconds its answers may be kept; None: only what clients ask
     # for, 0: never cached (see docs/caching.md).
     cache_ttl_seconds: int | None = None
+    # Canonical browser origins (llm_proxy.origins); empty: CORS_ALLOWED_ORIGINS apply.
+    allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False  # its tokens are refused without an Origin header
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ class ProjectChanges:
     clear_max_concurrent: bool = False
     cache_ttl_seconds: int | None = None
     clear_cache_ttl_seconds: bool = False
+    allowed_origins: tuple[str, ...] | None = None  # () empties the list
+    require_origin: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +167,7 @@ class PurgeCounts:
 
     tokens: int = 0
     usage_events: int = 0
+    audit_events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +216,7 @@ class UsageRow:
     totals: UsageTotals
 
 
-class Repository(Protocol):
+class Repository(AuditStore, Protocol):
     """Intent-named storage operations; no raw SQL crosses this boundary."""
 
     async def connect(self) -> None:

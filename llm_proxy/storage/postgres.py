@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
-from ._common import load_metadata
-from .backend import Params, SqlBackend
+from ._common import load_metadata, load_origins
+from .audit_sql import AuditBackend, audit_statements
+from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
 from .migrations import SQL_DIR, Migration, load_migrations, migration_failed, pending
 from .statements import USAGE_FIELDS, USAGE_VALUES, Dialect
@@ -123,10 +124,11 @@ TokenTail = tuple[
 ]
 
 
-class PostgresRepository(SqlBackend):
+class PostgresRepository(AuditBackend):
     """`Repository` on an asyncpg connection pool."""
 
     _sql = SQL
+    _audit_sql = audit_statements(POSTGRES)
     _integrity_error = asyncpg.IntegrityConstraintViolationError
     _usage_data_errors = USAGE_DATA_ERRORS
 
@@ -266,9 +268,25 @@ class PostgresRepository(SqlBackend):
 
     @staticmethod
     def _project(row: asyncpg.Record) -> Project:
-        # PROJECT_COLUMNS order; only the id and the metadata need converting.
+        # PROJECT_COLUMNS order; only the id and the JSON columns need converting.
         metadata = load_metadata(row[3])
-        return Project(str(row[0]), row[1], row[2], metadata, *row[4:11])
+        key, hint, active, created, updated, cap, ttl = row[4:11]
+        origins = load_origins(row[11])
+        return Project(
+            str(row[0]),
+            row[1],
+            row[2],
+            metadata,
+            key,
+            hint,
+            active,
+            created,
+            updated,
+            cap,
+            ttl,
+            origins,
+            row[12],
+        )
 
     @staticmethod
     def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:

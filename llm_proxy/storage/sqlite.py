@@ -25,8 +25,9 @@ import aiosqlite
 
 from ..clock import utc_iso
 from ..private_files import create_private_file
-from ._common import load_metadata
-from .backend import Params, SqlBackend
+from ._common import load_metadata, load_origins
+from .audit_sql import AuditBackend, audit_statements
+from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
 from .migrations import SQL_DIR, Migration, load_migrations, migration_failed
 from .statements import USAGE_COLUMNS, USAGE_FIELDS, USAGE_VALUES, Dialect
@@ -134,10 +135,11 @@ def insert_usage_events_sql(rows: int) -> str:
     )
 
 
-class SqliteRepository(SqlBackend):
+class SqliteRepository(AuditBackend):
     """`Repository` on one aiosqlite connection to a database file."""
 
     _sql = SQL
+    _audit_sql = audit_statements(SQLITE)
     _integrity_error = sqlite3.IntegrityError
     _usage_data_errors = USAGE_DATA_ERRORS
 
@@ -269,6 +271,8 @@ class SqliteRepository(SqlBackend):
             updated_at=_from_text(row["updated_at"]),
             max_concurrent=row["max_concurrent"],
             cache_ttl_seconds=row["cache_ttl_seconds"],
+            allowed_origins=load_origins(row["allowed_origins"]),
+            require_origin=bool(row["require_origin"]),
         )
 
     @staticmethod

@@ -20,7 +20,8 @@ from .base import UsageEvent
 # In the field order of `Project` and of `Token`, so a row converts by position.
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
-    " created_at, updated_at, max_concurrent, cache_ttl_seconds"
+    " created_at, updated_at, max_concurrent, cache_ttl_seconds, allowed_origins,"
+    " require_origin"
 )
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
@@ -80,7 +81,7 @@ class Statements:
     )
     insert_project: str = (
         "INSERT INTO projects ({project_columns})"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13)"
     )
     select_project: str = "SELECT {project_columns} FROM projects WHERE id = $1"
     list_projects: str = (
@@ -98,7 +99,9 @@ UPDATE projects SET
     is_active = coalesce($7, is_active),
     max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($9, max_concurrent) END,
     cache_ttl_seconds = CASE WHEN $10 THEN NULL ELSE coalesce($11, cache_ttl_seconds) END,
-    updated_at = $12
+    allowed_origins = coalesce($12::jsonb, allowed_origins),
+    require_origin = coalesce($13, require_origin),
+    updated_at = $14
 WHERE id = $1
 RETURNING {project_columns}"""
     delete_project: str = "DELETE FROM projects WHERE id = $1"

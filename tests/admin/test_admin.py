@@ -443,6 +443,58 @@ async def test_admin_project_edit_errors_show_on_detail_page(admin: Client) -> N
     assert unknown.status == 404
 
 
+def browser_origins(detail: str) -> str:
+    """The "Browser origins" fact of a project page, tags removed."""
+    match = re.search(r"<dt>Browser origins</dt><dd>(.*?)</dd>", detail)
+    assert match is not None
+    return re.sub(r"<[^>]+>", "", match.group(1))
+
+
+async def test_admin_sets_changes_and_clears_project_origins(admin: Client) -> None:
+    app_origin = "https://chat.acme.test"
+    data = {
+        "name": "web",
+        "openai_api_key": UPSTREAM_KEY,
+        "allowed_origins": "HTTPS://Chat.acme.test\r\n\r\n https://*.acme.org ",
+        "require_origin": "1",
+    }
+    response = await post(admin, "/admin/projects", data)
+    shown = browser_origins(await follow(admin, response))
+    assert shown == f"{app_origin}, https://*.acme.org; browser pages only"
+    project_id = URL(response.headers["Location"]).path.rsplit("/", 1)[-1]
+    token = await new_token(admin, project_id)
+    from_page = {**bearer(token), "Origin": app_origin}
+    assert (await admin.get("/v1/models", headers=from_page)).status == 200
+    assert (await admin.get("/v1/models", headers=bearer(token))).status == 403
+    url = f"/admin/projects/{project_id}/origins"
+    changed = await post(admin, url, {"allowed_origins": "http://localhost:3000"})
+    detail = await follow(admin, changed)
+    assert browser_origins(detail) == "http://localhost:3000"
+    assert "http://localhost:3000</textarea>" in detail
+    assert (await admin.get("/v1/models", headers=bearer(token))).status == 200
+    cleared = await post(admin, url, {"allowed_origins": ""})
+    shown = browser_origins(await follow(admin, cleared))
+    assert shown == "the server's (CORS_ALLOWED_ORIGINS)"
+    # no origins anywhere now: served as before CORS, without CORS headers
+    relayed = await admin.get("/v1/models", headers=from_page)
+    assert relayed.status == 200
+    assert "Access-Control-Allow-Origin" not in relayed.headers
+
+
+async def test_admin_project_origin_errors_keep_the_form(admin: Client) -> None:
+    bad = "https://app.example.com/path"
+    data = {"name": "web", "openai_api_key": UPSTREAM_KEY, "allowed_origins": bad}
+    response = await post(admin, "/admin/projects", data)
+    body = await response.text()
+    assert response.status == 400
+    assert "no path" in body and bad in body and 'value="web"' in body
+    project_id = await new_project(admin, "other")
+    url = f"/admin/projects/{project_id}/origins"
+    response = await post(admin, url, {"allowed_origins": "*"})
+    assert response.status == 400
+    assert "is not accepted" in await response.text()
+
+
 async def test_admin_revokes_all_project_tokens_and_deletes_project(
     admin: Client,
 ) -> None:

@@ -354,8 +354,8 @@ async def test_a_kind_with_retention_off_is_kept(repository: Repository) -> None
     assert report is not None
     assert report.deleted == PurgeCounts(tokens=0, usage_events=1)
     assert len(await alive_ids(repository)) == 1
-    nothing = Purger(repository, RetentionSettings(token_days=None, usage_days=None))
-    report = await nothing.run()
+    off = RetentionSettings(token_days=None, usage_days=None, audit_days=None)
+    report = await Purger(repository, off).run()
     assert report == PurgeReport(Cutoffs(None, None), PurgeCounts(), 0.0, True)
 
 
@@ -392,7 +392,8 @@ async def test_stop_ends_a_run_after_its_current_batch(repository: Repository) -
 
 def test_cutoffs_and_their_format() -> None:
     moment = datetime(2025, 3, 31, 12, 0, 0, 999, tzinfo=UTC)
-    cutoffs = cutoffs_at(RetentionSettings(token_days=30, usage_days=None), moment)
+    settings = RetentionSettings(token_days=30, usage_days=None, audit_days=None)
+    cutoffs = cutoffs_at(settings, moment)
     assert cutoffs == Cutoffs(datetime(2025, 3, 1, 12, 0, 0, 999, tzinfo=UTC), None)
     assert cutoffs.any and not Cutoffs(None, None).any
     assert format_cutoff(cutoffs.tokens_before) == "2025-03-01T12:00:00Z"
@@ -581,7 +582,9 @@ def test_db_purge_dry_run_shows_what_would_go_and_changes_nothing(
     assert lines[0].endswith("Z (TOKEN_RETENTION_DAYS=30)")
     assert lines[1].startswith("usage events: 3 older than 20")
     assert lines[1].endswith("Z (USAGE_RETENTION_DAYS=90)")
-    assert lines[2] == "dry run: nothing deleted"
+    assert lines[2].startswith("audit events: 0 older than 20")
+    assert lines[2].endswith("Z (AUDIT_RETENTION_DAYS=365)")
+    assert lines[3] == "dry run: nothing deleted"
     assert (_rows(path, "tokens"), _rows(path, "usage_events")) == (3, 4)
 
 
@@ -592,19 +595,20 @@ def test_db_purge_deletes_now(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[1] == "usage events: kept forever (USAGE_RETENTION_DAYS=off)"
-    assert lines[2].startswith("deleted 2 tokens and 0 usage events in ")
+    assert lines[3].startswith("deleted 2 tokens, 0 usage events and 0 audit events")
     assert (_rows(path, "tokens"), _rows(path, "usage_events")) == (1, 4)
     again = _invoke(["db", "purge"], env)
-    assert again.stdout.splitlines()[2].startswith("deleted 0 tokens and 3 usage")
+    assert again.stdout.splitlines()[3].startswith("deleted 0 tokens, 3 usage")
 
 
 def test_db_purge_with_retention_off_deletes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "proxy.db"
     env = _seed_sqlite(path)
-    off = {**env, "TOKEN_RETENTION_DAYS": "0", "USAGE_RETENTION_DAYS": "0"}
+    days = ("TOKEN_RETENTION_DAYS", "USAGE_RETENTION_DAYS", "AUDIT_RETENTION_DAYS")
+    off = {**env, **dict.fromkeys(days, "0")}
     result = _invoke(["db", "purge"], off)
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[2] == "retention is off: nothing to delete"
+    assert result.stdout.splitlines()[3] == "retention is off: nothing to delete"
     assert (_rows(path, "tokens"), _rows(path, "usage_events")) == (3, 4)
 
 
