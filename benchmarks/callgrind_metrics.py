@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from callgrind import Callgrind
 from stack import (
     CHAT_BODY,
-    MANAGEMENT_TOKEN,
     Stack,
     create_token,
     free_port,
+    proxy_env,
     wait_port,
 )
 
@@ -136,19 +136,6 @@ def proxy_instructions(
     command = [sys.executable, __file__, "serve", kind]
     proxy = Callgrind(stack.workdir / name, command, env)
     return instructions_per_call(proxy, port, env, calls, chat)
-
-
-def proxy_env(stack: Stack, name: str, port: int, upstream: int) -> dict[str, str]:
-    """The settings of a measured proxy: events on (a JSONL log), no rate limit."""
-    return {
-        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
-        "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
-        "FILE_EVENT_LOG": str(stack.workdir / f"{name}.jsonl"),
-        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
-        "LOG_LEVEL": "warning",
-    }
 
 
 Chat = Callable[[http.client.HTTPConnection, str, int], None]
