@@ -164,8 +164,8 @@ async def test_near_the_limit_leases_shrink_to_one(redis: Redis) -> None:
             assert await admit(one, token, 10_000, 12)
             assert await admit(two, token, 10_000, 12)
         assert not await admit(one, token, 10_000, 12)
-        assert one.leases()[token].next_want == 1
-        assert two.leases()[token].next_want == 1
+        assert one.leases()[token].size == 1
+        assert two.leases()[token].size == 1
 
 
 async def test_changing_a_rate_limit_carries_counted_requests_over(
@@ -174,9 +174,9 @@ async def test_changing_a_rate_limit_carries_counted_requests_over(
     """As in process: counted requests carry over, capped at the new limit."""
     token = str(uuid.uuid4())
     async with limiter(lease_max=50) as fleet:
-        assert await admit(fleet, token, 100, None)  # a lease of 50 of 100
+        assert await admit(fleet, token, 100, None)  # a lease of 20 of 100
         fleet.leases()[token].units = 0  # spent
-        assert not await admit(fleet, token, 10, None)  # 50 counted > 10: none left
+        assert not await admit(fleet, token, 10, None)  # 20 counted > 10: none left
         assert fleet.leases()[token].refusal is not None
         assert await admit(fleet, token, 200, None)  # 10 counted: 190 left
         lease = fleet.leases()[token]
