@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
@@ -30,13 +27,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..backoff import NO_JITTER, RetryPolicy
+from ..clock import Clock
+from ..ids import process_name
 from .lease_script import LEASE_SCRIPT
 from .leases import DEFAULT_LEASE_MAX, Grant, Lease, Refusal
 from .ratelimit import WINDOW_S
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 # token id -> (requests counted so far, expiry as a Unix time), or None if unknown
 QuotaBasis = Callable[[str], "tuple[int, float] | None"]
 
@@ -53,6 +52,9 @@ LEASE_FORGET_S: Final = 60.0
 QUOTA_TTL_GRACE_S: Final = 86_400
 RECONNECT_FIRST_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
+RECONNECT: Final = RetryPolicy(
+    base_s=RECONNECT_FIRST_S, max_s=RECONNECT_MAX_S, jitter=NO_JITTER
+)
 # A waiting request whose refill could not cover everyone waiting by then (more came
 # while it flew) asks again while the fleet has room (each grant takes at least one
 # unit, so room only shrinks), but at most this many times: past it, a hot token's
@@ -120,7 +122,7 @@ class FleetLimiter:
         self._idle_s = idle_s
         self._clock = clock
         self._wall_clock = wall_clock
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.worker = process_name()
         self._leases: dict[str, Lease] = {}
         self.stats = FleetStats()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -335,14 +337,14 @@ class FleetLimiter:
             self._reconnect = asyncio.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = RECONNECT_FIRST_S
+        attempt = 0
         while not self._closed:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(RECONNECT.delay_s(attempt))
             try:
                 async with asyncio.timeout(self.timeout_s * 2):
                     await self.redis.ping()
             except (RedisError, OSError, TimeoutError):
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                attempt += 1
                 continue
             self._back_up()
             return
