@@ -50,7 +50,7 @@ from callgrind_metrics import (
     run_operations,
     with_fake_upstream,
 )
-from run import Stack, free_port
+from stack import Stack, free_port
 
 KINDS = ("before", "after", "after-origin")
 ORIGIN = "https://app.example.com"

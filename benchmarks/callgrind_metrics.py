@@ -31,10 +31,8 @@ import argparse
 import asyncio
 import http.client
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +42,13 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (
+from callgrind import Callgrind
+from stack import (
     CHAT_BODY,
-    MANAGEMENT_TOKEN,
     Stack,
-    _create_token,
+    create_token,
     free_port,
+    proxy_env,
     wait_port,
 )
 
@@ -127,47 +126,6 @@ def _operations() -> dict[str, Callable[[], None]]:
     }
 
 
-class Callgrind:
-    """A child process under callgrind, zeroed and dumped on demand."""
-
-    def __init__(
-        self, out: Path, command: list[str], env: dict[str, str] | None = None
-    ) -> None:
-        self.out = out
-        self.process = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
-            + [f"--callgrind-out-file={out}.%p", *command],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=out.with_suffix(".log").open("wb"),
-            env={**os.environ, **(env or {})},
-            # Not a checkout: `python -m` puts the working folder first on the path,
-            # ahead of PYTHONPATH, which picks the code of a `--before` tree.
-            cwd=out.parent,
-            text=True,
-        )
-        self.dumps = 0
-
-    def zero(self) -> None:
-        self._control("--zero")
-
-    def dump(self) -> int:
-        """Main-thread instructions since the last zero."""
-        self._control("--dump")
-        self.dumps += 1
-        part = Path(f"{self.out}.{self.process.pid}.{self.dumps}-01")
-        for line in part.read_text().splitlines():
-            if line.startswith("summary:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no summary in {part}")
-
-    def _control(self, what: str) -> None:
-        pid = str(self.process.pid)
-        subprocess.run(
-            ["callgrind_control", what, pid], check=True, capture_output=True
-        )
-
-
 def proxy_instructions(
     stack: Stack, kind: str, upstream: int, calls: int, round_: int
 ) -> float:
@@ -180,19 +138,6 @@ def proxy_instructions(
     return instructions_per_call(proxy, port, env, calls, chat)
 
 
-def proxy_env(stack: Stack, name: str, port: int, upstream: int) -> dict[str, str]:
-    """The settings of a measured proxy: events on (a JSONL log), no rate limit."""
-    return {
-        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
-        "OPENAI_API_URL": f"http://127.0.0.1:{upstream}",
-        "FILE_EVENT_LOG": str(stack.workdir / f"{name}.jsonl"),
-        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
-        "LOG_LEVEL": "warning",
-    }
-
-
 Chat = Callable[[http.client.HTTPConnection, str, int], None]
 
 
@@ -203,7 +148,7 @@ def instructions_per_call(
     events = Path(env["FILE_EVENT_LOG"])
     try:
         wait_port(port, START_TIMEOUT_S)
-        token = asyncio.run(_create_token(port))
+        token = asyncio.run(create_token(port))
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         chat(connection, token, WARMUP_CALLS)
         _wait_lines(events, WARMUP_CALLS)

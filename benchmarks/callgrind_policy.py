@@ -37,18 +37,17 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from callgrind import Callgrind
 from callgrind_metrics import (
     START_TIMEOUT_S,
     WARMUP_CALLS,
-    Callgrind,
     _wait_lines,
     alternate,
     chat,
     per_kind_lines,
-    proxy_env,
     with_fake_upstream,
 )
-from run import MANAGEMENT_TOKEN, UPSTREAM_KEY, Stack, free_port, wait_port
+from stack import MANAGEMENT_TOKEN, UPSTREAM_KEY, Stack, free_port, proxy_env, wait_port
 
 USER = "bench-user-0001"
 POLICY = {

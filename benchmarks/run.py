@@ -16,40 +16,56 @@ time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios
 redis-server pinned to the load generator's CPU), same rounds, and reports CPU per
 proxied call with and without them (target: within 10%) and the p50 they add at one
 connection (target: +0.05 ms or less).
+It also says how many calls waited for Redis and how many the in-process fallback
+decided (Redis counted as down), which would make the comparison moot.
 `--reference DIR` adds the proxy of another checkout (e.g. the commit before a change,
 from `git worktree add /tmp/before HEAD~3`), also in the same rounds, so a change is
 judged against its own "before" on the same machine at the same moment.
+`--workers-compare` measures, instead of all that, `serve --workers 2` against
+`--workers 1` (benchmarks/workers_compare.py). `benchmarks/instructions.py` counts
+callgrind instructions per call with and without fleet limits, which a loaded
+machine does not blur.
 
     python benchmarks/run.py [--duration 8] [--rounds 2] [--variants] [--redis-limits]
-                             [--reference DIR] [--json]
+                             [--reference DIR] [--workers-compare] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+from stack import (
+    CHAT_BODY,
+    REDIS_VARIANT,
+    ROOT,
+    UPSTREAM_KEY,
+    children_peak_rss_mib,
+    cpu_seconds,
+    fleet_counters,
+    free_port,
+    peak_rss_mib,
+    run_wrk,
+    running_stack,
+    start_proxy,
+    start_redis,
+    start_upstream,
+    wait_port,
+    wrk_lua,
+)
+from workers_compare import compare_workers, print_workers
 
-ROOT = Path(__file__).resolve().parent.parent
-MANAGEMENT_TOKEN = "benchmark-management-token-0123456789"
-UPSTREAM_KEY = "sk-benchmark-upstream-key-0123456789"
-CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}]}'
 STREAM_BODY = (
     '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}],'
     '"stream":true}'
@@ -65,7 +81,6 @@ TARGETS = {
 TARGET_TTFB_MS = 1.0
 TARGET_REDIS_CPU_RATIO = 1.10  # fleet limits: CPU per call within 10 % of without
 TARGET_REDIS_P50_ADDED_MS = 0.05
-REDIS_VARIANT = "proxy-redis-limits"
 TARGET_RSS_MIB = 80.0
 
 
@@ -97,189 +112,6 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def free_port() -> int:
-    """An unused loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    """Block until something accepts connections on the port."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), 0.2),
-        ):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def nginx_config(prefix: Path, port: int, sse_port: int) -> str:
-    """nginx as a static OpenAI upstream plus a pass-through to the SSE upstream."""
-    chat = json.dumps(
-        json.loads(
-            (ROOT / "llm_proxy/devtools/fake_fixtures/chat_completion.json").read_text()
-        ),
-        separators=(",", ":"),
-    )
-    models = json.dumps(
-        json.loads(
-            (ROOT / "llm_proxy/devtools/fake_fixtures/models_list.json").read_text()
-        ),
-        separators=(",", ":"),
-    )
-    temp = "\n".join(
-        f"    {name}_temp_path {prefix}/{name};"
-        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-{temp}
-    upstream sse {{ server 127.0.0.1:{sse_port}; keepalive 32; }}
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        keepalive_requests 1000000;
-        location = /v1/chat/completions {{
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            default_type application/json;
-            if ($http_accept != "text/event-stream") {{
-                return 200 '{chat}';
-            }}
-            proxy_pass http://sse;
-        }}
-        location = /v1/models {{
-            default_type application/json;
-            return 200 '{models}';
-        }}
-    }}
-}}
-"""
-
-
-class Stack:
-    """The processes of one benchmark run; stopped together."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self, args: list[str], cpu: int, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        """Start a process pinned to one CPU, its output in the work folder."""
-        log = (self.workdir / f"proc-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=self.workdir,
-        )
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        """SIGTERM everything, then SIGKILL what lingers."""
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM of a running process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def children_peak_rss_mib(pid: int) -> float:
-    """Summed VmHWM of the direct children of `pid` (the estimation worker), in MiB."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                total += peak_rss_mib(int(stat.parent.name))
-    return total
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of `pid` and its direct children, in seconds."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(stat.parent.name) == pid or int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return total
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def wrk_lua(path: Path, token: str, body: str) -> Path:
-    """A wrk script that POSTs the chat body with the token."""
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{body}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
-    )
-    return path
-
-
-def run_wrk(
-    url: str, script: Path, connections: int, duration_s: float
-) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) from one wrk run on CPU 1."""
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            "1",
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(duration_s))}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out:
-        raise RuntimeError(f"wrk saw errors:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return rps, _percentile(out, "50%"), _percentile(out, "99%")
-
-
-def _percentile(out: str, label: str) -> float:
-    match = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-    if match is None:
-        raise RuntimeError(f"no {label} in wrk output:\n{out}")
-    value, unit = float(match.group(1)), match.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-
 async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
     """Time to the first body chunk of `count` sequential 20-event streams, in ms.
 
@@ -302,64 +134,6 @@ async def ttfb_samples(url: str, token: str, count: int) -> list[float]:
                 if response.status != 200 or deltas != STREAM_EVENTS:
                     raise RuntimeError(f"bad stream from {url}: {response.status}")
     return samples
-
-
-def start_proxy(
-    stack: Stack,
-    upstream_port: int,
-    variant: str | None = None,
-    tree: Path | None = None,
-    redis_url: str | None = None,
-) -> tuple[int, str, subprocess.Popen[bytes]]:
-    """The real proxy with events on (or a `variant.py` variant, or the proxy of the
-    checkout `tree`, or the proxy with fleet limits on `redis_url`), plus a token."""
-    port = free_port()
-    name = f"proxy-{variant}" if variant else "proxy"
-    if tree is not None:
-        name = "proxy-reference"
-    if redis_url is not None:
-        name = REDIS_VARIANT
-    env = {
-        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{stack.workdir / name}.db",
-        "OPENAI_API_URL": f"http://127.0.0.1:{upstream_port}",
-        "FILE_EVENT_LOG": str(stack.workdir / f"{name}-events.jsonl"),
-        "DEFAULT_RATE_LIMIT_PER_HOUR": "1000000000",
-        "LOG_LEVEL": "warning",
-        "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
-    }
-    if tree is not None:  # its package first on the path, ahead of the installed one
-        env["PYTHONPATH"] = str(tree.resolve())
-    if redis_url is not None:
-        env["REDIS_URL"] = redis_url
-    command = [sys.executable, "-m", "llm_proxy", "serve"]
-    if variant:
-        command = [
-            sys.executable,
-            str(ROOT / "benchmarks/variant.py"),
-            variant,
-            "serve",
-        ]
-    process = stack.start(command, cpu=0, env=env)
-    wait_port(port)
-    token = asyncio.run(_create_token(port))
-    return port, token, process
-
-
-async def _create_token(port: int) -> str:
-    auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
-    base = f"http://127.0.0.1:{port}/manage"
-    async with aiohttp.ClientSession(headers=auth) as session:
-        async with session.post(
-            f"{base}/projects", json={"name": "bench", "openai_api_key": UPSTREAM_KEY}
-        ) as response:
-            project = await response.json()
-        async with session.post(
-            f"{base}/tokens",
-            json={"project_id": project["project_id"], "duration_minutes": 600},
-        ) as response:
-            return str((await response.json())["token"])
 
 
 def measure(
@@ -397,37 +171,8 @@ def run(
 ) -> dict[str, object]:
     """Start everything, measure both servers in alternating rounds, stop everything."""
     os.sched_setaffinity(0, {1})
-    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
-    stack = Stack(workdir)
-    try:
-        sse_port, upstream_port = free_port(), free_port()
-        stack.start(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks/sse_upstream.py"),
-                "--port",
-                str(sse_port),
-            ],
-            cpu=1,
-        )
-        conf = workdir / "nginx.conf"
-        conf.write_text(nginx_config(workdir, upstream_port, sse_port))
-        stack.start(
-            [
-                "nginx",
-                "-e",
-                str(workdir / "error.log"),
-                "-p",
-                str(workdir),
-                "-c",
-                str(conf),
-                "-g",
-                "daemon off;",
-            ],
-            cpu=1,
-        )
-        wait_port(sse_port)
-        wait_port(upstream_port)
+    with running_stack("llm-proxy-bench-") as stack:
+        upstream_port = start_upstream(stack)
         baseline_port = free_port()
         baseline = stack.start(
             [
@@ -449,14 +194,7 @@ def run(
             name = f"proxy-{variant}" if variant else "proxy"
             servers.append(Server(Result(name), port, process, token))
         if redis_limits:
-            redis_port = free_port()
-            stack.start(
-                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"]
-                + ["--save", "", "--appendonly", "no"],
-                cpu=1,
-            )
-            wait_port(redis_port)
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            redis_url = start_redis(stack)
             port, token, process = start_proxy(
                 stack, upstream_port, redis_url=redis_url
             )
@@ -467,10 +205,12 @@ def run(
         for server in servers:  # warm-up: connection pools and caches
             run_wrk(
                 f"{server.base}/v1/chat/completions",
-                wrk_lua(workdir / "w.lua", server.token, CHAT_BODY),
+                wrk_lua(stack.workdir / "w.lua", server.token, CHAT_BODY),
                 64,
                 2,
             )
+        limited = [x.base for x in servers if x.result.name == REDIS_VARIANT]
+        fleet_before = fleet_counters(limited[0]) if limited else {}
         for _ in range(rounds):
             for server in servers:
                 measure(
@@ -478,14 +218,14 @@ def run(
                     server.process.pid,
                     server.base,
                     server.token,
-                    workdir,
+                    stack.workdir,
                     duration_s,
                     stream_n,
                 )
         for server in servers:
             server.result.peak_rss_mib = peak_rss_mib(server.process.pid)
             server.result.children_rss_mib = children_peak_rss_mib(server.process.pid)
-        events = workdir / "proxy-events.jsonl"
+        events = stack.workdir / "proxy-events.jsonl"
         event_lines = sum(1 for _ in events.open()) if events.exists() else 0
         report = summarise(servers[0].result, servers[1].result, event_lines)
         report["variants"] = {
@@ -495,21 +235,17 @@ def run(
         }
         if redis_limits:
             with_redis = next(x for x in servers if x.result.name == REDIS_VARIANT)
-            report["redis_limits"] = compare_redis_limits(
-                servers[1].result, with_redis.result
-            )
+            limits = compare_redis_limits(servers[1].result, with_redis.result)
+            fleet_after = fleet_counters(with_redis.base)
+            limits["fleet_counters_in_rounds"] = {
+                key: fleet_after[key] - fleet_before[key] for key in fleet_after
+            }
+            report["redis_limits"] = limits
         if reference is not None:
             report["reference"] = compare_reference(
                 servers[1].result, servers[-1].result
             )
         return report
-    except Exception:
-        for log in sorted(workdir.glob("proc-*.log")):
-            print(f"--- {log.name}", log.read_text()[-2000:], sep="\n", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def med(values: list[float]) -> float:
@@ -646,6 +382,11 @@ def print_report(report: dict[str, object]) -> None:
             f" vs {redis['cpu_us_per_call_without']:.1f} µs (x{redis['cpu_ratio']:.3f}),"
             f" p50 {redis['p50_added_ms']:+.3f} ms"
         )
+        counters = redis["fleet_counters_in_rounds"]
+        print(
+            f"{'':<22}calls that waited for Redis: {counters['waits']} (after idling),"
+            f" decided by the fallback: {counters['fallback']}"
+        )
         for name, ok in redis["targets_met"].items():
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     reference = report.get("reference")
@@ -682,6 +423,12 @@ def main() -> None:
         " (needs redis-server), same rounds: CPU per call and p50 with vs without",
     )
     parser.add_argument(
+        "--workers-compare",
+        action="store_true",
+        help="instead: serve --workers 2 against --workers 1 (REDIS_URL, both CPUs),"
+        " throughput at 64 connections and the CPU each part used",
+    )
+    parser.add_argument(
         "--reference",
         type=Path,
         metavar="DIR",
@@ -689,13 +436,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     tools = ["nginx", "wrk", "taskset"] + (
-        ["redis-server"] if args.redis_limits else []
+        ["redis-server"] if args.redis_limits or args.workers_compare else []
     )
     for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(
                 f"benchmark needs {tool} (apt-get install {tool if tool != 'taskset' else 'util-linux'})"
             )
+    if args.workers_compare:
+        workers = compare_workers(args.duration, args.rounds)
+        if args.json:
+            print(json.dumps(workers, indent=2))
+        else:
+            print_workers(workers)
+        return
     variants = ("events-off", "bare") if args.variants else ()
     report = run(
         args.duration,

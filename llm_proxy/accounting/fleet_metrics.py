@@ -46,6 +46,11 @@ class FleetLimitsCollector(Collector):
             ],
         )
         yield CounterMetricFamily(
+            "llm_proxy_fleet_lease_waits",
+            "Requests that waited for a Redis round trip: their token's lease was empty.",
+            value=stats.waits,
+        )
+        yield CounterMetricFamily(
             "llm_proxy_fleet_fallback_decisions",
             "Requests decided by the in-process limits while Redis was unreachable.",
             value=stats.local_decisions,

@@ -86,7 +86,7 @@ class RetentionSettings:
 class FleetLimitSettings:
     """Fleet-wide rate limits and quotas on REDIS_URL: lease size, timeout, failure mode."""
 
-    lease_max: int = 20
+    lease_max: int = 256
     timeout_s: float = 0.25
     fail_closed: bool = False
 

@@ -1,22 +1,21 @@
 """Fleet-wide limits on Redis: `rate_limit_per_hour` and `max_requests` for N processes.
 
-One Lua script (`LEASE_SCRIPT`, run by digest) takes units of a token's budget from
-its hourly GCRA and its lifetime cap in one atomic step, with the time from Redis
-`TIME`, on keys hash-tagged per token (`llm-proxy:{t:<id>}:...`, one Cluster slot).
-`FleetLimiter` keeps a `Lease` per token, spends it synchronously on the request
-path, refills it ahead of time in the background, and returns what is unused when it
-idles or the process stops. While Redis is unreachable it says so (`down`) and the
-stage falls back to in-process limits (or refuses, REDIS_FAILURE_MODE=closed); a
-reconnect loop with backoff brings it back. docs/fleet-limits.md has the reasoning.
+One Lua script (`lease_script.LEASE_SCRIPT`, run by digest) takes units of a token's
+budget from its hourly GCRA and its lifetime cap in one atomic step, with the time
+from Redis `TIME`, on keys hash-tagged per token (`llm-proxy:{t:<id>}:...`, one
+Cluster slot). `FleetLimiter` keeps a `Lease` per token, spends it synchronously on
+the request path, refills it in the background once half of it is spent (sized to
+the token's demand, so a refill lands before the rest is gone), and returns what is
+unused when it idles or the process stops. While Redis is unreachable it says so
+(`down`) and the stage falls back to in-process limits (or refuses,
+REDIS_FAILURE_MODE=closed); a reconnect loop with backoff brings it back.
+docs/fleet-limits.md has the reasoning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
@@ -28,12 +27,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..backoff import NO_JITTER, RetryPolicy
+from ..clock import Clock
+from ..ids import process_name
+from .lease_script import LEASE_SCRIPT
 from .leases import DEFAULT_LEASE_MAX, Grant, Lease, Refusal
 from .ratelimit import WINDOW_S
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 # token id -> (requests counted so far, expiry as a Unix time), or None if unknown
 QuotaBasis = Callable[[str], "tuple[int, float] | None"]
 
@@ -50,84 +52,14 @@ LEASE_FORGET_S: Final = 60.0
 QUOTA_TTL_GRACE_S: Final = 86_400
 RECONNECT_FIRST_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
-# A request that finds its refill's units taken by others asks again while the fleet
-# has room (each grant takes at least one unit, so room only shrinks), but at most
-# this many times: past it, a hot token's call is refused with Retry-After 1.
+RECONNECT: Final = RetryPolicy(
+    base_s=RECONNECT_FIRST_S, max_s=RECONNECT_MAX_S, jitter=NO_JITTER
+)
+# A waiting request whose refill could not cover everyone waiting by then (more came
+# while it flew) asks again while the fleet has room (each grant takes at least one
+# unit, so room only shrinks), but at most this many times: past it, a hot token's
+# call is refused with Retry-After 1.
 MAX_REFILLS_PER_REQUEST: Final = 10
-
-LEASE_SCRIPT: Final = """
--- KEYS[1] rate hash {tat, lim}, KEYS[2] lifetime counter (granted), KEYS[3] holders
--- ARGV: worker, demand, give_back, debt, limit per window, window µs,
---       max_requests (-1: none), seed (counted so far), quota ttl s, holder ttl ms,
---       lease max (0: take nothing, a release)
--- Grants min(room, max(demand, policy size)) units of both limits at once, the size
--- as `leases.lease_size` computes it; give_back returns unused units; debt charges
--- requests admitted while Redis was away. Times are microseconds of Redis TIME.
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local demand = tonumber(ARGV[2])
-local give_back = tonumber(ARGV[3])
-local debt = tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
-local window = tonumber(ARGV[6])
-local max_requests = tonumber(ARGV[7])
-local holder_ttl = tonumber(ARGV[10])
-local lease_max = tonumber(ARGV[11])
-
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if lease_max > 0 then
-  redis.call('ZADD', KEYS[3], now + holder_ttl * 1000, ARGV[1])
-else
-  redis.call('ZREM', KEYS[3], ARGV[1])
-end
-local holders = redis.call('ZCARD', KEYS[3])
-if holders > 0 then redis.call('PEXPIRE', KEYS[3], holder_ttl) end
-
-local interval = window / limit
-local state = redis.call('HMGET', KEYS[1], 'tat', 'lim')
-local tat = tonumber(state[1]) or now
-local old = tonumber(state[2]) or limit
-if tat < now then tat = now end
-if old ~= limit then
-  -- requests still counted carry over to the new limit, capped at it
-  tat = now + math.min((tat - now) * old / window, limit) * interval
-end
-tat = math.max(tat - give_back * interval, now)
-tat = math.min(tat + debt * interval, now + window)
--- one µs of slack: the stored tat is rounded to whole µs
-local rate_room = math.floor((now + window - tat + 1) / interval)
-
-local granted = 0
-local quota_room = -1
-if max_requests >= 0 then
-  granted = tonumber(redis.call('GET', KEYS[2]) or ARGV[8])
-  granted = math.max(granted - give_back, 0) + debt
-  quota_room = math.max(max_requests - granted, 0)
-end
-local room = rate_room
-if quota_room >= 0 and quota_room < room then room = quota_room end
-local g = 0
-if lease_max > 0 and room > 0 then
-  local size = math.floor(room / (2 * math.max(holders, 1)))
-  size = math.max(1, math.min(lease_max, size))
-  g = math.min(room, math.max(demand, size))
-end
-tat = tat + g * interval
-local retry = 0
-if rate_room - g <= 0 then retry = tat + interval - window - now end
-if tat > now then
-  redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat), 'lim', limit)
-  redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
-else
-  redis.call('DEL', KEYS[1])
-end
-if max_requests >= 0 then
-  redis.call('SET', KEYS[2], granted + g, 'EX', ARGV[9])
-  quota_room = quota_room - g
-end
-return {g, rate_room - g, quota_room, holders, math.ceil(retry), math.ceil(tat - now)}
-"""
 
 
 def token_keys(token_id: str) -> list[str]:
@@ -142,6 +74,7 @@ class FleetStats:
 
     down: bool = False
     lease_calls: int = 0  # script runs that took units
+    waits: int = 0  # requests that awaited a script run (their lease was empty)
     lease_failures: int = 0  # script runs that failed (Redis unreachable, timeout)
     releases: int = 0  # script runs that gave units back
     local_decisions: int = 0  # requests decided by the in-process fallback
@@ -154,8 +87,9 @@ class FleetLimiter:
 
     Request path: `lease_for`, `take` and `give_back` are synchronous dict and int
     work; `refill` is the only await, made only when a lease is empty (at most one
-    Redis round trip, shared by every request waiting on that token). Background:
-    prefetch when a lease runs low, idle release, the reconnect loop.
+    Redis round trip, shared by every request waiting on that token): the first
+    call of a token, or demand outgrowing the lease. Background: the refill once
+    half a lease is spent, idle release, the reconnect loop.
     """
 
     def __init__(
@@ -188,13 +122,14 @@ class FleetLimiter:
         self._idle_s = idle_s
         self._clock = clock
         self._wall_clock = wall_clock
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.worker = process_name()
         self._leases: dict[str, Lease] = {}
         self.stats = FleetStats()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnect: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = False  # no refill ahead of need once `close` began
 
     @property
     def down(self) -> bool:
@@ -219,9 +154,14 @@ class FleetLimiter:
         """Spend one unit of `lease`; prefetch in the background when it runs low."""
         if not lease.take(self._clock()):
             return False
-        if lease.wants_prefetch() and not self.stats.down:
+        if lease.wants_prefetch() and self._asks_ahead():
             self._start_refill(token_id, lease)
         return True
+
+    def _asks_ahead(self) -> bool:
+        """Refills ahead of need: not while Redis is down, nor once `close` began
+        (a grant landing after the final release would stay with a stopped process)."""
+        return not (self.stats.down or self._closing)
 
     def give_back(self, token_id: str) -> None:
         """A unit taken for a call that never reached upstream returns to its lease."""
@@ -243,6 +183,7 @@ class FleetLimiter:
         False means: refused (see `cached_refusal`) or Redis is down (see `down`).
         """
         lease.waiting += 1
+        self.stats.waits += 1
         try:
             for _ in range(MAX_REFILLS_PER_REQUEST):
                 if lease.refill is None:
@@ -251,13 +192,13 @@ class FleetLimiter:
                 assert pending is not None
                 # shielded: one client leaving must not cancel the others' call
                 await asyncio.shield(pending)
-                if self.take(token_id, lease):
+                if lease.claim(self._clock()) or self.take(token_id, lease):
                     return True
                 if self.stats.down or lease.room <= 0:
                     return False
             return False
         finally:
-            lease.waiting -= 1
+            lease.stop_waiting()
 
     def count_local(self, token_id: str, lease: Lease) -> None:
         """A request the fallback admitted: charged to Redis when it is back."""
@@ -276,6 +217,7 @@ class FleetLimiter:
     def _start_refill(self, token_id: str, lease: Lease) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lease.refill = future
+        lease.asked_at = lease.taken
         task = asyncio.create_task(self._run_refill(token_id, lease, future))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -285,7 +227,7 @@ class FleetLimiter:
     ) -> None:
         debt = lease.debt
         try:
-            reply = await self._call(token_id, lease, demand=lease.waiting, debt=debt)
+            reply = await self._call(token_id, lease, debt=debt)
             if reply is not None:
                 lease.debt -= debt
                 lease.apply(Grant.from_reply(reply), self._clock(), self.lease_max)
@@ -293,18 +235,21 @@ class FleetLimiter:
         finally:
             lease.refill = None
             future.set_result(None)
+        # what the waiters took may leave the lease half spent already: ask again now
+        if lease.wants_prefetch() and self._asks_ahead():
+            self._start_refill(token_id, lease)
 
     def _args(
-        self, token_id: str, lease: Lease, *, demand: int, give_back: int, debt: int
+        self, token_id: str, lease: Lease, *, want: int, give_back: int, debt: int
     ) -> list[int | str]:
-        """The script's ARGV; `demand` < 0 is a release (takes nothing)."""
+        """The script's ARGV; `want` 0 is a release (takes nothing)."""
         basis = self._quota_basis(token_id)
         used, expires_at = basis if basis is not None else (0, 0.0)
         ttl = max(int(expires_at - self._wall_clock()), 0) + QUOTA_TTL_GRACE_S
         cap = lease.max_requests
         return [
             self.worker,
-            max(demand, 0),
+            max(lease.waiting - lease.reserved, 0) if want else 0,  # unserved
             give_back,
             debt,
             max(lease.limit, 1),
@@ -313,19 +258,16 @@ class FleetLimiter:
             used,
             ttl,
             HOLDER_TTL_MS,
-            self.lease_max if demand >= 0 else 0,
+            want,
         ]
 
     async def _call(
-        self,
-        token_id: str,
-        lease: Lease,
-        *,
-        demand: int,
-        debt: int,
+        self, token_id: str, lease: Lease, *, debt: int
     ) -> list[int] | None:
-        """Take units (the script sizes the lease); None, Redis marked down, on failure."""
-        args = self._args(token_id, lease, demand=demand, give_back=0, debt=debt)
+        """Take units for the waiting requests and the next `lease.want`; None, Redis
+        marked down, on failure."""
+        want = lease.want(self.lease_max)
+        args = self._args(token_id, lease, want=want, give_back=0, debt=debt)
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 reply: list[int] = await self._script(
@@ -360,7 +302,7 @@ class FleetLimiter:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for token_id, lease, units, debt in batch:
                         args = self._args(
-                            token_id, lease, demand=-1, give_back=units, debt=debt
+                            token_id, lease, want=0, give_back=units, debt=debt
                         )
                         await self._script(
                             keys=token_keys(token_id), args=args, client=pipe
@@ -395,14 +337,14 @@ class FleetLimiter:
             self._reconnect = asyncio.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = RECONNECT_FIRST_S
+        attempt = 0
         while not self._closed:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(RECONNECT.delay_s(attempt))
             try:
                 async with asyncio.timeout(self.timeout_s * 2):
                     await self.redis.ping()
             except (RedisError, OSError, TimeoutError):
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                attempt += 1
                 continue
             self._back_up()
             return
@@ -442,7 +384,7 @@ class FleetLimiter:
 
     async def start(self) -> None:
         """Load the script and start housekeeping; a dead Redis only means `down`."""
-        self._closed = False
+        self._closed = self._closing = False
         try:
             async with asyncio.timeout(self.timeout_s * 4):
                 await self._script.registered_client.script_load(LEASE_SCRIPT)
@@ -480,6 +422,7 @@ class FleetLimiter:
 
     async def close(self) -> None:
         """Give every unused unit back (graceful stop), then close the pool."""
+        self._closing = True
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with suppress(asyncio.CancelledError):

@@ -13,10 +13,18 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final, Literal
 
-# Largest lease one process takes at a time (FLEET_LEASE_MAX). With 20 a Redis call
-# (~110 µs CPU measured here) costs ~6 µs per request; a SIGKILL strands at most this
-# many requests per token the killed process was serving.
-DEFAULT_LEASE_MAX: Final = 20
+# Most units of a token one process holds (FLEET_LEASE_MAX): what a SIGKILL can
+# strand per token at most. 256: four times the 64 calls that 64 busy connections
+# bring in one loop turn (`LEASE_HEADROOM`).
+DEFAULT_LEASE_MAX: Final = 256
+# Smallest lease asked for away from the limits: at most one Redis call (about
+# 500,000 instructions with redis-py, half a proxied call) per this many requests.
+LEASE_FLOOR: Final = 20
+# A lease is sized to this many times the requests spent while its last refill was
+# in flight, so a refill asked for at half the lease lands before the rest is spent.
+LEASE_HEADROOM: Final = 4
+# With less demand a lease shrinks by at most 1/this per refill (bursts come back).
+LEASE_SHRINK: Final = 16
 # A refused lease is remembered this long, so a spent token costs no Redis call per
 # request; units released elsewhere become visible after at most this.
 REFUSAL_CACHE_S: Final = 1.0
@@ -25,7 +33,7 @@ Limit = Literal["rate", "quota"]
 
 
 def lease_size(room: int, holders: int, lease_max: int) -> int:
-    """How many units a lease takes: a share of what is left, 1 near the limit.
+    """The most a lease may take: a share of what is left, 1 near the limit.
 
     `room` is what the fleet has unleased and `holders` the processes holding leases
     of the token: taking at most half of an equal share leaves the rest to the
@@ -33,10 +41,25 @@ def lease_size(room: int, holders: int, lease_max: int) -> int:
     more than one unit the others are refused for. The lease script applies the same
     rule atomically, with the room and holders of the moment (a grant is never
     smaller than the number of requests waiting for it, all spent at once); here it
-    sets the low-water mark for the next prefetch.
+    caps the size the next refill asks for.
     """
     share = room // (2 * max(holders, 1))
     return max(1, min(lease_max, share))
+
+
+def next_size(size: int, in_flight: int, share: int, lease_max: int) -> tuple[int, int]:
+    """(size, low-water mark) of a lease after a grant.
+
+    The size is `LEASE_HEADROOM` times the requests spent while the refill was in
+    flight (`in_flight`, counting those that waited), at least `LEASE_FLOOR`, shrinking
+    slowly, never above `lease_max` nor the fair `share` (half of an equal share of
+    the room). Far from the limits the next refill is asked for once half of it is
+    spent; when the share caps the size, only once it is empty, so that no process
+    holds more than one unit the others are refused for.
+    """
+    wanted = max(LEASE_FLOOR, LEASE_HEADROOM * in_flight, size - size // LEASE_SHRINK)
+    new = max(1, min(wanted, share, lease_max))
+    return new, new // 2 if share >= wanted else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +116,26 @@ class Lease:
     """This process's units of one token, and what it knows of the fleet's rest.
 
     Spent synchronously on the request path (`take`, `give_back`); refilled by
-    `fleet_limits.FleetLimiter` through `apply`. `refill` is the one call in flight for
-    the token, which every request that finds the lease empty awaits (coalescing).
+    `fleet_limits.FleetLimiter` through `apply`, in the background once half of
+    `size` is spent. `refill` is the one call in flight for the token, which every
+    request that finds the lease empty awaits (coalescing); `apply` sets aside a unit
+    for each of them (`reserved`, taken with `claim`) before newcomers can spend it.
     """
 
     __slots__ = (
+        "asked_at",
         "debt",
         "last_used",
         "limit",
         "low_water",
         "max_requests",
-        "next_want",
         "refill",
         "refusal",
+        "reserved",
         "reset_after_s",
         "room",
+        "size",
+        "taken",
         "units",
         "waiting",
     )
@@ -117,12 +145,15 @@ class Lease:
         self.max_requests = max_requests
         self.units = 0
         self.room = 1  # unknown: assume there is some, so the first call asks
-        self.next_want = 1
-        self.low_water = 0
+        self.size = LEASE_FLOOR
+        self.low_water = LEASE_FLOOR // 2
+        self.taken = 0  # units spent so far (sizes the lease to its demand)
+        self.asked_at = 0  # `taken` when the refill in flight was asked for
         self.refusal: Refusal | None = None
         self.reset_after_s = 0.0
         self.last_used = 0.0
         self.waiting = 0  # requests awaiting `refill`
+        self.reserved = 0  # units set aside for them
         self.refill: asyncio.Future[None] | None = None
         self.debt = 0  # admitted by the local fallback while Redis was away
 
@@ -130,6 +161,7 @@ class Lease:
         """Spend one unit if there is one."""
         if self.units:
             self.units -= 1
+            self.taken += 1
             self.last_used = now
             return True
         return False
@@ -139,8 +171,28 @@ class Lease:
         self.units += 1
 
     def wants_prefetch(self) -> bool:
-        """Low on units, nothing in flight, and the fleet still has room: ask ahead."""
+        """Half spent, nothing in flight, and the fleet still has room: ask ahead."""
         return self.units <= self.low_water and self.refill is None and self.room > 0
+
+    def want(self, lease_max: int) -> int:
+        """Units the next refill asks for: `size`, never holding above `lease_max`."""
+        return max(1, min(self.size, lease_max - self.units))
+
+    def claim(self, now: float) -> bool:
+        """A waiting request takes the unit its refill set aside, if there is one."""
+        if not self.reserved:
+            return False
+        self.reserved -= 1
+        self.units += 1
+        return self.take(now)
+
+    def stop_waiting(self) -> None:
+        """A request stops waiting; units set aside for nobody return to the lease."""
+        self.waiting -= 1
+        spare = self.reserved - self.waiting
+        if spare > 0:
+            self.reserved -= spare
+            self.units += spare
 
     def cached_refusal(self, now: float) -> Refusal | None:
         """The last refusal, while it may still be trusted."""
@@ -150,13 +202,19 @@ class Lease:
         return None
 
     def apply(self, grant: Grant, now: float, lease_max: int) -> None:
-        """Add a grant and note what it says of the fleet's remaining budget."""
+        """Add a grant, serve the waiting requests first, resize to the demand, and
+        note what the grant says of the fleet's remaining budget."""
         self.units += grant.granted
+        waiters = min(self.units, self.waiting - self.reserved)
+        if waiters > 0:
+            self.units -= waiters
+            self.reserved += waiters
         room = grant.room
         self.room = room
         self.reset_after_s = grant.reset_after_s
-        self.next_want = lease_size(room, grant.holders, lease_max)
-        self.low_water = self.next_want // 4
+        in_flight = self.taken - self.asked_at + self.waiting
+        share = room // (2 * max(grant.holders, 1))
+        self.size, self.low_water = next_size(self.size, in_flight, share, lease_max)
         if room > 0:
             self.refusal = None
             return

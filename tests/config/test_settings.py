@@ -346,7 +346,7 @@ def test_fleet_limit_settings_default_to_fail_open_and_parse() -> None:
     default = Settings.from_env({"MANAGEMENT_TOKEN": TOKEN}).fleet_limits
     assert (default.fail_closed, default.lease_max, default.timeout_s) == (
         False,
-        20,
+        256,
         0.25,
     )
     env = {

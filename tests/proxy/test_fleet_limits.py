@@ -7,11 +7,10 @@ The outage tests run their own `redis-server` on a free port (never the shared o
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,9 +27,11 @@ from llm_proxy.server import free_port
 from ..support import (
     AUTH,
     REDIS_URL,
+    PrivateRedis,
     bearer,
     create_project,
     create_token,
+    eventually,
     proxy_token,
     require_redis,
 )
@@ -41,15 +42,6 @@ Client = TestClient[Any, Any]
 
 def no_basis(_: str) -> tuple[int, float] | None:
     return None
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-    """Wait until `check()` holds (state a background task or Redis moves on)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def counted(redis: Redis, token_id: str) -> int:
@@ -164,8 +156,8 @@ async def test_near_the_limit_leases_shrink_to_one(redis: Redis) -> None:
             assert await admit(one, token, 10_000, 12)
             assert await admit(two, token, 10_000, 12)
         assert not await admit(one, token, 10_000, 12)
-        assert one.leases()[token].next_want == 1
-        assert two.leases()[token].next_want == 1
+        assert one.leases()[token].size == 1
+        assert two.leases()[token].size == 1
 
 
 async def test_changing_a_rate_limit_carries_counted_requests_over(
@@ -174,9 +166,9 @@ async def test_changing_a_rate_limit_carries_counted_requests_over(
     """As in process: counted requests carry over, capped at the new limit."""
     token = str(uuid.uuid4())
     async with limiter(lease_max=50) as fleet:
-        assert await admit(fleet, token, 100, None)  # a lease of 50 of 100
+        assert await admit(fleet, token, 100, None)  # a lease of 20 of 100
         fleet.leases()[token].units = 0  # spent
-        assert not await admit(fleet, token, 10, None)  # 50 counted > 10: none left
+        assert not await admit(fleet, token, 10, None)  # 20 counted > 10: none left
         assert fleet.leases()[token].refusal is not None
         assert await admit(fleet, token, 200, None)  # 10 counted: 190 left
         lease = fleet.leases()[token]
@@ -251,50 +243,14 @@ async def test_app_in_fleet_mode_gives_back_units_of_calls_refused_later(
 # -- Redis away, and back ---------------------------------------------------------
 
 
-class PrivateRedis:
-    """A `redis-server` of the test's own on a free port, stopped and restarted."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = Redis.from_url(self.url, socket_connect_timeout=0.2)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    try:
-                        await client.ping()
-                        return
-                    except Exception:
-                        await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-
 @pytest.fixture
-async def private_redis() -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis()
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
     await server.start()
     try:
         yield server
     finally:
-        server.kill()
+        await server.stop()
 
 
 async def ready_status(client: Client) -> dict[str, Any]:
@@ -324,7 +280,7 @@ async def test_redis_outage_falls_back_to_local_limits_then_resumes(
     for _ in range(5):
         assert (await proxy.get("/v1/models", headers=bearer(token))).status == 200
 
-    private_redis.kill()
+    await private_redis.stop()
     statuses = []
     for _ in range(60):  # well past every unit the lease held
         statuses.append((await proxy.get("/v1/models", headers=bearer(token))).status)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llm_proxy.proxy.leases import REFUSAL_CACHE_S, Grant, Lease, lease_size
+from llm_proxy.proxy.leases import (
+    LEASE_FLOOR,
+    REFUSAL_CACHE_S,
+    Grant,
+    Lease,
+    lease_size,
+    next_size,
+)
 
 
 def grant(
@@ -68,7 +75,7 @@ def test_sum_of_policy_grants_never_exceeds_the_cap() -> None:
     assert granted == cap
     assert sum(lease.units for lease in leases) == cap
     # the last grants were leases of one: nobody hoarded the tail
-    assert all(lease.next_want == 1 for lease in leases)
+    assert all(lease.size == 1 for lease in leases)
 
 
 def test_lease_take_give_back_and_empty() -> None:
@@ -81,14 +88,63 @@ def test_lease_take_give_back_and_empty() -> None:
     assert lease.take(3.0)
 
 
-def test_lease_wants_prefetch_below_a_quarter_of_its_size() -> None:
+def test_lease_wants_prefetch_once_half_of_its_size_is_spent() -> None:
     lease = Lease(10_000, None)
-    lease.apply(grant(20, 9_980, holders=1), 0.0, 20)
-    assert lease.next_want == 20 and lease.low_water == 5
-    while lease.units > 5:
+    lease.apply(grant(20, 9_980, holders=1), 0.0, 256)
+    assert lease.size == 20 and lease.low_water == 10
+    while lease.units > 10:
         assert not lease.wants_prefetch()
         lease.take(0.0)
     assert lease.wants_prefetch()
+    assert lease.want(256) == 20  # a whole lease more
+    assert lease.want(25) == 15  # never holding more than FLEET_LEASE_MAX
+
+
+@pytest.mark.parametrize(
+    ("size", "in_flight", "share", "expected"),
+    [
+        (20, 0, 10**6, (LEASE_FLOOR, 10)),  # a quiet token: the floor, asked at half
+        (20, 64, 10**6, (256, 128)),  # 64 spent in flight: four times that
+        (400, 64, 10**6, (256, 128)),  # never above FLEET_LEASE_MAX
+        (256, 0, 10**6, (240, 120)),  # less demand: a sixteenth less per refill
+        (256, 10, 10**6, (240, 120)),
+        (21, 0, 10**6, (LEASE_FLOOR, 10)),
+        (20, 64, 100, (100, 0)),  # the fair share caps it: asked again when empty
+        (20, 3, 0, (1, 0)),  # near the limit: one
+    ],
+)
+def test_next_size_follows_the_demand_in_flight(
+    size: int, in_flight: int, share: int, expected: tuple[int, int]
+) -> None:
+    assert next_size(size, in_flight, share, lease_max=256) == expected
+
+
+def test_lease_grows_with_the_requests_spent_while_its_refill_flew() -> None:
+    lease = Lease(10**9, None)
+    lease.apply(grant(20, 10**6), 0.0, 256)
+    lease.asked_at = lease.taken
+    for _ in range(20):
+        lease.take(0.0)  # a burst: the lease runs dry before the refill lands
+    lease.waiting = 30
+    lease.apply(grant(50, 10**6), 0.0, 256)
+    assert lease.size == 4 * (20 + 30)
+    assert lease.low_water == 100
+
+
+def test_refilled_units_are_set_aside_for_the_waiting_requests() -> None:
+    lease = Lease(10**9, None)
+    lease.waiting = 3
+    lease.apply(grant(5, 10**6), 0.0, 256)
+    assert (lease.units, lease.reserved) == (2, 3)
+    assert lease.take(1.0) and lease.take(1.0) and not lease.take(1.0)
+    assert lease.claim(1.0)  # a waiter's unit is still there
+    lease.stop_waiting()
+    lease.stop_waiting()  # left before its turn: its unit goes back to the lease
+    assert (lease.units, lease.reserved, lease.waiting) == (1, 1, 1)
+    assert lease.claim(2.0) and not lease.claim(2.0)
+    lease.stop_waiting()
+    assert (lease.units, lease.reserved, lease.waiting) == (1, 0, 0)
+    assert lease.taken == 4
 
 
 def test_lease_with_no_room_left_does_not_prefetch_and_refuses_from_cache() -> None:
