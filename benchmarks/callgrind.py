@@ -24,6 +24,9 @@ class Callgrind:
             stdout=subprocess.PIPE,
             stderr=out.with_suffix(".log").open("wb"),
             env={**os.environ, **(env or {})},
+            # Not a checkout: `python -m` puts the working folder first on the path,
+            # ahead of PYTHONPATH, which picks the code of a `--before` tree.
+            cwd=out.parent,
             text=True,
         )
         self.dumps = 0

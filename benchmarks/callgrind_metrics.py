@@ -166,16 +166,17 @@ def chat(
     token: str,
     calls: int,
     extra: Mapping[str, str] | None = None,
+    body: str = CHAT_BODY,
 ) -> None:
     """`calls` chat completions, one after the other; each must answer 200."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     headers.update(extra or {})
     for _ in range(calls):
-        connection.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
+        connection.request("POST", "/v1/chat/completions", body, headers)
         response = connection.getresponse()
-        body = response.read()
+        answer = response.read()
         if response.status != 200:
-            raise RuntimeError(f"proxy answered {response.status}: {body[:200]!r}")
+            raise RuntimeError(f"proxy answered {response.status}: {answer[:200]!r}")
 
 
 def _wait_lines(path: Path, count: int, timeout_s: float = 120.0) -> None:

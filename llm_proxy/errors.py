@@ -17,7 +17,8 @@ layers that raise them)::
     │   └── UpstreamPoolExhaustedError    503 (our overload: not a breaker failure)
     ├── DomainError                (a rule refused: kind, code, message, param)
     │   ├── auth.errors.AuthError          a token or credential refused
-    │   └── management.service.ServiceError  NotFound, Conflict, Forbidden
+    │   ├── management.service.ServiceError  NotFound, Conflict, Forbidden
+    │   └── management.policy.PolicyError    a policy field breaks a rule
     ├── config.ConfigError, proxy.allowlist_file.AllowlistConfigError  bad settings
     ├── auth.crypto.DecryptionError
     ├── management.service.KeyMismatchError  ENCRYPTION_KEY is not the data's key

@@ -14,6 +14,7 @@ from llm_proxy.dispatchers.base import DeliveryError
 from llm_proxy.domain_errors import DomainError, ErrorKind, ProxyError
 from llm_proxy.errors import ANSWERS, ApiError, api_error, error_body, http_status
 from llm_proxy.management.client import ManageApiError
+from llm_proxy.management.policy import PolicyError
 from llm_proxy.management.service import (
     Conflict,
     Forbidden,
@@ -169,6 +170,7 @@ def test_domain_errors_say_what_went_wrong_not_how_to_answer() -> None:
         DomainError,
         AuthError,
         ServiceError,
+        PolicyError,
         KeyMismatchError,
         DecryptionError,
         ConfigError,

@@ -30,6 +30,7 @@ from ..config import EventSettings
 from ..events.model import EventBus, RateLimitedLog, RequestCompleted
 from ..proxy.exchange import Exchange
 from ..proxy.multipart import form_boundary, model_from_form
+from ..proxy.policy import POLICY_CODES
 from .metrics import Metrics, method_label, status_label
 from .usage import (
     ESTIMATED,
@@ -434,6 +435,8 @@ def observe(metrics: Metrics, exchange: Exchange, usage: Usage | None) -> None:
         metrics.pre_upstream.observe(exchange.upstream_started - exchange.started)
     if exchange.ttfb_s is not None:
         metrics.ttfb.labels(endpoint).observe(exchange.ttfb_s)
+    if exchange.error in POLICY_CODES:
+        metrics.policy_refusals.labels(exchange.error).inc()
     if usage is not None:
         _observe_tokens(metrics, exchange, usage)
 

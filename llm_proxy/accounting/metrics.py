@@ -368,6 +368,13 @@ class Metrics:
             registry=registry,
         )
         self.model_label = BoundedLabel(MAX_MODEL_LABELS)
+        self.policy_refusals = FastCounter(
+            "llm_proxy_policy_refusals",
+            "Calls refused before the upstream by their token's policy, by code"
+            " (model_not_allowed counts the allowlist's model rules too).",
+            ["code"],
+            registry=registry,
+        )
         self.dispatched = Counter(
             "llm_proxy_dispatcher_events",
             "Events a dispatcher handled, by outcome (delivered, dead_lettered).",

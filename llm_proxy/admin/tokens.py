@@ -13,9 +13,10 @@ from yarl import URL
 
 from ..audit import trail as audit
 from ..auth.crypto import TOKEN_PREFIX
+from ..auth.policy import binding_header
 from ..errors import http_status
 from ..management.service import Forbidden, NewToken, NotFound, ServiceError
-from ..storage import Project, TokenFilter
+from ..storage import Project, TokenFilter, TokenPolicy
 from .flash import MintedValue
 from .forms import PAGE_SIZE, Pager, optional_int, page_number, required_int, text
 from .render import (
@@ -45,6 +46,12 @@ DEFAULT_DURATION: Final = 60
 ALL_PROJECTS: Final = 1000
 USAGE_DAYS: Final = 7
 SHOW_PARAM: Final = "show"  # the slot id of the value, never the value itself
+POLICY_INPUTS: Final = (
+    "bind",
+    "allowed_models",
+    "max_output_tokens_cap",
+    "no_streaming",
+)
 
 
 def token_url(token_id: str) -> str:
@@ -143,6 +150,7 @@ async def create_token_action(request: web.Request) -> web.Response:
             "max_requests",
             "rate_limit_per_hour",
             "max_concurrent",
+            *POLICY_INPUTS,
         )
     }
     audit.note(request, project_id=fields["project_id"] or None)
@@ -171,7 +179,41 @@ async def _create(
         max_requests=optional_int(form, "max_requests"),
         rate_limit_per_hour=optional_int(form, "rate_limit_per_hour"),
         max_concurrent=optional_int(form, "max_concurrent"),
+        policy=policy_of_form(form),
     )
+
+
+def policy_of_form(form: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy fields of the generate form (what is left empty is not limited)."""
+    fields: dict[str, Any] = {}
+    bind = _bind_lines(text(form, "bind"))
+    if bind:
+        fields["bind"] = bind
+    models = text(form, "allowed_models").replace(",", " ").split()
+    if models:
+        fields["allowed_models"] = models
+    cap = optional_int(form, "max_output_tokens_cap")
+    if cap is not None:
+        fields["max_output_tokens_cap"] = cap
+    if text(form, "no_streaming"):
+        fields["allow_streaming"] = False
+    return fields
+
+
+def _bind_lines(lines: str) -> dict[str, str]:
+    """`key=value` lines (blank ones skipped, spaces around either side trimmed)."""
+    bind: dict[str, str] = {}
+    for line in lines.splitlines():
+        if not line.strip():
+            continue
+        key, sign, value = line.partition("=")
+        if not sign:
+            raise ServiceError(
+                f"Write each bound header as key=value, one per line: {line[:80]!r}.",
+                param="bind",
+            )
+        bind[key.strip()] = value.strip()
+    return bind
 
 
 async def token_created_page(request: web.Request) -> web.Response:
@@ -197,11 +239,15 @@ async def token_page(request: web.Request) -> web.Response:
     totals = await repository(request).usage_totals(
         since=now - timedelta(days=USAGE_DAYS), until=now, token_id=token.id
     )
+    policy = token.policy or TokenPolicy()
     context = {
         "token": token,
         "project": project,
         "totals": totals,
         "usage_days": USAGE_DAYS,
+        "policy": policy,
+        "bound": [(binding_header(key), value) for key, value in policy.bind.items()],
+        "defaults": project.policy,
     }
     return render(request, "token.html", context)
 

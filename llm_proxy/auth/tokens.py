@@ -25,10 +25,11 @@ from typing import Final
 from ..clock import Clock
 from ..domain_errors import ErrorKind
 from ..origins import OriginRule
-from ..storage.base import Deletion, Project, Token, TokenUsage
+from ..storage.base import Deletion, Project, Token, TokenPolicy, TokenUsage
 from .crypto import DecryptionError, KeyCipher, TokenHasher
 from .errors import AuthError, quota_spent
 from .origin_index import OriginIndex
+from .policy import CallPolicy, compile_policy, merge_policies
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Principal:
     project_generation: str = ""
     project_cache_ttl_s: int | None = None  # the project's cache_ttl_seconds
     origins: OriginRule | None = None  # its project's browser origins, if it has any
+    policy: CallPolicy | None = None  # its project's defaults narrowed by its own
 
 
 @dataclass(slots=True)
@@ -71,6 +73,7 @@ class _TokenEntry:
     max_concurrent: int | None = None
     change_seq: int | None = None  # the marker of the row applied; None: unknown
     principal_of: _ProjectEntry | None = None  # the project `principal` was built for
+    policy: CallPolicy | None = None
 
     @property
     def used(self) -> int:
@@ -87,6 +90,8 @@ class _ProjectEntry:
     origins: OriginRule | None = None
     generation: str = ""  # see Principal.project_generation
     cache_ttl_s: int | None = None
+    stored_policy: TokenPolicy | None = None
+    policy: CallPolicy | None = None  # `stored_policy` compiled
 
 
 def project_generation(project: Project) -> str:
@@ -214,6 +219,7 @@ class TokenStore:
                 or known.generation != generation
                 or known.cache_ttl_s != project.cache_ttl_seconds
                 or known.origins != origins
+                or known.stored_policy != project.policy
             ):
                 self._projects[project.id] = _ProjectEntry(
                     known.is_active,
@@ -224,6 +230,8 @@ class TokenStore:
                     generation=generation,
                     cache_ttl_s=project.cache_ttl_seconds,
                     origins=origins,
+                    stored_policy=project.policy,
+                    policy=compile_policy(project.policy),
                 )
             return
         try:
@@ -242,6 +250,8 @@ class TokenStore:
             generation=generation,
             cache_ttl_s=project.cache_ttl_seconds,
             origins=origins,
+            stored_policy=project.policy,
+            policy=compile_policy(project.policy),
         )
 
     def remove_project(self, project_id: str) -> None:
@@ -283,6 +293,7 @@ class TokenStore:
                 seen=self._generation,
                 max_concurrent=token.max_concurrent,
                 change_seq=token.change_seq,
+                policy=compile_policy(token.policy),
             )
             self._by_hash[token.token_hash] = entry
             self._hash_by_id[token.id] = token.token_hash
@@ -294,6 +305,7 @@ class TokenStore:
         entry.max_requests = token.max_requests
         entry.rate_limit_per_hour = token.rate_limit_per_hour
         entry.max_concurrent = token.max_concurrent
+        entry.policy = compile_policy(token.policy)
         entry.stored_count = max(entry.stored_count, stored)  # counts only grow
         entry.principal = None
         entry.change_seq = token.change_seq
@@ -376,6 +388,7 @@ class TokenStore:
                 project.generation,
                 project.cache_ttl_s,
                 project.origins,
+                merge_policies(project.policy, entry.policy),
             )
             entry.principal_of = project
         return principal

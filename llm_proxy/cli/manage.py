@@ -22,6 +22,7 @@ from .base import (
     run,
     upstream_key,
 )
+from .policy_options import policy_body, policy_options
 
 # -- manage --------------------------------------------------------------------------
 
@@ -224,6 +225,7 @@ def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
 @click.option("--description")
 @click.option("--metadata", help="A JSON object.")
 @origin_options
+@policy_options()
 @json_option
 @click.pass_context
 def project_create(
@@ -233,10 +235,21 @@ def project_create(
     metadata: str | None,
     allowed_origins: tuple[str, ...],
     require_origin: bool | None,
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
     as_json: bool,
 ) -> None:
-    """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt."""
+    """Create a project; its upstream key comes from OPENAI_API_KEY or a hidden prompt.
+
+    The policy options set defaults that its tokens can only narrow.
+    """
     meta = _json_object(metadata, "--metadata")
+    defaults = policy_body(
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+    )
     api_key = upstream_key(non_interactive=False)
     origins = _origin_fields(allowed_origins, False, require_origin)
     item = call_api(
@@ -247,6 +260,7 @@ def project_create(
             description=description,
             metadata=meta,
             **origins,
+            **defaults,
         ),
     )
     echo_json(item) if as_json else echo_fields(item)
@@ -270,6 +284,7 @@ def project_create(
     is_flag=True,
     help="Remove the project's own origins (CORS_ALLOWED_ORIGINS apply).",
 )
+@policy_options(clearing=True)
 @json_option
 @click.pass_context
 def project_update(
@@ -283,10 +298,23 @@ def project_update(
     allowed_origins: tuple[str, ...],
     require_origin: bool | None,
     clear_allowed_origins: bool,
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
+    any_model: bool,
+    no_output_cap: bool,
     as_json: bool,
 ) -> None:
-    """Change a project's fields (--allowed-origin replaces the whole list)."""
+    """Change a project's fields (--allowed-origin replaces the whole list; of its
+    policy defaults, only those given change)."""
     changes = _origin_fields(allowed_origins, clear_allowed_origins, require_origin)
+    changes |= policy_body(
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+        any_model=any_model,
+        no_output_cap=no_output_cap,
+    )
     if name is not None:
         changes["name"] = name
     if description is not None:
@@ -330,6 +358,7 @@ def token() -> None:
 )
 @click.option("--max-requests", type=click.IntRange(1), help="Request budget.")
 @click.option("--rate-limit-per-hour", type=click.IntRange(1))
+@policy_options(bind=True)
 @json_option
 @click.pass_context
 def token_generate(
@@ -338,9 +367,19 @@ def token_generate(
     duration_minutes: int,
     max_requests: int | None,
     rate_limit_per_hour: int | None,
+    bind: dict[str, str],
+    allowed_models: tuple[str, ...],
+    max_output_tokens_cap: int | None,
+    streaming: bool | None,
     as_json: bool,
 ) -> None:
-    """Mint a token (its value is shown only now)."""
+    """Mint a token (its value is shown only now), within its project's defaults."""
+    narrowed = policy_body(
+        bind=bind,
+        allowed_models=allowed_models,
+        max_output_tokens_cap=max_output_tokens_cap,
+        streaming=streaming,
+    )
     item = call_api(
         ctx,
         lambda api: api.create_token(
@@ -348,6 +387,7 @@ def token_generate(
             duration_minutes=duration_minutes,
             max_requests=max_requests,
             rate_limit_per_hour=rate_limit_per_hour,
+            **narrowed,
         ),
     )
     echo_json(item) if as_json else echo_fields(item)

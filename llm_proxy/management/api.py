@@ -26,6 +26,12 @@ from ..keys import SERVICE_KEY
 from ..storage import Project, Token, TokenFilter
 from .audit_api import get_audit_handler, list_audit_handler
 from .openapi import openapi_document
+from .policy import (
+    PROJECT_POLICY_FIELDS,
+    TOKEN_POLICY_FIELDS,
+    policy_fields,
+    policy_json,
+)
 from .service import ManagementService, Page, ServiceError
 from .validation import (
     Field,
@@ -38,6 +44,12 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
+# A policy's fields (their items are checked by the rules, `management.policy`).
+PROJECT_POLICY = {
+    "allowed_models": Field(list, nullable=True),
+    "max_output_tokens_cap": Field(int, nullable=True),
+    "allow_streaming": Field(bool, nullable=True),
+}
 PROJECT_CREATE = {
     "name": Field(str, required=True),
     "description": Field(str, nullable=True),
@@ -47,6 +59,7 @@ PROJECT_CREATE = {
     "allowed_origins": Field(list, nullable=True),
     "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
+    **PROJECT_POLICY,
 }
 PROJECT_UPDATE = {
     "name": Field(str),
@@ -58,6 +71,7 @@ PROJECT_UPDATE = {
     "allowed_origins": Field(list, nullable=True),
     "require_origin": Field(bool),
     "cache_ttl_seconds": Field(int, nullable=True),
+    **PROJECT_POLICY,
 }
 TOKEN_CREATE = {
     "project_id": Field(str, required=True),
@@ -65,6 +79,8 @@ TOKEN_CREATE = {
     "max_requests": Field(int, nullable=True),
     "rate_limit_per_hour": Field(int, nullable=True),
     "max_concurrent": Field(int, nullable=True),
+    "bind": Field(dict, nullable=True),
+    **PROJECT_POLICY,
 }
 TOKEN_DELETE = {"token": Field(str), "token_id": Field(str)}
 TOKEN_LOOKUP = {"token": Field(str, required=True)}
@@ -91,6 +107,7 @@ def project_json(project: Project) -> dict[str, Any]:
         "allowed_origins": list(project.allowed_origins),
         "require_origin": project.require_origin,
         "cache_ttl_seconds": project.cache_ttl_seconds,
+        **policy_json(project.policy, bind=False),
         "created_at": iso(project.created_at),
         "updated_at": iso(project.updated_at),
     }
@@ -108,6 +125,7 @@ def token_json(token: Token) -> dict[str, Any]:
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
         "max_concurrent": token.max_concurrent,
+        **policy_json(token.policy, bind=True),
         "created_at": iso(token.created_at),
         "last_used_at": iso(token.last_used_at),
     }
@@ -186,6 +204,7 @@ async def create_project_handler(request: web.Request) -> web.Response:
         allowed_origins=data.get("allowed_origins") or (),
         require_origin=data.get("require_origin", False),
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
+        policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     audit.note(request, project_id=project.id)
     return json_response(project_json(project), status=201)
@@ -243,6 +262,7 @@ async def update_project_handler(request: web.Request) -> web.Response:
         cache_ttl_seconds=data.get("cache_ttl_seconds"),
         clear_cache_ttl_seconds="cache_ttl_seconds" in data
         and data["cache_ttl_seconds"] is None,
+        policy=policy_fields(data, PROJECT_POLICY_FIELDS),
     )
     return json_response(project_json(project))
 
@@ -288,6 +308,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         max_requests=data.get("max_requests"),
         rate_limit_per_hour=data.get("rate_limit_per_hour"),
         max_concurrent=data.get("max_concurrent"),
+        policy=policy_fields(data, TOKEN_POLICY_FIELDS),
     )
     token = created.token
     audit.note(request, token_id=token.id, expires_at=iso(token.expires_at))
@@ -299,6 +320,7 @@ async def create_token_handler(request: web.Request) -> web.Response:
         "max_requests": token.max_requests,
         "rate_limit_per_hour": token.rate_limit_per_hour,
         "max_concurrent": token.max_concurrent,
+        **policy_json(token.policy, bind=True),
     }
     return json_response(body, status=201, headers={"Cache-Control": "no-store"})
 

@@ -163,11 +163,16 @@ class ManageClient:
         duration_minutes: int,
         max_requests: int | None = None,
         rate_limit_per_hour: int | None = None,
+        **fields: Any,
     ) -> JsonObject:
-        """Mint a token; the answer is the only place its value ever appears."""
+        """Mint a token; the answer is the only place its value ever appears.
+
+        `fields` are further fields of the body (`bind`, `allowed_models`, ...).
+        """
         body: JsonObject = {
             "project_id": project_id,
             "duration_minutes": duration_minutes,
+            **fields,
         }
         if max_requests is not None:
             body["max_requests"] = max_requests

@@ -252,6 +252,52 @@ def _cache_ttl() -> dict[str, Any]:
     }
 
 
+def _policy(*, bind: bool) -> dict[str, Any]:
+    """The policy fields of a token (`bind`) or of a project's defaults."""
+    fields: dict[str, Any] = {
+        "bind": {
+            "type": ["object", "null"],
+            "maxProperties": 8,
+            "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
+            "additionalProperties": {
+                "type": "string",
+                "pattern": "^[!-~]([ -~]{0,254}[!-~])?$",
+            },
+            "description": "Metadata every call must repeat in a header: user_id ->"
+            " X-Proxy-User-Id (the header is not forwarded upstream).",
+        },
+        "allowed_models": {
+            "type": ["array", "null"],
+            "items": {"type": "string", "minLength": 1, "maxLength": 128},
+            "minItems": 1,
+            "maxItems": 64,
+            "description": "Model names or globs (* ? [...]); null: any model.",
+        },
+        "max_output_tokens_cap": {
+            **_integer(nullable=True),
+            "maximum": 10_000_000,
+            "description": "Ceiling on max_tokens, max_completion_tokens and"
+            " max_output_tokens; null: none.",
+        },
+        "allow_streaming": {
+            "type": ["boolean", "null"],
+            "description": "Default true.",
+        },
+    }
+    if not bind:
+        del fields["bind"]
+    return fields
+
+
+def _shown(fields: dict[str, Any]) -> dict[str, Any]:
+    """Policy fields as answers show them: `bind` an object, streaming a boolean."""
+    shown = dict(fields)
+    if "bind" in shown:
+        shown["bind"] = {**shown["bind"], "type": "object"}
+    shown["allow_streaming"] = {"type": "boolean"}
+    return shown
+
+
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -271,7 +317,9 @@ def _schemas() -> dict[str, Any]:
         "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
         **_ORIGIN_FIELDS,
         "cache_ttl_seconds": _cache_ttl(),
+        **_policy(bind=False),
     }
+    token_policy = _policy(bind=True)
     return {
         "Project": _object(
             {
@@ -284,6 +332,7 @@ def _schemas() -> dict[str, Any]:
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
                 **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
+                **_shown(_policy(bind=False)),
                 "created_at": _string("date-time"),
                 "updated_at": _string("date-time"),
             },
@@ -298,6 +347,7 @@ def _schemas() -> dict[str, Any]:
                 "max_concurrent": _max_concurrent("PROJECT_MAX_CONCURRENT"),
                 **_ORIGIN_FIELDS,
                 "cache_ttl_seconds": _cache_ttl(),
+                **_policy(bind=False),
             },
             ["name", "openai_api_key"],
         ),
@@ -325,6 +375,7 @@ def _schemas() -> dict[str, Any]:
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
                 "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+                **token_policy,
             },
             ["project_id", "duration_minutes"],
         ),
@@ -337,6 +388,7 @@ def _schemas() -> dict[str, Any]:
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
                 "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+                **_shown(token_policy),
             },
             ["token", "token_id", "project_id", "expires_at"],
         ),
@@ -351,6 +403,7 @@ def _schemas() -> dict[str, Any]:
                 "max_requests": _integer(nullable=True),
                 "rate_limit_per_hour": _integer(nullable=True),
                 "max_concurrent": _max_concurrent("TOKEN_MAX_CONCURRENT"),
+                **_shown(token_policy),
                 "created_at": _string("date-time"),
                 "last_used_at": _string("date-time", nullable=True),
             },

@@ -36,7 +36,9 @@ from ..storage import (
     RevokeCounts,
     Token,
     TokenFilter,
+    TokenPolicy,
 )
+from .policy import PolicyError, changed_policy
 
 MAX_DURATION_MINUTES: Final = 525_600
 MAX_NAME_CHARS: Final = 200
@@ -155,11 +157,16 @@ class ManagementService:
         allowed_origins: Sequence[object] = (),
         require_origin: bool = False,
         cache_ttl_seconds: int | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> Project:
-        """Create an active project; its upstream key is stored encrypted."""
+        """Create an active project; its upstream key is stored encrypted.
+
+        `policy`: the defaults its tokens can only narrow (`management.policy`).
+        """
         _check_max_concurrent(max_concurrent)
         _check_cache_ttl(cache_ttl_seconds)
         origins = _valid_origins(allowed_origins)
+        defaults = _policy(None, policy or {}, bind=False)
         now = self._now()
         project = Project(
             id=str(uuid.uuid4()),
@@ -175,6 +182,7 @@ class ManagementService:
             allowed_origins=origins,
             require_origin=require_origin,
             cache_ttl_seconds=cache_ttl_seconds,
+            policy=defaults,
         )
         try:
             await self._repository.create_project(project)
@@ -220,16 +228,22 @@ class ManagementService:
         require_origin: bool | None = None,
         cache_ttl_seconds: int | None = None,
         clear_cache_ttl_seconds: bool = False,
+        policy: Mapping[str, Any] | None = None,
     ) -> Project:
         """Change fields; a new key is encrypted; applies to the next request.
 
         `clear_max_concurrent` removes the project's own cap (the default applies),
         `clear_cache_ttl_seconds` its cache setting; an empty `allowed_origins` its
-        own origins (CORS_ALLOWED_ORIGINS apply).
+        own origins (CORS_ALLOWED_ORIGINS apply). `policy`: the default fields to
+        change, the others are kept (null clears one).
         """
         _check_max_concurrent(max_concurrent)
         _check_cache_ttl(cache_ttl_seconds)
         origins = None if allowed_origins is None else _valid_origins(allowed_origins)
+        defaults: TokenPolicy | None = None
+        if policy:
+            current = (await self.get_project(project_id)).policy
+            defaults = _policy(current, policy, bind=False)
         changes = ProjectChanges(
             name=None if name is None else _valid_name(name),
             description=None
@@ -247,6 +261,8 @@ class ManagementService:
             require_origin=require_origin,
             cache_ttl_seconds=cache_ttl_seconds,
             clear_cache_ttl_seconds=clear_cache_ttl_seconds,
+            policy=defaults,
+            clear_policy=bool(policy) and defaults is None,
         )
         try:
             project = await self._repository.update_project(
@@ -287,14 +303,20 @@ class ManagementService:
         max_requests: int | None = None,
         rate_limit_per_hour: int | None = None,
         max_concurrent: int | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> NewToken:
-        """Mint a token for an active project; its value is returned only here."""
+        """Mint a token for an active project; its value is returned only here.
+
+        `policy`: what the token may send (`management.policy`), within its project's
+        defaults.
+        """
         _check_range("duration_minutes", duration_minutes, 1, MAX_DURATION_MINUTES)
         if max_requests is not None:
             _check_range("max_requests", max_requests, 1, 2**31 - 1)
         if rate_limit_per_hour is not None:
             _check_range("rate_limit_per_hour", rate_limit_per_hour, 1, 2**31 - 1)
         _check_max_concurrent(max_concurrent)
+        narrowed = _policy(None, policy or {}, bind=True)
         project = await self.get_project(project_id)
         if not project.is_active:
             raise Forbidden(
@@ -315,6 +337,7 @@ class ManagementService:
             created_at=now,
             last_used_at=None,
             max_concurrent=max_concurrent,
+            policy=narrowed,
         )
         await self._repository.create_token(token)
         self._store.put_token(token)
@@ -359,6 +382,16 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
         raise ServiceError(
             f"{param} must be between {low} and {high}, got {value}.", param=param
         )
+
+
+def _policy(
+    current: TokenPolicy | None, fields: Mapping[str, Any], *, bind: bool
+) -> TokenPolicy | None:
+    """The policy `fields` make of `current`; a broken rule is a ServiceError."""
+    try:
+        return changed_policy(current, fields, bind=bind)
+    except PolicyError as exc:
+        raise ServiceError(exc.message, param=exc.param) from None
 
 
 def _check_max_concurrent(value: int | None) -> None:

@@ -1,8 +1,9 @@
 """Forwarding one call: the client's body, the upstream request, chunk-by-chunk relay.
 
 Owns `proxy_handler`. The session and the sending live in `upstream.py`, the header
-rules in `headers.py`. Knows nothing of tokens, limits or storage: what it needs (the
-upstream Authorization value, rate-limit headers) arrives in request keys.
+rules in `headers.py`, a token's policy checks in `policy.py`. Knows nothing of
+tokens, limits or storage: what it needs (the upstream Authorization value, the
+token's compiled policy, rate-limit headers) arrives in request keys.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from typing import Final
 
 import aiohttp
@@ -18,6 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
+from ..auth.policy import CallPolicy
 from ..errors import (
     ApiError,
     IncompleteBodyError,
@@ -47,6 +50,7 @@ from .headers import (
     upstream_headers,
 )
 from .multipart import FORM_HEAD_BYTES
+from .policy import check_body, enforce_bindings
 from .upstream import send_upstream
 
 log = logging.getLogger(__name__)
@@ -107,12 +111,68 @@ class CountedBody:
 
 
 UpstreamBody = bytes | io.BytesIO | CountedBody | None
+# Notes what a body read whole says (model, stream); returns the body to send.
+Peek = Callable[[bytes, Exchange], bytes]
 # Failures to get a connection at all: the call never reached the upstream.
 _NEVER_CONNECTED: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
+def _peeked(body: bytes, exchange: Exchange) -> bytes:
+    """Note model and stream of a JSON body; the body with `include_usage` if due."""
+    return _with_usage(body, _peek_json(body, exchange), exchange)
+
+
+class _PolicedPeek:
+    """`_peeked` under a token's policy: the body's fields are checked as well."""
+
+    __slots__ = ("peeked", "policy")
+
+    def __init__(self, policy: CallPolicy) -> None:
+        self.policy = policy
+        self.peeked = False
+
+    def __call__(self, body: bytes, exchange: Exchange) -> bytes:
+        self.peeked = True
+        payload = _peek_json(body, exchange)
+        check_body(self.policy, payload, exchange)
+        return _with_usage(body, payload, exchange)
+
+    def unread(self, body: UpstreamBody, exchange: Exchange) -> None:
+        """A body not peeked at (a form, an upload) has no model the proxy can read:
+        judged as such, so a policy that limits models refuses it."""
+        if body is not None and not self.peeked:
+            check_body(self.policy, None, exchange)
+
+
+def _with_usage(
+    body: bytes, payload: dict[str, object] | None, exchange: Exchange
+) -> bytes:
+    """The body, with `include_usage` when a streamed usage call left it unset."""
+    if payload is not None and exchange.stream and exchange.path in USAGE_ENDPOINTS:
+        injected = inject_include_usage(body, payload)
+        if injected is not None:
+            exchange.usage_injected = True
+            return injected
+    return body
+
+
+def _peek_json(body: bytes, exchange: Exchange) -> dict[str, object] | None:
+    if len(body) <= JSON_PEEK_LIMIT:
+        exchange.request_body = body
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    exchange.model = model if isinstance(model, str) else None
+    exchange.stream = data.get("stream") is True
+    return data
+
+
 async def read_body(
-    request: web.Request, exchange: Exchange, limit: int
+    request: web.Request, exchange: Exchange, limit: int, peek: Peek = _peeked
 ) -> UpstreamBody:
     """The body to send upstream: None, the bytes read whole, or a counted stream.
 
@@ -132,15 +192,15 @@ async def read_body(
         raise RequestTooLargeError(limit)
     content_type = request.headers.get(hdrs.CONTENT_TYPE)
     kind = media_type(content_type)
-    peek = exchange.path in USAGE_ENDPOINTS or kind == "application/json"
+    peeked = exchange.path in USAGE_ENDPOINTS or kind == "application/json"
     form = kind == "multipart/form-data"
     if form:
         exchange.form_type = content_type
-    if not peek and (length is None or length > JSON_PEEK_LIMIT):
+    if not peeked and (length is None or length > JSON_PEEK_LIMIT):
         return CountedBody(request.content, limit, exchange if form else None)
     body = await _read_whole(request, limit)
-    if peek:
-        body = _peeked(body, exchange)
+    if peeked:
+        body = peek(body, exchange)
     elif form:
         exchange.form_head = body[:FORM_HEAD_BYTES]
     return io.BytesIO(body) if len(body) > _LARGE_BYTES_BODY else body
@@ -154,32 +214,6 @@ async def _read_whole(request: web.Request, limit: int) -> bytes:
         raise RequestTooLargeError(limit) from None
     except (ConnectionResetError, HttpProcessingError) as exc:
         raise IncompleteBodyError() from exc
-
-
-def _peeked(body: bytes, exchange: Exchange) -> bytes:
-    """Note model and stream of a JSON body; the body with `include_usage` if due."""
-    if len(body) <= JSON_PEEK_LIMIT:
-        exchange.request_body = body
-    payload = _peek_json(body, exchange)
-    if payload is not None and exchange.stream and exchange.path in USAGE_ENDPOINTS:
-        injected = inject_include_usage(body, payload)
-        if injected is not None:
-            exchange.usage_injected = True
-            return injected
-    return body
-
-
-def _peek_json(body: bytes, exchange: Exchange) -> dict[str, object] | None:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    model = data.get("model")
-    exchange.model = model if isinstance(model, str) else None
-    exchange.stream = data.get("stream") is True
-    return data
 
 
 def upstream_url(base: str, path: str, raw_path: str) -> URL:
@@ -197,7 +231,21 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Forward one request upstream and relay the response chunk by chunk."""
     settings = request.app[SETTINGS_KEY]
     exchange = request[EXCHANGE_KEY]
-    body = await read_body(request, exchange, settings.max_request_bytes)
+    principal = request[PRINCIPAL_KEY]
+    headers = upstream_headers(
+        request.headers,
+        principal.upstream_authorization,
+        exchange.request_id,
+        _forwarded_client(request, settings),
+    )
+    policy = principal.policy
+    if policy is None:
+        body = await read_body(request, exchange, settings.max_request_bytes)
+    else:  # bound headers first, then the body's fields
+        enforce_bindings(policy, request.headers, headers)
+        peek = _PolicedPeek(policy)
+        body = await read_body(request, exchange, settings.max_request_bytes, peek)
+        peek.unread(body, exchange)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
     ):
@@ -210,12 +258,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             if exchange.cors is not None:
                 add_cors_headers(cached.headers, exchange.cors)
             return cached
-    headers = upstream_headers(
-        request.headers,
-        request[PRINCIPAL_KEY].upstream_authorization,
-        exchange.request_id,
-        _forwarded_client(request, settings),
-    )
     if isinstance(body, CountedBody) and request.content_length is not None:
         # aiohttp's parser delivers exactly this many bytes or fails the stream.
         headers[hdrs.CONTENT_LENGTH] = str(request.content_length)

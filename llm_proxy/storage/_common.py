@@ -1,4 +1,5 @@
-"""Value conversions both SQL backends share: LIKE patterns, metadata JSON, paging.
+"""Value conversions both SQL backends share: LIKE patterns, metadata and policy
+JSON, paging.
 
 Also what makes a usage row storable on both alike: text without NUL (PostgreSQL's
 text and jsonb refuse it), bounded in length, and integers that fit PostgreSQL's.
@@ -11,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Final
 
-from .base import RejectedRowsError, UsageEvent
+import orjson
+
+from .base import RejectedRowsError, TokenPolicy, UsageEvent
 
 # Usage rows carry client-chosen text (the request's model, an unknown path): each
 # column keeps this many characters, so one 1 MiB model is not stored per call.
@@ -66,6 +69,36 @@ def load_origins(text: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError("stored allowed origins are not a JSON array")
     return tuple(str(origin) for origin in value)
+
+
+def dump_policy(policy: TokenPolicy | None) -> str | None:
+    """A policy as compact JSON of what it narrows; None (NULL) when it narrows nothing."""
+    if policy is None:
+        return None
+    data: dict[str, Any] = {}
+    if policy.bind:
+        data["bind"] = dict(policy.bind)
+    if policy.allowed_models is not None:
+        data["allowed_models"] = list(policy.allowed_models)
+    if policy.max_output_tokens_cap is not None:
+        data["max_output_tokens_cap"] = policy.max_output_tokens_cap
+    if not policy.allow_streaming:
+        data["allow_streaming"] = False
+    return orjson.dumps(data).decode() if data else None
+
+
+def load_policy(text: str | None) -> TokenPolicy | None:
+    """A policy from its stored JSON (orjson: a reload reads up to a page per slice)."""
+    if text is None:
+        return None
+    data = orjson.loads(text)
+    models = data.get("allowed_models")
+    return TokenPolicy(
+        bind=data.get("bind") or {},
+        allowed_models=None if models is None else tuple(models),
+        max_output_tokens_cap=data.get("max_output_tokens_cap"),
+        allow_streaming=data.get("allow_streaming", True),
+    )
 
 
 def check_page(limit: int, offset: int) -> None:

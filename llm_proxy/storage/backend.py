@@ -16,6 +16,7 @@ from ._common import (
     check_page,
     dump_metadata,
     dump_origins,
+    dump_policy,
     like_pattern,
     storable_usage_event,
 )
@@ -377,6 +378,7 @@ class SqlBackend(ABC):
             project.cache_ttl_seconds,
             dump_origins(project.allowed_origins),
             project.require_origin,
+            dump_policy(project.policy),
         )
 
     def _token_params(self, token: Token) -> Params:
@@ -394,6 +396,7 @@ class SqlBackend(ABC):
             self._time(token.created_at),
             None if last_used_at is None else self._time(last_used_at),
             token.max_concurrent,
+            dump_policy(token.policy),
         )
 
     def _filter_params(self, token_filter: TokenFilter, now: datetime) -> Params | None:
@@ -422,7 +425,7 @@ class SqlBackend(ABC):
 
 
 def _changes_params(changes: ProjectChanges) -> Params:
-    """Parameters $2 to $13 of update_project."""
+    """Parameters $2 to $15 of update_project."""
     metadata, origins = changes.metadata, changes.allowed_origins
     return (
         changes.name,
@@ -437,6 +440,8 @@ def _changes_params(changes: ProjectChanges) -> Params:
         changes.cache_ttl_seconds,
         None if origins is None else dump_origins(origins),
         changes.require_origin,
+        changes.clear_policy,
+        dump_policy(changes.policy),
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [  # what `llm_proxy.storage` re-exports
     "RevokeCounts",
     "Token",
     "TokenFilter",
+    "TokenPolicy",
     "TokenUsage",
     "UsageEvent",
     "UsageRow",
@@ -63,6 +64,21 @@ class RejectedRowsError(RepositoryError):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """What a token may send, narrowing the API; a project's holds the defaults.
+
+    `bind`: metadata each call must repeat in a header (`user_id` -> `X-Proxy-User-Id`),
+    never on a project. `allowed_models`: globs the body's model must match (None: any).
+    `max_output_tokens_cap`: a ceiling on the requested output tokens (None: none).
+    """
+
+    bind: Mapping[str, str] = field(default_factory=dict)
+    allowed_models: tuple[str, ...] | None = None
+    max_output_tokens_cap: int | None = None
+    allow_streaming: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Project:
     """One project: who owns tokens and whose upstream key they spend."""
 
@@ -82,14 +98,15 @@ class Project:
     # Canonical browser origins (llm_proxy.origins); empty: CORS_ALLOWED_ORIGINS apply.
     allowed_origins: tuple[str, ...] = ()
     require_origin: bool = False  # its tokens are refused without an Origin header
+    policy: TokenPolicy | None = None  # defaults its tokens can only narrow
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectChanges:
     """Fields of a project to change; None leaves a field as it is.
 
-    `max_concurrent` and `cache_ttl_seconds` are nullable in storage: their `clear_*`
-    flag sets them to NULL.
+    `max_concurrent`, `cache_ttl_seconds` and `policy` are nullable in storage: their
+    `clear_*` flag sets them to NULL.
     """
 
     name: str | None = None
@@ -104,6 +121,8 @@ class ProjectChanges:
     clear_cache_ttl_seconds: bool = False
     allowed_origins: tuple[str, ...] | None = None  # () empties the list
     require_origin: bool | None = None
+    policy: TokenPolicy | None = None
+    clear_policy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +141,7 @@ class Token:
     created_at: datetime
     last_used_at: datetime | None
     max_concurrent: int | None = None  # None: the TOKEN_MAX_CONCURRENT default
+    policy: TokenPolicy | None = None  # None: only its project's defaults apply
     # The row's change marker as `load_tokens_changed_since` read it (None from every
     # other read): every write gives the row a new one, so it names this version.
     change_seq: int | None = field(default=None, compare=False, repr=False)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
-from ._common import load_metadata, load_origins
+from ._common import load_metadata, load_origins, load_policy
 from .audit_sql import AuditBackend, audit_statements
 from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
@@ -286,14 +286,18 @@ class PostgresRepository(AuditBackend):
             ttl,
             origins,
             row[12],
+            load_policy(row[13]),
         )
 
     @staticmethod
     def _token(row: asyncpg.Record, change_seq: int | None = None) -> Token:
         # TOKEN_COLUMNS order, by position (see SqliteRepository._token); only the
-        # UUIDs need converting.
+        # UUIDs and the policy need converting.
         rest: TokenTail = row[4:12]
-        return Token(str(row[0]), row[1], row[2], str(row[3]), *rest, change_seq)
+        policy = load_policy(row[12])
+        return Token(
+            str(row[0]), row[1], row[2], str(row[3]), *rest, policy, change_seq
+        )
 
     @staticmethod
     def _usage_event(row: asyncpg.Record) -> UsageEvent:

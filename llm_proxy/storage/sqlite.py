@@ -25,7 +25,7 @@ import aiosqlite
 
 from ..clock import utc_iso
 from ..private_files import create_private_file
-from ._common import load_metadata, load_origins
+from ._common import load_metadata, load_origins, load_policy
 from .audit_sql import AuditBackend, audit_statements
 from .backend import Params
 from .base import ChangeCursor, Project, RevokeCounts, Token, TokenUsage, UsageEvent
@@ -273,6 +273,7 @@ class SqliteRepository(AuditBackend):
             cache_ttl_seconds=row["cache_ttl_seconds"],
             allowed_origins=load_origins(row["allowed_origins"]),
             require_origin=bool(row["require_origin"]),
+            policy=load_policy(row["policy"]),
         )
 
     @staticmethod
@@ -293,6 +294,7 @@ class SqliteRepository(AuditBackend):
             created_at=_from_text(row[9]),
             last_used_at=_optional_time(row[10]),
             max_concurrent=row[11],
+            policy=load_policy(row[12]),
             change_seq=change_seq,
         )
 

@@ -21,11 +21,12 @@ from .base import UsageEvent
 PROJECT_COLUMNS: Final = (
     "id, name, description, metadata, openai_api_key, api_key_hint, is_active,"
     " created_at, updated_at, max_concurrent, cache_ttl_seconds, allowed_origins,"
-    " require_origin"
+    " require_origin, policy"
 )
 TOKEN_COLUMNS: Final = (
     "id, token, token_hint, project_id, expires_at, is_active, request_count,"
-    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent"
+    " max_requests, rate_limit_per_hour, created_at, last_used_at, max_concurrent,"
+    " policy"
 )
 CHANGE_SEQ: Final = TOKEN_COLUMNS.count(",") + 1  # tokens_changed selects it next
 # usage_events has a column per `UsageEvent` field, of the same name, in that order.
@@ -81,7 +82,8 @@ class Statements:
     )
     insert_project: str = (
         "INSERT INTO projects ({project_columns})"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13,"
+        " $14::jsonb)"
     )
     select_project: str = "SELECT {project_columns} FROM projects WHERE id = $1"
     list_projects: str = (
@@ -101,13 +103,14 @@ UPDATE projects SET
     cache_ttl_seconds = CASE WHEN $10 THEN NULL ELSE coalesce($11, cache_ttl_seconds) END,
     allowed_origins = coalesce($12::jsonb, allowed_origins),
     require_origin = coalesce($13, require_origin),
-    updated_at = $14
+    policy = CASE WHEN $14 THEN NULL ELSE coalesce($15::jsonb, policy) END,
+    updated_at = $16
 WHERE id = $1
 RETURNING {project_columns}"""
     delete_project: str = "DELETE FROM projects WHERE id = $1"
     insert_token: str = (
         "INSERT INTO tokens ({token_columns})"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
     )
     select_token: str = "SELECT {token_columns} FROM tokens WHERE id = $1"
     select_token_by_hash: str = "SELECT {token_columns} FROM tokens WHERE token = $1"

@@ -863,3 +863,72 @@ def test_admin_pager_and_form_numbers() -> None:
     assert page_number({"page": "-3"}) == 1
     assert optional_int({"n": " 7 "}, "n") == 7
     assert optional_int({"n": ""}, "n") is None
+
+
+async def test_admin_token_form_sets_a_policy_shown_on_the_token_page(
+    admin: Client, fake: FakeUpstreamState
+) -> None:
+    project_id = await new_project(admin)
+    form = await page(admin, f"/admin/tokens/new?project_id={project_id}")
+    for name in ("bind", "allowed_models", "max_output_tokens_cap", "no_streaming"):
+        assert f'name="{name}"' in form
+    value = await new_token(
+        admin,
+        project_id,
+        bind="user_id=alice\r\n\r\nclient = web-1\r\n",
+        allowed_models="gpt-4o-mini, o1*  text-embedding-3-*",
+        max_output_tokens_cap="1000",
+        no_streaming="1",
+    )
+    token = await first_token(admin, project_id)
+    assert token.policy is not None
+    assert dict(token.policy.bind) == {"user_id": "alice", "client": "web-1"}
+    assert token.policy.allowed_models == ("gpt-4o-mini", "o1*", "text-embedding-3-*")
+    assert token.policy.max_output_tokens_cap == 1000
+    assert token.policy.allow_streaming is False
+    shown = await page(admin, f"/admin/tokens/{token.id}")
+    for fact in (
+        "X-Proxy-User-Id",
+        "alice",
+        "X-Proxy-Client",
+        "o1*",
+        "1000",
+        "refused",
+    ):
+        assert fact in shown, fact
+    headers = {**bearer(value), "X-Proxy-User-Id": "alice", "X-Proxy-Client": "web-1"}
+    assert (await admin.get("/v1/models", headers=headers)).status == 200
+    assert (await admin.get("/v1/models", headers=bearer(value))).status == 403
+
+
+async def test_admin_token_page_without_policy_says_so(admin: Client) -> None:
+    project_id = await new_project(admin)
+    await new_token(admin, project_id)
+    token = await first_token(admin, project_id)
+    shown = await page(admin, f"/admin/tokens/{token.id}")
+    assert "any model" in shown and "no bound headers" in shown
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"bind": "alice"}, "key=value"),
+        ({"bind": "User=alice"}, "bind key"),
+        ({"allowed_models": "x" * 129}, "allowed_models"),
+        ({"max_output_tokens_cap": "lots"}, "whole number"),
+        (
+            {"max_output_tokens_cap": "20000000"},
+            "max_output_tokens_cap must be between",
+        ),
+    ],
+)
+async def test_admin_token_policy_errors_keep_the_form(
+    admin: Client, fields: dict[str, str], message: str
+) -> None:
+    project_id = await new_project(admin)
+    data = {"project_id": project_id, "duration_minutes": "60", "no_streaming": "1"}
+    response = await post(admin, "/admin/tokens", {**data, **fields})
+    assert response.status == 400
+    body = await response.text()
+    assert message in body and "Generate token" in body
+    assert 'name="no_streaming" value="1" checked' in body

@@ -249,6 +249,40 @@ async def test_browser_inactive_project_is_named_and_never_swapped(
     assert [refused in problem for problem in problems] == [True]  # that page only
 
 
+async def test_browser_token_with_a_policy_is_bound_to_its_user(
+    server: TestServer, browser_page: tuple[Any, list[str]], fake: FakeUpstreamState
+) -> None:
+    page, problems = browser_page
+    project_id = await create_project(page, "Policy team")
+    await page.goto(f"/admin/tokens/new?project_id={project_id}")
+    await page.get_by_label("Bound headers").fill("user_id=alice")
+    await page.get_by_label("Allowed models").fill("gpt-4o-mini, o1*")
+    await page.get_by_label("Output tokens cap").fill("1000")
+    await page.get_by_label("Refuse streaming").check()
+    await shoot(page, "token-new-policy")
+    await page.get_by_role("button", name="Generate token").click()
+    await page.wait_for_selector("#token-value")
+    value = await page.locator("#token-value").input_value()
+    await page.goto("/admin/tokens")
+    await page.get_by_role("link", name=f"…{value[-4:]}").click()
+    facts = page.locator("dl.facts")
+    await expect(facts).to_contain_text("X-Proxy-User-Id: alice")
+    await expect(facts).to_contain_text("gpt-4o-mini, o1*")
+    await expect(facts).to_contain_text("at most 1000 per call")
+    await expect(facts).to_contain_text("refused")
+    await shoot(page, "token-policy")
+
+    body = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 10}
+    url = server.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        for user, status in (("bob", 403), ("alice", 200)):
+            headers = {**bearer(value), "X-Proxy-User-Id": user}
+            async with session.post(url, json=body, headers=headers) as response:
+                assert response.status == status, await response.text()
+    assert fake.requests_seen == 1
+    assert problems == []
+
+
 async def test_browser_cancelled_sign_in_shows_a_page(server: TestServer) -> None:
     _require_chromium()
     async with async_playwright() as playwright:

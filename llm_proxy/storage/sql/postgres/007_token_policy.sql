@@ -1,0 +1,7 @@
+-- Per-token policy and its project defaults (PostgreSQL): JSON of what the policy
+-- narrows (bound header metadata, allowed model globs, an output-token cap, no
+-- streaming), NULL when it narrows nothing. The proxy reads it only at reload, into
+-- its in-memory token table; nothing queries inside it.
+
+ALTER TABLE projects ADD COLUMN policy JSONB NULL;
+ALTER TABLE tokens ADD COLUMN policy JSONB NULL;
