@@ -108,9 +108,10 @@ class Stack:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, args: list[str], cpu: int | None, env: dict[str, str] | None = None
+        self, args: list[str], cpu: int | str | None, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start a process pinned to one CPU (None: any), its output in the work
+        """Start a process pinned to one CPU or a taskset list such as "0-1" (None:
+        the CPUs of this script, which run.py pins to CPU 1), its output in the work
         folder."""
         log = (self.workdir / f"proc-{len(self.processes)}.log").open("wb")
         pin = [] if cpu is None else ["taskset", "-c", str(cpu)]

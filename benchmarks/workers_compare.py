@@ -68,7 +68,8 @@ def start_fleet(
     env = proxy_env(stack, name, port, upstream_port)
     env |= {"REDIS_URL": redis_url, "LLM_PROXY_EVENT_BUS": "redis"}
     command = [sys.executable, "-m", "llm_proxy", "serve", "--workers", str(workers)]
-    process = stack.start(command, cpu=None, env=env)
+    # every CPU: the driver pinned itself to CPU 1, and children inherit that
+    process = stack.start(command, cpu=f"0-{(os.cpu_count() or 1) - 1}", env=env)
     wait_port(port, 60)
     token = asyncio.run(create_token(port))
     return Fleet(workers, port, process.pid, token)
