@@ -10,7 +10,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,16 +240,6 @@ async def test_app_in_fleet_mode_gives_back_units_of_calls_refused_later(
 
 
 # -- Redis away, and back ---------------------------------------------------------
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def ready_status(client: Client) -> dict[str, Any]:

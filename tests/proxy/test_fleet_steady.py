@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,17 +29,6 @@ Client = TestClient[Any, Any]
 HUGE = 10**9  # an hourly rate no test comes near
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    """A redis-server of this test's own: its command counts are the test's alone."""
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def lease_scripts_run(url: str) -> int:
     """EVALSHA calls the Redis server at `url` has answered so far."""
     client = Redis.from_url(url)
@@ -52,17 +40,17 @@ async def lease_scripts_run(url: str) -> int:
 
 
 async def test_sequential_calls_make_one_round_trip_per_lease_and_never_wait(
-    own_redis: PrivateRedis, start_proxy: Callable[..., Any]
+    private_redis: PrivateRedis, start_proxy: Callable[..., Any]
 ) -> None:
-    proxy: Client = await start_proxy(REDIS_URL=own_redis.url)
+    proxy: Client = await start_proxy(REDIS_URL=private_redis.url)
     fleet: FleetLimiter = proxy.app[FLEET_LIMITER_KEY]
     _, token = await proxy_token(proxy)
-    before = await lease_scripts_run(own_redis.url)
+    before = await lease_scripts_run(private_redis.url)
     calls = 200
     for _ in range(calls):
         response = await proxy.get("/v1/models", headers=bearer(token))
         assert response.status == 200
-    round_trips = await lease_scripts_run(own_redis.url) - before
+    round_trips = await lease_scripts_run(private_redis.url) - before
     # the first lease, then one per LEASE_FLOOR calls (each asked at half spent)
     assert 1 <= round_trips <= math.ceil(calls / LEASE_FLOOR) + 1
     # only the first call found the lease empty; every later refill landed ahead
