@@ -89,7 +89,7 @@ class OriginGate(Protocol):
     header lookup and, in token auth, two attribute tests.
     """
 
-    def admit(self, request: web.Request, exchange: Exchange, origin: str) -> None: ...
+    def admit(self, exchange: Exchange, origin: str) -> None: ...
 
     def check(self, principal: Principal, exchange: Exchange) -> None: ...
 
@@ -125,7 +125,7 @@ def proxy_chain(
             if origins is not None:
                 origin = request.headers.get(hdrs.ORIGIN)
                 if origin is not None:
-                    origins.admit(request, record, origin)
+                    origins.admit(record, origin)
             for stage in chain:
                 pending = stage.enter(request, record)
                 if pending is not None:

@@ -83,7 +83,7 @@ class CorsPolicy:
         """Allowed server-wide or by any active project (a preflight's question)."""
         return self.default.allows(origin) or self.index.allows(origin)
 
-    def admit(self, request: web.Request, exchange: Exchange, origin: str) -> None:
+    def admit(self, exchange: Exchange, origin: str) -> None:
         """Before the stages: keep the origin; one allowed somewhere gets CORS headers
         on the proxy's own errors (a page may read why it was refused)."""
         exchange.origin = origin
