@@ -23,6 +23,12 @@ from .base import (
     upstream_key,
 )
 from .policy_options import policy_body, policy_options
+from .project_options import (
+    cache_ttl_fields,
+    cache_ttl_option,
+    origin_fields,
+    origin_options,
+)
 
 # -- manage --------------------------------------------------------------------------
 
@@ -92,44 +98,6 @@ def target_options(function: F) -> F:
 def json_option(function: F) -> F:
     """`--json`: print the API's JSON instead of a table."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
-
-
-def origin_options(function: F) -> F:
-    """`--allowed-origin URL` (repeatable) and `--require-origin/--no-require-origin`."""
-    options = [
-        click.option(
-            "--allowed-origin",
-            "allowed_origins",
-            multiple=True,
-            metavar="URL",
-            help="An origin whose pages may use the project's tokens "
-            "(https://app.example.com, https://*.example.com); repeatable.",
-        ),
-        click.option(
-            "--require-origin/--no-require-origin",
-            default=None,
-            help="Refuse the project's tokens without an Origin header.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def _origin_fields(
-    origins: tuple[str, ...], clear: bool, require_origin: bool | None
-) -> dict[str, Any]:
-    """The body fields the origin options give."""
-    if clear and origins:
-        raise click.UsageError(
-            "--clear-allowed-origins and --allowed-origin exclude each other"
-        )
-    fields: dict[str, Any] = {}
-    if origins or clear:
-        fields["allowed_origins"] = list(origins)
-    if require_origin is not None:
-        fields["require_origin"] = require_origin
-    return fields
 
 
 @main.group()
@@ -225,6 +193,7 @@ def project_get(ctx: click.Context, project_id: str, as_json: bool) -> None:
 @click.option("--description")
 @click.option("--metadata", help="A JSON object.")
 @origin_options
+@cache_ttl_option
 @policy_options()
 @json_option
 @click.pass_context
@@ -235,6 +204,7 @@ def project_create(
     metadata: str | None,
     allowed_origins: tuple[str, ...],
     require_origin: bool | None,
+    cache_ttl: int | None,
     allowed_models: tuple[str, ...],
     max_output_tokens_cap: int | None,
     streaming: bool | None,
@@ -251,7 +221,8 @@ def project_create(
         streaming=streaming,
     )
     api_key = upstream_key(non_interactive=False)
-    origins = _origin_fields(allowed_origins, False, require_origin)
+    fields = origin_fields(allowed_origins, False, require_origin)
+    fields |= cache_ttl_fields(cache_ttl)
     item = call_api(
         ctx,
         lambda api: api.create_project(
@@ -259,7 +230,7 @@ def project_create(
             api_key=api_key,
             description=description,
             metadata=meta,
-            **origins,
+            **fields,
             **defaults,
         ),
     )
@@ -284,6 +255,12 @@ def project_create(
     is_flag=True,
     help="Remove the project's own origins (CORS_ALLOWED_ORIGINS apply).",
 )
+@cache_ttl_option
+@click.option(
+    "--clear-cache-ttl",
+    is_flag=True,
+    help="Back to the default: the cache takes part only when the client asks.",
+)
 @policy_options(clearing=True)
 @json_option
 @click.pass_context
@@ -298,6 +275,8 @@ def project_update(
     allowed_origins: tuple[str, ...],
     require_origin: bool | None,
     clear_allowed_origins: bool,
+    cache_ttl: int | None,
+    clear_cache_ttl: bool,
     allowed_models: tuple[str, ...],
     max_output_tokens_cap: int | None,
     streaming: bool | None,
@@ -307,7 +286,8 @@ def project_update(
 ) -> None:
     """Change a project's fields (--allowed-origin replaces the whole list; of its
     policy defaults, only those given change)."""
-    changes = _origin_fields(allowed_origins, clear_allowed_origins, require_origin)
+    changes = origin_fields(allowed_origins, clear_allowed_origins, require_origin)
+    changes |= cache_ttl_fields(cache_ttl, clear_cache_ttl)
     changes |= policy_body(
         allowed_models=allowed_models,
         max_output_tokens_cap=max_output_tokens_cap,
