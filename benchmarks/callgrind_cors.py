@@ -39,18 +39,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from callgrind import Callgrind
 from callgrind_metrics import (
-    Callgrind,
     alternate,
     chat,
     instructions_per_call,
     operation_instructions,
     per_kind_lines,
-    proxy_env,
     run_operations,
     with_fake_upstream,
 )
-from stack import Stack, free_port
+from stack import Stack, free_port, proxy_env
 
 KINDS = ("before", "after", "after-origin")
 ORIGIN = "https://app.example.com"

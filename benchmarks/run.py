@@ -8,8 +8,10 @@ Starts, on loopback:
   rate limit, allowlist, breaker, instrumentation with a JSONL event log), each
   pinned to CPU 0 in turn, while nginx, wrk and this script run on the other CPU.
 
-Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk), added
-time-to-first-byte of a 20-event stream, peak RSS, and the proxy/baseline ratios.
+Reports throughput at 64 connections, p50/p99 at concurrency 1 (wrk, in one-second
+slices that the servers take in turns; what a server adds is the median of its
+slice-by-slice differences), added time-to-first-byte of a 20-event stream, peak RSS,
+and the proxy/baseline ratios.
 `--variants` adds the proxy without events and without its stages
 (benchmarks/variant.py), measured in the same rounds, to show what each part costs.
 `--redis-limits` adds the proxy with fleet limits on a Redis of its own (REDIS_URL,
@@ -79,6 +81,7 @@ TARGETS = {
     "p50_added_goal_ms": 0.05,
 }
 TARGET_TTFB_MS = 1.0
+LATENCY_SLICES_PER_ROUND = 4  # one-second c=1 slices per server and round
 TARGET_REDIS_CPU_RATIO = 1.10  # fleet limits: CPU per call within 10 % of without
 TARGET_REDIS_P50_ADDED_MS = 0.05
 TARGET_RSS_MIB = 80.0
@@ -153,12 +156,31 @@ def measure(
     result.rps_c64.append(rps)
     calls = rps * max(1, round(duration_s))
     result.cpu_us_per_call.append(cpu / calls * 1e6 if calls else 0.0)
-    _, p50, p99 = run_wrk(f"{base}/v1/chat/completions", script, 1, duration_s / 2)
-    result.p50_ms_c1.append(p50)
-    result.p99_ms_c1.append(p99)
     result.ttfb_ms.extend(
         asyncio.run(ttfb_samples(f"{base}/v1/chat/completions", token, stream_n))
     )
+
+
+def measure_latency(servers: Sequence[Server], workdir: Path, slices: int) -> None:
+    """p50 and p99 at one connection, in `slices` one-second wrk runs per server.
+
+    The servers take turns slice by slice, so that slice `i` of each was measured
+    within seconds of the others: on a VM the latency of every server drifts by a
+    tenth of a millisecond from one second to the next, and a difference taken
+    slice by slice (`paired_added`) cancels what they share.
+    """
+    for _ in range(slices):
+        for server in servers:
+            result = server.result
+            script = wrk_lua(workdir / f"{result.name}.lua", server.token, CHAT_BODY)
+            _, p50, p99 = run_wrk(f"{server.base}/v1/chat/completions", script, 1, 1)
+            result.p50_ms_c1.append(p50)
+            result.p99_ms_c1.append(p99)
+
+
+def paired_added(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median of slice-by-slice differences `ours[i] - theirs[i]`, rounded."""
+    return med([a - b for a, b in zip(ours, theirs, strict=True)])
 
 
 def run(
@@ -222,6 +244,7 @@ def run(
                     duration_s,
                     stream_n,
                 )
+        measure_latency(servers, stack.workdir, rounds * LATENCY_SLICES_PER_ROUND)
         for server in servers:
             server.result.peak_rss_mib = peak_rss_mib(server.process.pid)
             server.result.children_rss_mib = children_peak_rss_mib(server.process.pid)
@@ -274,8 +297,8 @@ def summarise(baseline: Result, proxy: Result, event_lines: int) -> dict[str, ob
     }
     comparison = {
         "throughput_ratio": round(ours["rps_c64"] / base["rps_c64"], 3),
-        "p50_added_ms": round(ours["p50_ms_c1"] - base["p50_ms_c1"], 3),
-        "p99_added_ms": round(ours["p99_ms_c1"] - base["p99_ms_c1"], 3),
+        "p50_added_ms": paired_added(proxy.p50_ms_c1, baseline.p50_ms_c1),
+        "p99_added_ms": paired_added(proxy.p99_ms_c1, baseline.p99_ms_c1),
         "ttfb_added_ms": round(ours["ttfb_ms_p50"] - base["ttfb_ms_p50"], 3),
         "events_written": event_lines,
     }
@@ -309,7 +332,7 @@ def compare_variant(baseline: Result, variant: Result) -> dict[str, float]:
     return {
         "rps_c64": rps,
         "throughput_ratio": round(rps / med(baseline.rps_c64), 3),
-        "p50_added_ms": round(med(variant.p50_ms_c1) - med(baseline.p50_ms_c1), 3),
+        "p50_added_ms": paired_added(variant.p50_ms_c1, baseline.p50_ms_c1),
     }
 
 
@@ -317,7 +340,7 @@ def compare_redis_limits(proxy: Result, with_redis: Result) -> dict[str, object]
     """The proxy with fleet limits on Redis against the same proxy without them."""
     without, with_ = med(proxy.cpu_us_per_call), med(with_redis.cpu_us_per_call)
     ratio = round(with_ / without, 3) if without else 0.0
-    p50_added = round(med(with_redis.p50_ms_c1) - med(proxy.p50_ms_c1), 3)
+    p50_added = paired_added(with_redis.p50_ms_c1, proxy.p50_ms_c1)
     return {
         "cpu_us_per_call_without": without,
         "cpu_us_per_call_with": with_,
@@ -339,17 +362,16 @@ def compare_reference(proxy: Result, reference: Result) -> dict[str, float]:
         "throughput_vs_reference": round(
             med(proxy.rps_c64) / med(reference.rps_c64), 3
         ),
-        "p50_vs_reference_ms": round(
-            med(proxy.p50_ms_c1) - med(reference.p50_ms_c1), 3
-        ),
+        "p50_vs_reference_ms": paired_added(proxy.p50_ms_c1, reference.p50_ms_c1),
         "ttfb_vs_reference_ms": round(med(proxy.ttfb_ms) - med(reference.ttfb_ms), 3),
     }
 
 
 def print_report(report: dict[str, object]) -> None:
     """A small human-readable table."""
-    base, ours = report["baseline"], report["proxy"]
+    base, ours, comparison = report["baseline"], report["proxy"], report["comparison"]
     assert isinstance(base, dict) and isinstance(ours, dict)
+    assert isinstance(comparison, dict)
     print(f"{'metric':<22}{'baseline':>12}{'llm-proxy':>12}{'ratio/delta':>14}")
     for key, label in (
         ("rps_c64", "req/s @64 conns"),
@@ -360,8 +382,10 @@ def print_report(report: dict[str, object]) -> None:
     ):
         b, o = base[key], ours[key]
         delta = f"x{o / b:.3f}" if key == "rps_c64" else f"{o - b:+.3f}"
+        if key in ("p50_ms_c1", "p99_ms_c1"):  # slice by slice, not of the medians
+            delta = f"{comparison[key.replace('ms_c1', 'added_ms')]:+.3f}"
         print(f"{label:<22}{b:>12.3f}{o:>12.3f}{delta:>14}")
-    print("events written:", report["comparison"]["events_written"])  # type: ignore[index]
+    print("events written:", comparison["events_written"])
     print("estimation worker peak RSS MiB:", ours["estimator_rss_mib"])
     targets = report["targets_met"]
     assert isinstance(targets, dict)

@@ -59,8 +59,8 @@ def switch_off_events() -> None:
     Instrumentation.submit = lambda self, exchange: None  # type: ignore[method-assign]
 
 
-def bare_handler(settings, store, breaker, instrumentation, fleet=None):  # type: ignore[no-untyped-def]
-    """`create_proxy_handler` without its stages."""
+def bare_handler(settings, store, breaker, instrumentation, *_):  # type: ignore[no-untyped-def]
+    """`create_proxy_handler` without its stages (nor fleet limits or the cache)."""
     stage = FixedPrincipal(os.environ["BENCH_UPSTREAM_KEY"])
     return proxy_chain(instrumentation, [stage], proxy_handler)
 
