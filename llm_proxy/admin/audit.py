@@ -31,6 +31,8 @@ AUDITED: Final[Mapping[Any, str]] = {
     projects.create_project_action: audit.PROJECT_CREATE,
     projects.edit_project_action: audit.PROJECT_UPDATE,
     projects.rotate_key_action: audit.PROJECT_ROTATE_KEY,
+    projects.origins_action: audit.PROJECT_UPDATE,
+    projects.cache_action: audit.PROJECT_UPDATE,
     projects.activation_action: audit.PROJECT_ACTIVATE,
     projects.delete_project_action: audit.PROJECT_DELETE,
     projects.revoke_all_action: audit.PROJECT_REVOKE_TOKENS,

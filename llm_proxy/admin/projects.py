@@ -1,5 +1,5 @@
 """Project pages: list and search, create, detail, edit, key rotation, browser origins,
-activation, bulk token revocation and deletion. Writes go through `ManagementService`.
+response cache, activation, bulk token revocation and deletion. Writes go through `ManagementService`.
 """
 
 from __future__ import annotations
@@ -163,6 +163,35 @@ def _origin_changes(form: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+async def cache_action(request: web.Request) -> web.Response:
+    """Set the project's response-cache lifetime; empty: back to the default."""
+    form = await request.post()
+    try:
+        changes = _cache_changes(text(form, "cache_ttl_seconds"))
+    except ServiceError as exc:
+        project = await service(request).get_project(request.match_info["project_id"])
+        context = await _detail_context(request, project, exc)
+        return render(request, "project.html", context, status=http_status(exc))
+    return await _update(
+        request, lambda project: f"Response cache of “{project.name}” saved.", **changes
+    )
+
+
+def _cache_changes(value: str) -> dict[str, Any]:
+    """The cache field: blank clears it, a whole number of seconds sets it."""
+    value = value.strip()
+    if not value:
+        return {"clear_cache_ttl_seconds": True}
+    try:
+        return {"cache_ttl_seconds": int(value)}
+    except ValueError:
+        raise ServiceError(
+            "cache_ttl_seconds must be a whole number of seconds, or empty for the "
+            "default.",
+            param="cache_ttl_seconds",
+        ) from None
+
+
 async def activation_action(request: web.Request) -> web.Response:
     """Deactivate (`is_active=0`) or reactivate (`is_active=1`) the project."""
     form = await request.post()
@@ -244,6 +273,7 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/projects/{project_id}", edit_project_action)
     router.add_post("/projects/{project_id}/key", rotate_key_action)
     router.add_post("/projects/{project_id}/origins", origins_action)
+    router.add_post("/projects/{project_id}/cache", cache_action)
     router.add_post("/projects/{project_id}/active", activation_action)
     router.add_get("/projects/{project_id}/delete", confirm_delete_page)
     router.add_post("/projects/{project_id}/delete", delete_project_action)

@@ -33,6 +33,7 @@ from ..support import (
     ADMIN_ENV,
     ADMIN_PASSWORD,
     ADMIN_USER,
+    AUTH,
     UPSTREAM_KEY,
     FakeClock,
     bearer,
@@ -479,6 +480,45 @@ async def test_admin_sets_changes_and_clears_project_origins(admin: Client) -> N
     relayed = await admin.get("/v1/models", headers=from_page)
     assert relayed.status == 200
     assert "Access-Control-Allow-Origin" not in relayed.headers
+
+
+def response_cache(detail: str) -> str:
+    """The "Response cache" fact of a project page, tags removed."""
+    match = re.search(r"<dt>Response cache</dt><dd>(.*?)</dd>", detail)
+    assert match is not None
+    return re.sub(r"<[^>]+>", "", match.group(1))
+
+
+async def test_admin_sets_changes_and_clears_project_cache_ttl(admin: Client) -> None:
+    project_id = await new_project(admin, "cached")
+    detail = await page(admin, f"/admin/projects/{project_id}")
+    assert (
+        response_cache(detail) == "only when the client asks (Cache-Control: max-age)"
+    )
+    url = f"/admin/projects/{project_id}/cache"
+    detail = await follow(admin, await post(admin, url, {"cache_ttl_seconds": "600"}))
+    assert response_cache(detail) == "its POSTs for up to 600 s"
+    assert (
+        'name="cache_ttl_seconds" type="number"' in detail and 'value="600"' in detail
+    )
+    api = await admin.get(f"/manage/projects/{project_id}", headers=AUTH)
+    assert (await api.json())["cache_ttl_seconds"] == 600
+    detail = await follow(admin, await post(admin, url, {"cache_ttl_seconds": "0"}))
+    assert response_cache(detail) == "never: its answers are not stored"
+    detail = await follow(admin, await post(admin, url, {"cache_ttl_seconds": " "}))
+    assert response_cache(detail).startswith("only when the client asks")
+
+
+async def test_admin_project_cache_ttl_errors_name_the_field(admin: Client) -> None:
+    project_id = await new_project(admin, "cached")
+    url = f"/admin/projects/{project_id}/cache"
+    for bad, message in [
+        ("ten", "cache_ttl_seconds must be a whole number of seconds"),
+        ("-1", "cache_ttl_seconds must be between 0 and 31536000, got -1."),
+    ]:
+        response = await post(admin, url, {"cache_ttl_seconds": bad})
+        assert response.status == 400
+        assert message in await response.text()
 
 
 async def test_admin_project_origin_errors_keep_the_form(admin: Client) -> None:

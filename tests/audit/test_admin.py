@@ -13,6 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from llm_proxy.admin import create_admin_app
+from llm_proxy.admin.audit import AUDITED
 from llm_proxy.config import Settings
 
 from ..admin.test_admin import new_project, new_token, page, post
@@ -42,6 +44,8 @@ async def run_admin_script(client: Client) -> dict[str, str]:
     for path, form in [
         (base, {"name": "clicked-again", "description": ""}),
         (f"{base}/key", {"openai_api_key": ROTATED_KEY}),
+        (f"{base}/origins", {"allowed_origins": "https://app.example.com"}),
+        (f"{base}/cache", {"cache_ttl_seconds": "600"}),
         (f"{base}/active", {"is_active": "0"}),
         (f"{base}/active", {"is_active": "1"}),
     ]:
@@ -69,6 +73,8 @@ ADMIN_ACTIONS = [
     ("project.create", "success"),
     ("project.update", "success"),
     ("project.rotate_key", "success"),
+    ("project.update", "success"),
+    ("project.update", "success"),
     ("project.deactivate", "success"),
     ("project.activate", "success"),
     ("token.create", "success"),
@@ -85,9 +91,12 @@ async def test_every_admin_change_is_recorded_as_the_admin_user(admin: Client) -
     assert actions(trail) == ADMIN_ACTIONS
     events = list(reversed(trail["events"]))
     assert {e["actor"] for e in events} == {ADMIN_USER}
-    assert events[5]["token_id"] == events[6]["token_id"] == made["token_id"]
-    assert events[6]["project_id"] == made["project_id"]
-    assert events[8]["reason"] == "A project named 'clicked-again' already exists."
+    origins, cache = events[3]["metadata"], events[4]["metadata"]
+    assert origins == {"fields": ["allowed_origins", "require_origin"]}
+    assert cache == {"fields": ["cache_ttl_seconds"]}
+    assert events[7]["token_id"] == events[8]["token_id"] == made["token_id"]
+    assert events[8]["project_id"] == made["project_id"]
+    assert events[10]["reason"] == "A project named 'clicked-again' already exists."
     assert_no_secret(str(trail), made["value"])
 
 
@@ -156,3 +165,16 @@ async def test_the_audit_page_needs_the_admin_credentials_and_is_linked(
     response = await admin.get("/admin/audit")
     assert response.status == 401
     assert 'href="/admin/audit"' in await page(admin, "/admin/")
+
+
+def test_every_admin_form_that_changes_something_is_audited(
+    proxy_env: dict[str, str],
+) -> None:
+    app = create_admin_app(Settings.from_env({**proxy_env, **ADMIN_ENV}))
+    posts = {
+        route.resource.canonical: route.handler
+        for route in app.router.routes()
+        if route.method == "POST" and route.resource is not None
+    }
+    assert len(posts) >= 10
+    assert {path for path, handler in posts.items() if handler not in AUDITED} == set()
