@@ -444,13 +444,6 @@ async def test_admin_project_edit_errors_show_on_detail_page(admin: Client) -> N
     assert unknown.status == 404
 
 
-def browser_origins(detail: str) -> str:
-    """The "Browser origins" fact of a project page, tags removed."""
-    match = re.search(r"<dt>Browser origins</dt><dd>(.*?)</dd>", detail)
-    assert match is not None
-    return re.sub(r"<[^>]+>", "", match.group(1))
-
-
 async def test_admin_sets_changes_and_clears_project_origins(admin: Client) -> None:
     app_origin = "https://chat.acme.test"
     data = {
@@ -482,11 +475,21 @@ async def test_admin_sets_changes_and_clears_project_origins(admin: Client) -> N
     assert "Access-Control-Allow-Origin" not in relayed.headers
 
 
-def response_cache(detail: str) -> str:
-    """The "Response cache" fact of a project page, tags removed."""
-    match = re.search(r"<dt>Response cache</dt><dd>(.*?)</dd>", detail)
+def fact(detail: str, name: str) -> str:
+    """One fact of a project page, tags removed."""
+    match = re.search(rf"<dt>{name}</dt><dd>(.*?)</dd>", detail)
     assert match is not None
     return re.sub(r"<[^>]+>", "", match.group(1))
+
+
+def response_cache(detail: str) -> str:
+    """The "Response cache" fact of a project page, tags removed."""
+    return fact(detail, "Response cache")
+
+
+def browser_origins(detail: str) -> str:
+    """The "Browser origins" fact of a project page, tags removed."""
+    return fact(detail, "Browser origins")
 
 
 async def test_admin_sets_changes_and_clears_project_cache_ttl(admin: Client) -> None:
@@ -507,6 +510,26 @@ async def test_admin_sets_changes_and_clears_project_cache_ttl(admin: Client) ->
     assert response_cache(detail) == "never: its answers are not stored"
     detail = await follow(admin, await post(admin, url, {"cache_ttl_seconds": " "}))
     assert response_cache(detail).startswith("only when the client asks")
+
+
+async def test_admin_project_page_shows_the_token_policy_defaults(
+    admin: Client,
+) -> None:
+    project_id = await new_project(admin, "governed")
+    detail = await page(admin, f"/admin/projects/{project_id}")
+    assert fact(detail, "Token defaults") == "none: each token's own policy applies"
+    defaults = {
+        "allowed_models": ["gpt-4o-mini", "gpt-4.1-*"],
+        "max_output_tokens_cap": 1000,
+        "allow_streaming": False,
+    }
+    url = f"/manage/projects/{project_id}"
+    assert (await admin.patch(url, json=defaults, headers=AUTH)).status == 200
+    detail = await page(admin, f"/admin/projects/{project_id}")
+    assert fact(detail, "Token defaults") == (
+        "models: gpt-4o-mini, gpt-4.1-*; output tokens: at most 1000 per call;"
+        " streaming refused"
+    )
 
 
 async def test_admin_project_cache_ttl_errors_name_the_field(admin: Client) -> None:
