@@ -14,6 +14,10 @@ calls that waited for one (`llm_proxy_fleet_lease_waits_total`): 0 at steady sta
 A window in which Redis counted as down (the fallback decided) is an error.
 
     python benchmarks/instructions.py [--calls 1000] [--concurrency 1 64] [--json]
+                                      [--reference DIR]
+
+`--reference DIR` also counts the proxy of another checkout (without Redis), e.g. the
+commit before a change (`git worktree add <dir> <commit>`).
 
 Needs valgrind, nginx and redis-server. Each proxy start under valgrind takes about
 a minute.
@@ -28,6 +32,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import redis
@@ -47,6 +52,7 @@ from stack import (
 )
 
 WARM_UP_CALLS = 300
+REFERENCE = "proxy-reference"
 START_TIMEOUT_S = 300.0
 
 
@@ -100,13 +106,19 @@ def measure_server(
     redis_url: str | None,
     calls: int,
     concurrencies: list[int],
+    tree: Path | None = None,
 ) -> list[Count]:
-    """Start one proxy under callgrind and count each concurrency's window."""
+    """Start one proxy (of the checkout `tree`, if given) under callgrind and count
+    each concurrency's window."""
     name = REDIS_VARIANT if redis_url else "proxy"
+    if tree is not None:
+        name = REFERENCE
     port = free_port()
     env = proxy_env(stack, name, port, upstream_port)
     if redis_url:
         env["REDIS_URL"] = redis_url
+    if tree is not None:  # its package first on the path, ahead of this one
+        env["PYTHONPATH"] = str(tree.resolve())
     command = [sys.executable, "-m", "llm_proxy", "serve"]
     proxy = Callgrind(stack.workdir / name, command, env)
     try:
@@ -114,7 +126,7 @@ def measure_server(
         token = asyncio.run(create_token(port))
         base = f"http://127.0.0.1:{port}"
         return [
-            count_window(proxy, base, token, redis_url, calls, concurrency)
+            count_window(proxy, base, token, redis_url, calls, concurrency, name)
             for concurrency in concurrencies
         ]
     finally:
@@ -129,6 +141,7 @@ def count_window(
     redis_url: str | None,
     calls: int,
     concurrency: int,
+    name: str,
 ) -> Count:
     """Warm up, then the main thread's instructions of `calls` calls."""
     asyncio.run(send_calls(base, token, WARM_UP_CALLS, concurrency))
@@ -136,7 +149,6 @@ def count_window(
     before = fleet_counters(base)
     proxy.zero()
     asyncio.run(send_calls(base, token, calls, concurrency))
-    name = REDIS_VARIANT if redis_url else "proxy"
     count = Count(name, concurrency, calls, proxy.dump())
     if redis_url:
         after = fleet_counters(base)
@@ -147,8 +159,11 @@ def count_window(
     return count
 
 
-def run(calls: int, concurrencies: list[int]) -> list[Count]:
-    """Both proxies, one after the other, on one upstream and one Redis."""
+def run(
+    calls: int, concurrencies: list[int], reference: Path | None = None
+) -> list[Count]:
+    """Both proxies (and the reference's), one after the other, on one upstream and
+    one Redis."""
     os.sched_setaffinity(0, {1})
     os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
     # callgrind runs the proxy ~50 times slower: so must the deadline of a lease call
@@ -160,6 +175,10 @@ def run(calls: int, concurrencies: list[int]) -> list[Count]:
         counts = []
         for url in (None, redis_url):
             counts += measure_server(stack, upstream_port, url, calls, concurrencies)
+        if reference is not None:
+            counts += measure_server(
+                stack, upstream_port, None, calls, concurrencies, reference
+            )
         return counts
 
 
@@ -179,6 +198,14 @@ def report(counts: list[Count]) -> dict[str, object]:
             "lease_runs_per_call": round((limited.lease_runs or 0) / limited.calls, 4),
             "calls_that_waited": limited.waits,
         }
+        before = [
+            c for c in counts if c.concurrency == concurrency and c.server == REFERENCE
+        ]
+        if before:
+            row = rows[f"c{concurrency}"]
+            assert isinstance(row, dict)
+            row["instructions_per_call_reference"] = round(before[0].per_call)
+            row["ratio_to_reference"] = round(plain.per_call / before[0].per_call, 4)
     return rows
 
 
@@ -190,11 +217,17 @@ def main() -> None:
         "--concurrency", type=int, nargs="+", default=[1, 64], help="calls in flight"
     )
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DIR",
+        help="also count the proxy of the checkout DIR (a 'before'), without Redis",
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx", "redis-server"):
         if shutil.which(tool) is None:
             sys.exit(f"this measurement needs {tool}")
-    rows = report(run(args.calls, args.concurrency))
+    rows = report(run(args.calls, args.concurrency, args.reference))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -209,6 +242,11 @@ def main() -> None:
             f"{row['instructions_per_call_with']:>14,}{row['ratio']:>8.3f}"
             f"{row['lease_runs_per_call']:>11.4f}{row['calls_that_waited']:>8}"
         )
+        if "ratio_to_reference" in row:
+            print(
+                f"{'':>5}reference {row['instructions_per_call_reference']:,}:"
+                f" this checkout x{row['ratio_to_reference']:.3f} (without Redis)"
+            )
 
 
 if __name__ == "__main__":
