@@ -87,6 +87,11 @@ class CallPolicy:
     max_output_tokens: int | None = None
     allow_streaming: bool = True
 
+    @property
+    def reads_form(self) -> bool:
+        """Whether a multipart form's `model` or `stream` field matters here."""
+        return bool(self.models) or not self.allow_streaming
+
     def allows_model(self, model: str) -> bool:
         """True when every model list allows `model`."""
         for rule in self.models:  # a loop: cheaper than all() over a generator

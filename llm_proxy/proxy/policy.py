@@ -69,7 +69,8 @@ def check_body(
             raise _refusal(
                 400,
                 "This token may use only some models, and the proxy cannot read this "
-                'request\'s model: send a JSON body with a string "model".',
+                'request\'s model: send a JSON body with a string "model", or, in a '
+                "multipart form, a model form field before the file.",
                 "model_required",
                 "model",
             )

@@ -49,7 +49,7 @@ from .headers import (
     media_type,
     upstream_headers,
 )
-from .multipart import FORM_HEAD_BYTES
+from .multipart import FORM_HEAD_BYTES, form_boundary, form_field
 from .policy import check_body, enforce_bindings
 from .upstream import send_upstream
 
@@ -70,7 +70,7 @@ class CountedBody:
     pooled), and the handler answers with `failure` instead of a 502.
     """
 
-    __slots__ = ("_content", "_form", "_limit", "failure", "received")
+    __slots__ = ("_ahead", "_content", "_form", "_limit", "failure", "received")
 
     def __init__(
         self,
@@ -81,13 +81,30 @@ class CountedBody:
         self._content = content
         self._limit = limit
         self._form = form  # keeps the first bytes of a multipart body in `form_head`
+        self._ahead: list[bytes] = []  # read by `read_head`, not yet sent
         self.received = 0
         self.failure: ApiError | None = None
 
     def __aiter__(self) -> CountedBody:
         return self
 
+    async def read_head(self) -> None:
+        """Read a form's first `FORM_HEAD_BYTES` (or all of a shorter one) before
+        anything is sent, so its small fields can be checked; they are sent first."""
+        ahead = self._ahead
+        while self._form is not None:
+            try:
+                ahead.append(await self._next())
+            except StopAsyncIteration:
+                break
+        ahead.reverse()  # popped from the end, in order
+
     async def __anext__(self) -> bytes:
+        if self._ahead:
+            return self._ahead.pop()
+        return await self._next()
+
+    async def _next(self) -> bytes:
         try:
             chunk = await self._content.readany()
         except (ConnectionResetError, HttpProcessingError) as exc:
@@ -137,11 +154,21 @@ class _PolicedPeek:
         check_body(self.policy, payload, exchange)
         return _with_usage(body, payload, exchange)
 
-    def unread(self, body: UpstreamBody, exchange: Exchange) -> None:
-        """A body not peeked at (a form, an upload) has no model the proxy can read:
-        judged as such, so a policy that limits models refuses it."""
-        if body is not None and not self.peeked:
-            check_body(self.policy, None, exchange)
+    async def settle(self, body: UpstreamBody, exchange: Exchange) -> None:
+        """Judge a body not peeked at. A multipart form has its `model` and `stream`
+        fields read from its first bytes (read ahead when it streams); any other
+        body has no model the proxy can read, so a policy that limits models
+        refuses it."""
+        if body is None or self.peeked:
+            return
+        boundary = form_boundary(exchange.form_type)
+        if boundary is not None and self.policy.reads_form:
+            if isinstance(body, CountedBody):
+                await body.read_head()
+            head = exchange.form_head or b""
+            exchange.model = form_field(head, boundary, b"model")
+            exchange.stream = form_field(head, boundary, b"stream") == "true"
+        check_body(self.policy, None, exchange)
 
 
 def _with_usage(
@@ -245,7 +272,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         enforce_bindings(policy, request.headers, headers)
         peek = _PolicedPeek(policy)
         body = await read_body(request, exchange, settings.max_request_bytes, peek)
-        peek.unread(body, exchange)
+        await peek.settle(body, exchange)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
     ):

@@ -6,11 +6,11 @@ reach the upstream by its request count.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
@@ -142,18 +142,105 @@ async def test_a_model_limited_token_fails_closed_on_an_unreadable_model(
     assert fake.requests_seen == 0
 
 
-async def test_a_model_limited_token_fails_closed_on_a_form_upload(
+BOUNDARY = "policy-form-boundary"
+FORM_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+def form_body(*fields: tuple[str, str], audio: bytes = b"\x00" * 64) -> bytes:
+    """A transcription form: the text fields in order, then the file (or the file
+    first, when a field is named "file")."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+        f"{value}\r\n".encode()
+        for name, value in fields
+    ]
+    upload = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        ).encode()
+        + audio
+        + b"\r\n"
+    )
+    return b"".join(parts) + upload + f"--{BOUNDARY}--\r\n".encode()
+
+
+async def chunked(body: bytes, size: int = 4096) -> Any:
+    """The body as a chunked upload (no Content-Length): it streams through."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+async def test_a_model_limited_token_reads_the_model_of_a_form_upload(
     proxy: Client, fake: FakeUpstreamState
 ) -> None:
     _, token = await proxy_token(proxy, allowed_models=["whisper-1"])
-    form = aiohttp.FormData()
-    form.add_field("model", "whisper-1")
-    form.add_field("file", b"\x00" * 64, filename="a.wav", content_type="audio/wav")
-    response = await proxy.post(
-        "/v1/audio/transcriptions", data=form, headers=bearer(token)
+    headers = {**bearer(token), "Content-Type": FORM_TYPE}
+    body = form_body(("model", "whisper-1"), ("language", "en"))
+    response = await proxy.post(TRANSCRIBE, data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    other = form_body(("model", "gpt-4o-transcribe"))
+    refusal = await proxy.post(TRANSCRIBE, data=other, headers=headers)
+    error = await refused(refusal, 403, "model_not_allowed")
+    assert "gpt-4o-transcribe" in error["message"]
+    assert fake.requests_seen == 1
+    assert fake.requests[0].body == body
+
+
+async def test_a_streamed_form_upload_is_read_ahead_for_its_model_and_sent_whole(
+    start_proxy: Callable[..., Any], fake: FakeUpstreamState, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "events.jsonl"
+    proxy = await start_proxy(FILE_EVENT_LOG=str(log_file), EVENT_FLUSH_INTERVAL="0.01")
+    _, token = await proxy_token(proxy, allowed_models=["whisper-*"])
+    headers = {**bearer(token), "Content-Type": FORM_TYPE}
+    audio = bytes(range(256)) * 4096  # 1 MiB of audio after the fields
+    body = form_body(("model", "whisper-1"), audio=audio)
+    response = await proxy.post(TRANSCRIBE, data=chunked(body), headers=headers)
+    assert response.status == 200, await response.text()
+    assert fake.requests[-1].body_size == len(body)
+    assert fake.requests[-1].body_sha256 == hashlib.sha256(body).hexdigest()
+    other = form_body(("model", "gpt-4o-transcribe"), audio=audio)
+    refusal = await proxy.post(TRANSCRIBE, data=chunked(other), headers=headers)
+    await refused(refusal, 403, "model_not_allowed")
+    assert fake.requests_seen == 1
+    events = await read_events(log_file, 2)
+    assert [e["requested_model"] for e in events] == ["whisper-1", "gpt-4o-transcribe"]
+    assert [e["status_code"] for e in events] == [200, 403]
+
+
+async def test_a_model_limited_token_fails_closed_when_a_form_hides_its_model(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    _, token = await proxy_token(proxy, allowed_models=["whisper-1"])
+    headers = {**bearer(token), "Content-Type": FORM_TYPE}
+    after_the_file = form_body(audio=b"\x00" * 20_000) + b""
+    after_the_file = after_the_file.replace(
+        f"--{BOUNDARY}--".encode(),
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        f"whisper-1\r\n--{BOUNDARY}--".encode(),
     )
-    await refused(response, 400, "model_required")
+    for body in (form_body(), after_the_file):
+        response = await proxy.post(TRANSCRIBE, data=chunked(body), headers=headers)
+        error = await refused(response, 400, "model_required")
+        assert "form field before the file" in error["message"]
+    upload = await proxy.post("/v1/files", data=b"\x00" * 64, headers={**bearer(token)})
+    await refused(upload, 400, "model_required")
     assert fake.requests_seen == 0
+
+
+async def test_a_token_without_streaming_is_refused_a_streamed_transcription(
+    proxy: Client, fake: FakeUpstreamState
+) -> None:
+    _, token = await proxy_token(proxy, allow_streaming=False)
+    headers = {**bearer(token), "Content-Type": FORM_TYPE}
+    body = form_body(("model", "gpt-4o-transcribe"), ("stream", "true"))
+    response = await proxy.post(TRANSCRIBE, data=body, headers=headers)
+    await refused(response, 403, "streaming_not_allowed")
+    plain = form_body(("model", "gpt-4o-transcribe"), ("stream", "false"))
+    assert (await proxy.post(TRANSCRIBE, data=plain, headers=headers)).status == 200
+    assert fake.requests_seen == 1
 
 
 RESPONSES = "/v1/responses"
