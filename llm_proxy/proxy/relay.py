@@ -159,8 +159,6 @@ class _PolicedPeek:
         fields read from its first bytes (read ahead when it streams); any other
         body has no model the proxy can read, so a policy that limits models
         refuses it."""
-        if body is None or self.peeked:
-            return
         boundary = form_boundary(exchange.form_type)
         if boundary is not None and self.policy.reads_form:
             if isinstance(body, CountedBody):
@@ -272,7 +270,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         enforce_bindings(policy, request.headers, headers)
         peek = _PolicedPeek(policy)
         body = await read_body(request, exchange, settings.max_request_bytes, peek)
-        await peek.settle(body, exchange)
+        if body is not None and not peek.peeked:  # a JSON body was judged already
+            await peek.settle(body, exchange)
     if exchange.models is not None and not model_allowed(
         exchange.models, exchange.model
     ):
