@@ -400,8 +400,7 @@ class TokenStore:
         call awaited between the two: its body, a fleet lease), so the count may go
         below zero: the next flush then takes the request back from the database.
         """
-        token_hash = self._hash_by_id.get(principal.token_id)
-        entry = self._by_hash.get(token_hash) if token_hash else None
+        entry = self._by_id(principal.token_id)
         if entry is not None:
             entry.unflushed -= 1
             self._used[entry.token_id] = entry  # the next flush must see it
