@@ -110,11 +110,18 @@ async def _update(
     except ServiceError as exc:
         if exc.kind is ErrorKind.NOT_FOUND:
             raise
-        audit.note(request, reason=exc.message)
-        project = await service(request).get_project(project_id)
-        context = await _detail_context(request, project, exc)
-        return render(request, "project.html", context, status=http_status(exc))
+        return await _refused(request, project_id, exc)
     raise see_other(request, project_url(project_id), done(project))
+
+
+async def _refused(
+    request: web.Request, project_id: str, exc: ServiceError
+) -> web.Response:
+    """The detail page again, showing why a change was refused (and auditing it)."""
+    audit.note(request, reason=exc.message)
+    project = await service(request).get_project(project_id)
+    context = await _detail_context(request, project, exc)
+    return render(request, "project.html", context, status=http_status(exc))
 
 
 async def edit_project_action(request: web.Request) -> web.Response:
@@ -169,9 +176,7 @@ async def cache_action(request: web.Request) -> web.Response:
     try:
         changes = _cache_changes(text(form, "cache_ttl_seconds"))
     except ServiceError as exc:
-        project = await service(request).get_project(request.match_info["project_id"])
-        context = await _detail_context(request, project, exc)
-        return render(request, "project.html", context, status=http_status(exc))
+        return await _refused(request, request.match_info["project_id"], exc)
     return await _update(
         request, lambda project: f"Response cache of “{project.name}” saved.", **changes
     )
