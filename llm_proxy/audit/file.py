@@ -7,11 +7,10 @@ The lines are the records' JSON (`type` "audit", `event_id`, `timestamp`, `actio
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..dispatchers.base import DeliveryError, SendResult
+from ..dispatchers.base import SendResult
 from ..dispatchers.file import FileBackend
 from ..events.audit import AuditRecorded
 from ..events.model import encode_event
@@ -35,11 +34,7 @@ class AuditFileBackend:
         await self._file.start()
 
     async def send(self, batch: Sequence[AuditRecorded]) -> SendResult[AuditRecorded]:
-        data = b"".join(encode_event(event) + b"\n" for event in batch)
-        try:
-            await asyncio.to_thread(self._file.append, data)
-        except OSError as exc:
-            raise DeliveryError(f"cannot write {self.path}: {exc}") from exc
+        await self._file.write(b"".join(encode_event(e) + b"\n" for e in batch))
         return SendResult[AuditRecorded]()
 
     async def close(self) -> None:

@@ -7,7 +7,6 @@ Its consumer groups are `audit` (the database) and, with AUDIT_LOG_FILE, `audit-
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from ..accounting.metrics import METRICS_KEY, Metrics
 from ..config import Settings
-from ..dispatchers import new_dispatcher, stop_tasks
+from ..dispatchers import new_dispatcher, start_tasks, stop_tasks
 from ..dispatchers.base import Dispatcher
 from ..events.audit import AuditRecorded
 from ..events.lifecycle import create_bus
@@ -28,9 +27,6 @@ from .recorder import AuditRecorder
 from .trail import AUDIT_TRAIL_KEY
 
 AUDIT_BUS_KEY: Final = web.AppKey[EventBus[AuditRecorded]]("audit_bus")
-AUDIT_DISPATCHERS_KEY: Final = web.AppKey[list[Dispatcher[AuditRecorded]]](
-    "audit_dispatchers"
-)
 STREAM_SUFFIX: Final = ":audit"
 
 
@@ -62,10 +58,7 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
     drain what it holds), then wait for them."""
     settings, bus = app[SETTINGS_KEY], app[AUDIT_BUS_KEY]
     await bus.start()
-    dispatchers = app[AUDIT_DISPATCHERS_KEY] = _writers(app, settings, bus)
-    tasks = [
-        asyncio.create_task(d.run(), name=f"dispatcher-{d.name}") for d in dispatchers
-    ]
+    tasks = start_tasks(_writers(app, settings, bus))
     try:
         yield
     finally:

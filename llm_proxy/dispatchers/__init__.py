@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -198,9 +198,7 @@ async def dispatchers_ctx(app: web.Application) -> AsyncIterator[None]:
             new_dispatcher(backend, bus, settings, group=service, metrics=metrics)
         )
     app[DISPATCHERS_KEY] = dispatchers
-    tasks = [
-        asyncio.create_task(d.run(), name=f"dispatcher-{d.name}") for d in dispatchers
-    ]
+    tasks = start_tasks(dispatchers)
     yield
     await stop_tasks(tasks, settings.dispatcher.drain_timeout_s)
 
@@ -223,6 +221,13 @@ def _remind_of_fleet_dispatchers(settings: Settings) -> None:
                 service,
                 service,
             )
+
+
+def start_tasks(dispatchers: Sequence[Dispatcher[Any]]) -> list[asyncio.Task[None]]:
+    """One task per dispatcher, named after its backend."""
+    return [
+        asyncio.create_task(d.run(), name=f"dispatcher-{d.name}") for d in dispatchers
+    ]
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:

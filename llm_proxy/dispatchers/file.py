@@ -38,11 +38,15 @@ class FileBackend:
         data = b"".join(
             orjson.dumps(event_record(event), default=dict) + b"\n" for event in batch
         )
+        await self.write(data)
+        return SendResult()
+
+    async def write(self, data: bytes) -> None:
+        """`append` in a worker thread; a failed write is a `DeliveryError`."""
         try:
             await asyncio.to_thread(self.append, data)
         except OSError as exc:
             raise DeliveryError(f"cannot write {self.path}: {exc}") from exc
-        return SendResult()
 
     def append(self, data: bytes) -> None:
         """Append lines (rotating first if they would overflow); blocking."""
