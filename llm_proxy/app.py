@@ -162,14 +162,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/live", live_handler)
     app.router.add_get("/ready", ready_handler)
     app.add_subapp("/manage", create_management_app(settings.management_token))
+    cors = CorsPolicy(settings.cors, store.origin_index)
+    allowlist = load_endpoint_allowlist(settings)
     proxy = create_proxy_handler(
-        settings, store, breaker, instrumentation, fleet, cache
+        settings, store, breaker, instrumentation, cors, allowlist, fleet, cache
     )
-    preflight = preflight_handler(
-        CorsPolicy(settings.cors, store.origin_index),
-        load_endpoint_allowlist(settings),
-        proxy,
-    )
+    preflight = preflight_handler(cors, allowlist, proxy)
     # Preflights carry no token: answered before the chain (other methods never
     # look at this route: the router picks a route by one dict lookup on the method).
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
@@ -205,6 +203,8 @@ def create_proxy_handler(
     store: TokenStore,
     breaker: CircuitBreaker,
     instrumentation: Instrumentation,
+    cors: CorsPolicy,
+    allowlist: Allowlist,
     fleet: FleetLimiter | None = None,
     cache: ResponseCache | None = None,
 ) -> Handler:
@@ -224,9 +224,8 @@ def create_proxy_handler(
         from .proxy.fleet_stage import FleetLimitStage  # redis only when configured
 
         rate_stage = FleetLimitStage(fleet, GcraLimiter(), default_rate)
-    cors = CorsPolicy(settings.cors, store.origin_index)
     stages: list[Stage] = [
-        AllowlistStage(load_endpoint_allowlist(settings)),
+        AllowlistStage(allowlist),
         TokenAuthStage(store, cors),
         rate_stage,
         ConcurrencyStage(
