@@ -118,7 +118,7 @@ async def _refused(
     request: web.Request, project_id: str, exc: ServiceError
 ) -> web.Response:
     """The detail page again, showing why a change was refused (and auditing it)."""
-    audit.note(request, reason=exc.message)
+    audit.note(request, project_id=project_id, reason=exc.message)
     project = await service(request).get_project(project_id)
     context = await _detail_context(request, project, exc)
     return render(request, "project.html", context, status=http_status(exc))
