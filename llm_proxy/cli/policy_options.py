@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ..management.policy import MAX_OUTPUT_TOKENS_CAP
 from .base import F
 
 
@@ -41,7 +42,7 @@ def policy_options(*, bind: bool = False, clearing: bool = False) -> Callable[[F
         ),
         click.option(
             "--max-output-tokens-cap",
-            type=click.IntRange(1, 10_000_000),
+            type=click.IntRange(1, MAX_OUTPUT_TOKENS_CAP),
             help="Refuse calls asking for more output tokens (max_tokens, "
             "max_completion_tokens, max_output_tokens) than this.",
         ),

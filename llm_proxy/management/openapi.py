@@ -11,6 +11,12 @@ from typing import Any
 
 from .. import __version__
 from ..origins import MAX_ORIGINS
+from .policy import (
+    MAX_BIND_KEYS,
+    MAX_GLOB_CHARS,
+    MAX_MODEL_GLOBS,
+    MAX_OUTPUT_TOKENS_CAP,
+)
 from .service import MAX_CACHE_TTL_SECONDS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -257,7 +263,7 @@ def _policy(*, bind: bool) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "bind": {
             "type": ["object", "null"],
-            "maxProperties": 8,
+            "maxProperties": MAX_BIND_KEYS,
             "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
             "additionalProperties": {
                 "type": "string",
@@ -268,14 +274,14 @@ def _policy(*, bind: bool) -> dict[str, Any]:
         },
         "allowed_models": {
             "type": ["array", "null"],
-            "items": {"type": "string", "minLength": 1, "maxLength": 128},
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_GLOB_CHARS},
             "minItems": 1,
-            "maxItems": 64,
+            "maxItems": MAX_MODEL_GLOBS,
             "description": "Model names or globs (* ? [...]); null: any model.",
         },
         "max_output_tokens_cap": {
             **_integer(nullable=True),
-            "maximum": 10_000_000,
+            "maximum": MAX_OUTPUT_TOKENS_CAP,
             "description": "Ceiling on max_tokens, max_completion_tokens and"
             " max_output_tokens; null: none.",
         },

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Final
@@ -24,9 +23,9 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-log = logging.getLogger(__name__)
+from ..clock import Clock
 
-Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S: Final = 1.0
 # Answers waiting to be written, at most (each is at most RESPONSE_CACHE_MAX_BYTES).
