@@ -4,7 +4,8 @@ Batches are written through `Repository.insert_audit_events`, which skips ids al
 stored, so a batch the Redis bus delivers again is not written twice. A lost
 connection or a busy database retries the batch (the dispatcher's backoff, then its
 dead-letter file: counted and logged, never dropped silently); a batch the database
-refuses for its data is written row by row, so only the refused rows are set aside.
+refuses for its data is split until the refused rows stand alone (`dispatchers.rows`),
+so only those are set aside.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from datetime import UTC, datetime
 
 from ..clock import iso_epoch_s
 from ..dispatchers.base import SendResult
+from ..dispatchers.rows import insert_rows
 from ..events.audit import AuditRecorded
-from ..storage import AuditEvent, RejectedRowsError
+from ..storage import AuditEvent
 from ..storage.audit import AuditStore
-
-Row = tuple[AuditRecorded, AuditEvent]
 
 
 def audit_row(event: AuditRecorded) -> AuditEvent:
@@ -50,39 +50,9 @@ class AuditRecorder:
         """The repository is opened and closed by the app."""
 
     async def send(self, batch: Sequence[AuditRecorded]) -> SendResult[AuditRecorded]:
-        result = SendResult[AuditRecorded]()
-        rows: list[Row] = []
-        for event in batch:
-            try:
-                rows.append((event, audit_row(event)))
-            except (TypeError, ValueError, OverflowError) as exc:  # a foreign record
-                result.rejected.append((event, f"not an audit row: {exc!r:.200}"))
-        if not rows:
-            return result
-        try:
-            await self.store.insert_audit_events([row for _, row in rows])
-        except RejectedRowsError:
-            await self._row_by_row(rows, result)
-        except Exception as exc:  # driver errors differ per database: transient
-            _retry(result, rows, exc)
-        return result
-
-    async def _row_by_row(
-        self, rows: list[Row], result: SendResult[AuditRecorded]
-    ) -> None:
-        for index, (event, row) in enumerate(rows):
-            try:
-                await self.store.insert_audit_events([row])
-            except RejectedRowsError as exc:
-                result.rejected.append((event, f"refused by the database: {exc}"))
-            except Exception as exc:
-                _retry(result, rows[index:], exc)
-                return
+        return await insert_rows(
+            batch, audit_row, self.store.insert_audit_events, "an audit"
+        )
 
     async def close(self) -> None:
         """Nothing of its own to close."""
-
-
-def _retry(result: SendResult[AuditRecorded], rows: list[Row], exc: Exception) -> None:
-    result.retry = [event for event, _ in rows]
-    result.retry_reason = f"{type(exc).__name__}: {exc}"

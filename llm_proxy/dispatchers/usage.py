@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from ..events.model import Event
-from ..storage import RejectedRowsError, Repository, UsageEvent
+from ..storage import Repository, UsageEvent
 from .base import SendResult
 from .records import event_time_s, event_usage, extra_field
+from .rows import insert_rows
 
 
 def usage_row(event: Event) -> UsageEvent:
@@ -51,29 +52,9 @@ class UsageRecorder:
         """The repository is opened and closed by the app."""
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
-        result = SendResult()
-        rows = []
-        for event in batch:
-            try:
-                rows.append((event, usage_row(event)))
-            except (TypeError, ValueError, OverflowError) as exc:  # a foreign event
-                result.rejected.append((event, f"not a usage row: {exc!r:.200}"))
-        parts = [rows] if rows else []
-        while parts:  # depth first, so refused rows are isolated in O(log n) inserts
-            part = parts.pop()
-            try:
-                await self.repository.insert_usage_events([row for _, row in part])
-            except RejectedRowsError as exc:
-                if len(part) > 1:
-                    middle = len(part) // 2
-                    parts += [part[middle:], part[:middle]]
-                    continue
-                result.rejected.append((part[0][0], f"refused by the database: {exc}"))
-            except Exception as exc:  # driver errors differ per database: transient
-                result.retry = [event for rest in (part, *parts) for event, _ in rest]
-                result.retry_reason = f"{type(exc).__name__}: {exc}"
-                break
-        return result
+        return await insert_rows(
+            batch, usage_row, self.repository.insert_usage_events, "a usage"
+        )
 
     async def close(self) -> None:
         """Nothing of its own to close."""
