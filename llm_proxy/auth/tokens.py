@@ -7,8 +7,10 @@ updates it at once. Each entry remembers the change marker of the row it was bui
 from, so a resync passes over unchanged rows without converting them, and neither the
 reloads nor the usage flush walk the whole table in one loop slice. Lifetime quotas
 are reserved synchronously here (no await between check and increment), so they are
-exact within a process; `take_usage` hands the counts to the flush, also those of
-tokens revoked or deleted meanwhile.
+exact within a process. A reservation is pending until its call ends: `spend` counts
+it (the call reached the upstream), `refund` drops it, and only spent requests go to
+the database, so `request_count` never shows a request the proxy refused; `take_usage`
+hands the counts to the flush, also those of tokens revoked or deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class _TokenEntry:
     max_requests: int | None
     rate_limit_per_hour: int | None
     stored_count: int  # request_count as known to be in the database
-    unflushed: int = 0  # counted here, not yet handed to the flusher
+    unflushed: int = 0  # spent here, not yet handed to the flusher
+    pending: int = (
+        0  # reserved by calls still under way: spent or refunded at their end
+    )
     last_used_at: float = 0.0
     principal: Principal | None = None
     seen: int = 0  # the resync generation that last saw this token
@@ -77,7 +82,7 @@ class _TokenEntry:
 
     @property
     def used(self) -> int:
-        return self.stored_count + self.unflushed
+        return self.stored_count + self.unflushed + self.pending
 
 
 @dataclass(slots=True)
@@ -371,9 +376,7 @@ class TokenStore:
             )
         if entry.max_requests is not None and entry.used >= entry.max_requests:
             raise quota_spent()
-        if not entry.unflushed:
-            self._used[entry.token_id] = entry
-        entry.unflushed += 1
+        entry.pending += 1
         entry.last_used_at = now
         principal = entry.principal
         if principal is None or entry.principal_of is not project:
@@ -393,23 +396,37 @@ class TokenStore:
             entry.principal_of = project
         return principal
 
+    def spend(self, principal: Principal) -> None:
+        """Count a reserved request whose call reached the upstream, for the flush.
+
+        Once per reservation, when its call ends; a token revoked or deleted meanwhile
+        still gets it written.
+        """
+        entry = self._by_id(principal.token_id)
+        if entry is None:
+            self._keep_dropped_usage(principal.token_id, 1, self.clock())
+            return
+        if entry.pending:
+            entry.pending -= 1
+        if not entry.unflushed:
+            self._used[entry.token_id] = entry
+        entry.unflushed += 1
+
     def refund(self, principal: Principal) -> None:
         """Give back a reserved request that never reached the upstream.
 
-        Once per reservation. A flush may have taken the reservation meanwhile (the
-        call awaited between the two: its body, a fleet lease), so the count may go
-        below zero: the next flush then takes the request back from the database.
+        Once per reservation; the database never saw it (only spent requests are
+        flushed), so it is simply available again.
         """
         entry = self._by_id(principal.token_id)
-        if entry is not None:
-            entry.unflushed -= 1
-            self._used[entry.token_id] = entry  # the next flush must see it
+        if entry is not None and entry.pending:
+            entry.pending -= 1
 
     def quota_basis(self, token_id: str) -> tuple[int, float] | None:
         """(requests in the database, expiry as a Unix time): seeds a fleet counter.
 
-        Without the requests still unflushed here: those waiting for a fleet lease
-        are not admitted yet, and the fleet counts the others itself.
+        Without the requests pending or unflushed here: those waiting for a fleet
+        lease are not admitted yet, and the fleet counts the others itself.
         """
         entry = self._by_id(token_id)
         return None if entry is None else (entry.stored_count, entry.expires_at)

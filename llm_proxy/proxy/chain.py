@@ -287,8 +287,10 @@ class TokenAuthStage:
     def leave(
         self, request: web.Request, exchange: Exchange, error: BaseException | None
     ) -> None:
-        """A call that never reached upstream does not count against the quota."""
-        if not exchange.reached_upstream:
+        """A call that reached the upstream is counted; any other gives its quota back."""
+        if exchange.reached_upstream:
+            self.store.spend(request[PRINCIPAL_KEY])
+        else:
             self.store.refund(request[PRINCIPAL_KEY])
 
 

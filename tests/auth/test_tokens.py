@@ -98,6 +98,39 @@ async def test_a_failed_usage_write_is_retried_by_the_next_flush(
     assert listed[0]["request_count"] == 1
 
 
+async def test_a_call_refused_after_a_flush_never_shows_in_request_count(
+    aiohttp_client: AiohttpClient, proxy_env: dict[str, str]
+) -> None:
+    """The flush runs while a call is still sending its body; the call is then refused
+    for its model: the database never counted it, not even for one flush."""
+    first, _ = await _two_processes(aiohttp_client, proxy_env)
+    _, token = await proxy_token(first, allowed_models=["gpt-4o-mini"])
+    sent_head = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def upload() -> Any:
+        yield b'{"messages": [{"role": "user", "content": "hi"}], '
+        sent_head.set()
+        await finish.wait()
+        yield b'"model": "gpt-4o"}'
+
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    call = asyncio.create_task(
+        first.post("/v1/chat/completions", data=upload(), headers=headers)
+    )
+    await sent_head.wait()
+    await asyncio.sleep(0.05)  # the proxy admitted it and waits for the model
+    assert await first.app[TOKEN_SYNC_KEY].flush() == 0
+    assert _sql(proxy_env, "SELECT request_count FROM tokens") == [(0,)]
+    finish.set()
+    response = await call
+    assert response.status == 403
+    await first.app[TOKEN_SYNC_KEY].flush()
+    assert _sql(proxy_env, "SELECT request_count FROM tokens") == [(0,)]
+    assert (await first.get("/v1/models", headers=bearer(token))).status == 200
+    assert await first.app[TOKEN_SYNC_KEY].flush() == 1
+
+
 def _sql(proxy_env: dict[str, str], statement: str, *params: Any) -> list[Any]:
     """Run one statement on the test database file, as another writer would."""
     path = proxy_env["DATABASE_URL"].removeprefix("sqlite:///")
