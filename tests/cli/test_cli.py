@@ -162,12 +162,18 @@ def json_out(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
-def create_project(live: LiveProxy, name: str = "demo") -> dict[str, Any]:
+def create_project(live: LiveProxy, name: str = "demo", *extra: str) -> dict[str, Any]:
     result = invoke(
-        ["manage", "project", "create", "--name", name, "--json"],
+        ["manage", "project", "create", "--name", name, "--json", *extra],
         live.env(OPENAI_API_KEY=UPSTREAM_KEY),
     )
     project: dict[str, Any] = json_out(result)
+    return project
+
+
+def update_project(live: LiveProxy, project_id: str, *extra: str) -> dict[str, Any]:
+    args = ["manage", "project", "update", project_id, "--json", *extra]
+    project: dict[str, Any] = json_out(invoke(args, live.env()))
     return project
 
 
