@@ -69,9 +69,8 @@ class _TokenEntry:
     rate_limit_per_hour: int | None
     stored_count: int  # request_count as known to be in the database
     unflushed: int = 0  # spent here, not yet handed to the flusher
-    pending: int = (
-        0  # reserved by calls still under way: spent or refunded at their end
-    )
+    # Reserved by calls still under way: each is spent or refunded at its call's end.
+    pending: int = 0
     last_used_at: float = 0.0
     principal: Principal | None = None
     seen: int = 0  # the resync generation that last saw this token
